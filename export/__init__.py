@@ -1,0 +1,1 @@
+"""Export step (build side, torch): fuse VGG19 + regional generator + CAE into one ONNX graph."""

@@ -1,0 +1,1 @@
+"""Build side (torch): backbone, regional generator, CAE, training. The runtime never imports this package."""
