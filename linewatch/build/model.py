@@ -1,0 +1,186 @@
+"""DFR, top to bottom: uint8 BGR frames -> normalisation -> VGG19 maps -> regional features -> CAE -> error map.
+
+The same module is trained (through `extract` + `cae`), evaluated (`TorchScorer`) and exported to ONNX
+(`forward`), so the three can never disagree about preprocessing or scoring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import bundle
+from ..errors import BundleError
+from .backbone import CHANNELS, STRIDES, VGG19Features, layer_spec, parse_layers
+from .cae import CAE
+from .regional import RegionalGenerator
+from .weights import RANDOM, WeightsSource, resolve
+
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+TORCHVISION_MEAN_RGB = (0.485, 0.456, 0.406)
+TORCHVISION_STD_RGB = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DFRConfig:
+    layers: list[int] = field(default_factory=lambda: list(range(1, 13)))
+    height: int = 256
+    width: int = 256
+    padding: str = "reflect"
+    align: str = "bilinear"
+    pool: int = 4
+    c_d: int = 0  # 0 = not chosen yet (PCA at training)
+    batchnorm: bool = False
+
+    @property
+    def c_o(self) -> int:
+        return sum(CHANNELS[n - 1] for n in self.layers)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.height // self.pool, self.width // self.pool
+
+    def map_sizes(self) -> list[tuple[int, int]]:
+        """Spatial size of each chosen ReLU map (VGG convs keep size; each 2×2 pool floors)."""
+        sizes = []
+        for n in self.layers:
+            h, w = self.height, self.width
+            for _ in range(int(np.log2(STRIDES[n - 1]))):
+                h, w = h // 2, w // 2
+            sizes.append((h, w))
+        return sizes
+
+    def as_metadata(self) -> dict:
+        d = asdict(self)
+        d["layer_spec"] = layer_spec(self.layers)
+        d["c_o"] = self.c_o
+        d["score"] = "mean_sq_error"
+        return d
+
+
+def input_affine(convention: str) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """(channel order, scale, bias) so that normalised = frame[:, order] * scale + bias, from BGR 0-255 frames."""
+    if convention == "caffe":
+        return [0, 1, 2], torch.ones(3), -torch.tensor(CAFFE_MEAN_BGR)
+    if convention == "torchvision":
+        std, mean = torch.tensor(TORCHVISION_STD_RGB), torch.tensor(TORCHVISION_MEAN_RGB)
+        return [2, 1, 0], 1.0 / (255.0 * std), -mean / std
+    raise ValueError(f"unknown weights convention {convention!r}")
+
+
+class DFR(nn.Module):
+    def __init__(self, config: DFRConfig, weights: WeightsSource = RANDOM):
+        super().__init__()
+        self.config, self.weights = config, weights
+        for n, (h, w) in zip(config.layers, config.map_sizes()):
+            if h < 1 or w < 1:
+                raise ValueError(f"input {config.height}×{config.width} is too small for layer {n}")
+        if config.height < config.pool or config.width < config.pool:
+            raise ValueError(f"input must be at least {config.pool} pixels on each side")
+        order, scale, bias = input_affine(weights.convention)
+        self.channel_order = order
+        self.register_buffer("in_scale", scale.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("in_bias", bias.view(1, 3, 1, 1), persistent=False)
+        self.backbone = VGG19Features(config.layers, config.padding, weights)
+        self.regional = RegionalGenerator(config.map_sizes(), config.height, config.width, config.align, config.pool)
+        self.cae = CAE(config.c_o, config.c_d, config.batchnorm) if config.c_d else None
+
+    def normalise(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 N×H×W×3 BGR -> float N×3×H×W in the weights' convention."""
+        x = frames.permute(0, 3, 1, 2).float()
+        if self.channel_order != [0, 1, 2]:
+            x = x[:, self.channel_order]
+        return x * self.in_scale + self.in_bias
+
+    def extract(self, frames: torch.Tensor) -> torch.Tensor:
+        """Regional features (N, c_o, H//4, W//4): the CAE's input and target."""
+        return self.regional(self.backbone(self.normalise(frames)))
+
+    def region_error(self, feats: torch.Tensor) -> torch.Tensor:
+        return (feats - self.cae(feats)).pow(2).mean(dim=1)
+
+    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 N×H×W×3 BGR -> (anomaly_map N×H×W, image_score N)."""
+        if self.cae is None:
+            raise RuntimeError("the CAE is not built yet (c_d unknown): train the model first")
+        err = self.region_error(self.extract(frames))
+        amap = F.interpolate(err.unsqueeze(1), size=(self.config.height, self.config.width), mode="bilinear",
+                             align_corners=False).squeeze(1)
+        return amap, amap.flatten(1).amax(dim=1)
+
+
+# ---- checkpoint in the bundle ------------------------------------------------------------------------------
+
+def save_checkpoint(model: DFR, bundle_dir: str | Path, extra: dict | None = None) -> Path:
+    """model.pt holds settings, the backbone layers used and the CAE: self-contained for export anywhere."""
+    path = Path(bundle_dir) / bundle.CHECKPOINT
+    payload = {
+        "config": asdict(model.config),
+        "weights": model.weights.as_metadata(),
+        "backbone": model.backbone.state_dict(),
+        "cae": model.cae.state_dict() if model.cae is not None else None,
+        "extra": extra or {},
+    }
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_model(bundle_dir: str | Path, device: str | torch.device = "cpu") -> DFR:
+    path = Path(bundle_dir) / bundle.CHECKPOINT
+    if not path.is_file():
+        raise BundleError(f"torch checkpoint not found: {path} (train with `linewatch train --out {bundle_dir}`)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        config = DFRConfig(**payload["config"])
+        w = payload["weights"]
+        source = WeightsSource(w["source"], w.get("path"), w.get("sha256"), w["convention"])
+    except Exception as exc:
+        raise BundleError(f"cannot read checkpoint {path}: {exc}") from exc
+    model = DFR(config, RANDOM if source.kind == "random" else WeightsSource(
+        "checkpoint", None, None, source.convention))
+    model.weights = source
+    model.backbone.load_state_dict(payload["backbone"], strict=True)
+    if model.cae is None or payload["cae"] is None:
+        raise BundleError(f"checkpoint {path} has no trained CAE")
+    model.cae.load_state_dict(payload["cae"], strict=True)
+    return model.to(device).eval()
+
+
+def build_model(config: DFRConfig, weights_path: str | None = None, random_init: bool = False) -> DFR:
+    return DFR(config, resolve(weights_path, random_init=random_init)).eval()
+
+
+class TorchScorer:
+    """The Scorer contract (docs/DESIGN.md) on the torch model: numpy uint8 frames in, numpy maps out."""
+
+    def __init__(self, model: DFR, device: str | torch.device = "cpu", batch: int = 8):
+        self.model, self.device, self.batch = model.to(device).eval(), torch.device(device), batch
+
+    @classmethod
+    def from_bundle(cls, bundle_dir: str | Path, device: str | None = None) -> "TorchScorer":
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(load_model(bundle_dir, device), device)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.model.config.height, self.model.config.width
+
+    @torch.inference_mode()
+    def score(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        frames = np.asarray(frames)
+        h, w = self.input_size
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (h, w, 3):
+            raise ValueError(f"expected uint8 frames N×{h}×{w}×3, got {frames.dtype} {frames.shape}")
+        maps, scores = [], []
+        for i in range(0, len(frames), self.batch):
+            m, s = self.model(torch.from_numpy(frames[i:i + self.batch]).to(self.device))
+            maps.append(m.float().cpu().numpy())
+            scores.append(s.float().cpu().numpy())
+        return np.concatenate(maps), np.concatenate(scores)
