@@ -36,6 +36,10 @@ class DFRConfig:
     pool: int = 4
     c_d: int = 0  # 0 = not chosen yet (PCA at training)
     batchnorm: bool = False
+    # One global factor that brings regional features to unit mean square (set at training). A scalar keeps
+    # the paper's relative channel weighting while making the CAE's targets well-conditioned: Caffe-convention
+    # VGG features are ~50× larger than torchvision-convention ones.
+    feature_scale: float = 1.0
 
     @property
     def c_o(self) -> int:
@@ -99,7 +103,8 @@ class DFR(nn.Module):
 
     def extract(self, frames: torch.Tensor) -> torch.Tensor:
         """Regional features (N, c_o, H//4, W//4): the CAE's input and target."""
-        return self.regional(self.backbone(self.normalise(frames)))
+        feats = self.regional(self.backbone(self.normalise(frames)))
+        return feats * self.config.feature_scale if self.config.feature_scale != 1.0 else feats
 
     def region_error(self, feats: torch.Tensor) -> torch.Tensor:
         return (feats - self.cae(feats)).pow(2).mean(dim=1)
