@@ -1,0 +1,95 @@
+"""Real camera-like sources for tests: an MJPEG video file and an HTTP multipart/x-mixed-replace stream that can
+be stopped and restarted on the same port (an outage), serving frames drawn by a callback."""
+
+from __future__ import annotations
+
+import http.server
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_video(path: str | Path, frames: list[np.ndarray], fps: float = 25.0) -> Path:
+    path = Path(path)
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
+    assert writer.isOpened(), "OpenCV cannot write MJPG .avi"
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+    return path
+
+
+def grey(level: int = 128, size: int = 64) -> np.ndarray:
+    return np.full((size, size, 3), level, np.uint8)
+
+
+def with_white_square(size: int = 64, side: int = 16) -> np.ndarray:
+    img = grey(128, size)
+    img[8:8 + side, 8:8 + side] = 255
+    return img
+
+
+class MjpegServer:
+    """HTTP MJPEG camera on 127.0.0.1. stop() closes the port and every open stream; start() again reopens it."""
+
+    def __init__(self, port: int, frame_fn: Callable[[int], np.ndarray], fps: float = 50.0):
+        self.port = port
+        self.frame_fn = frame_fn
+        self.period = 1.0 / fps
+        self.sent = 0
+        self._server: http.server.ThreadingHTTPServer | None = None
+        self._running = threading.Event()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/stream.mjpg"
+
+    def start(self) -> "MjpegServer":
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                try:
+                    while outer._running.is_set():
+                        ok, buf = cv2.imencode(".jpg", outer.frame_fn(outer.sent), [cv2.IMWRITE_JPEG_QUALITY, 95])
+                        part = (b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(buf)
+                                + buf.tobytes() + b"\r\n")
+                        self.wfile.write(part)
+                        self.wfile.flush()
+                        outer.sent += 1
+                        time.sleep(outer.period)
+                except OSError:
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        http.server.ThreadingHTTPServer.allow_reuse_address = True
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server.daemon_threads = True
+        self._running.set()
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._running.clear()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        time.sleep(2 * self.period)  # let handler threads notice and close their sockets

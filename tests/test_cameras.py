@@ -1,0 +1,165 @@
+"""Capture threads on real sources: an MJPG .avi, a folder of images, an HTTP MJPEG stream with an outage."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from linewatch.cameras import FINISHED, OFFLINE, ONLINE, Camera, FrameQueue, crop, grab_frames
+from linewatch.config import CameraConfig, ReconnectConfig
+from linewatch.errors import DataError
+from tests.streams import MjpegServer, free_port, grey, write_video
+
+
+def numbered_frames(n: int, size: int = 64) -> list[np.ndarray]:
+    """Frame i has grey level 40 + 10*i, so its index survives JPEG compression."""
+    return [grey(40 + 10 * i, size) for i in range(n)]
+
+
+def level(img: np.ndarray) -> int:
+    return int(round(float(img.mean())))
+
+
+def wait_for(cond, timeout: float = 10.0, step: float = 0.02) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(step)
+    return cond()
+
+
+def collect(queue: FrameQueue, n: int, timeout: float = 10.0):
+    out, end = [], time.monotonic() + timeout
+    while len(out) < n and time.monotonic() < end:
+        out.extend(queue.take(n - len(out), 0.0, 0.1))
+    return out
+
+
+def run_camera(cfg: CameraConfig):
+    queue = FrameQueue()
+    cam = Camera(cfg, queue)
+    cam.start()
+    return cam, queue
+
+
+def test_video_file_without_loop_delivers_every_frame_in_order_then_finishes(tmp_path):
+    video = write_video(tmp_path / "line.avi", numbered_frames(12))
+    cam, queue = run_camera(CameraConfig(name="c", kind="video", source=str(video), loop=False, queue_size=100))
+    try:
+        assert wait_for(lambda: cam.state == FINISHED)
+        frames = queue.take(100, 0.0, 0.0)
+        assert [f.index for f in frames] == list(range(1, 13))
+        assert [level(f.image) for f in frames] == pytest.approx([40 + 10 * i for i in range(12)], abs=3)
+        assert all(f.image.shape == (64, 64, 3) and f.error is None for f in frames)
+        assert queue.dropped["c"] == 0 and cam.captured == 12
+    finally:
+        cam.stop()
+        cam.join(2)
+
+
+def test_looped_video_restarts_and_roi_crops(tmp_path):
+    video = write_video(tmp_path / "line.avi", numbered_frames(5))
+    cfg = CameraConfig(name="c", kind="video", source=str(video), loop=True, queue_size=100, roi=(8, 16, 32, 20))
+    cam, queue = run_camera(cfg)
+    try:
+        frames = collect(queue, 12)
+        assert len(frames) == 12 and cam.state == ONLINE
+        assert all(f.image.shape == (20, 32, 3) for f in frames)
+        levels = [level(f.image) for f in frames]
+        assert levels[5] == pytest.approx(levels[0], abs=3) and levels[10] == pytest.approx(levels[0], abs=3)
+    finally:
+        cam.stop()
+        cam.join(2)
+
+
+def test_roi_outside_the_frame_gives_error_frames_not_silence(tmp_path):
+    video = write_video(tmp_path / "line.avi", numbered_frames(3))
+    cfg = CameraConfig(name="c", kind="video", source=str(video), loop=False, queue_size=10, roi=(50, 0, 32, 32))
+    cam, queue = run_camera(cfg)
+    try:
+        assert wait_for(lambda: cam.state == FINISHED)
+        frames = queue.take(10, 0.0, 0.0)
+        assert len(frames) == 3
+        assert all(f.image is None and "does not fit" in f.error for f in frames)
+        assert cam.frame_errors == 3
+    finally:
+        cam.stop()
+    assert isinstance(crop(grey(), (0, 0, 64, 64)), np.ndarray)
+
+
+def test_full_queue_drops_the_oldest_and_counts(tmp_path):
+    video = write_video(tmp_path / "line.avi", numbered_frames(10))
+    cam, queue = run_camera(CameraConfig(name="c", kind="video", source=str(video), loop=False, queue_size=3))
+    try:
+        assert wait_for(lambda: cam.state == FINISHED)
+        frames = queue.take(10, 0.0, 0.0)
+        assert [f.index for f in frames] == [8, 9, 10]
+        assert queue.dropped["c"] == 7
+    finally:
+        cam.stop()
+
+
+def test_folder_source_with_corrupt_image_and_fps_cap(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(4):
+        cv2.imwrite(str(folder / f"{i}.png"), grey(50 + 20 * i))
+    (folder / "2.png").write_bytes(b"not a png")
+    cfg = CameraConfig(name="c", kind="folder", source=str(folder), loop=False, fps=20.0, queue_size=10)
+    t0 = time.monotonic()
+    cam, queue = run_camera(cfg)
+    try:
+        assert wait_for(lambda: cam.state == FINISHED)
+        elapsed = time.monotonic() - t0
+        frames = queue.take(10, 0.0, 0.0)
+        assert [f.error is None for f in frames] == [True, True, False, True]
+        assert "2.png" in frames[2].error
+        assert [level(f.image) for f in frames if f.image is not None] == [50, 70, 110]
+        assert elapsed >= 3 / 20.0 * 0.9  # 4 frames at 20 fps need 3 periods
+    finally:
+        cam.stop()
+
+
+def test_http_stream_outage_goes_offline_then_reconnects():
+    port = free_port()
+    cfg = CameraConfig(name="c", kind="url", source=f"http://127.0.0.1:{port}/stream.mjpg", queue_size=1000,
+                       open_timeout_ms=1000, read_timeout_ms=1000, reconnect=ReconnectConfig(0.05, 0.4))
+    cam, queue = run_camera(cfg)  # nothing listens yet
+    server = MjpegServer(port, lambda i: grey(200))
+    try:
+        assert wait_for(lambda: cam.reconnects >= 2, 5)
+        assert cam.state != ONLINE and cam.captured == 0
+        server.start()
+        assert wait_for(lambda: cam.state == ONLINE and cam.captured >= 5, 10)
+        server.stop()
+        assert wait_for(lambda: cam.state != ONLINE, 5)
+        assert cam.state in (OFFLINE, "reconnecting")
+        before = cam.captured
+        time.sleep(0.3)
+        assert cam.captured == before
+        server.start()
+        assert wait_for(lambda: cam.state == ONLINE and cam.captured > before + 3, 10)
+        frames = queue.take(10_000, 0.0, 0.0)
+        assert frames and all(level(f.image) == pytest.approx(200, abs=3) for f in frames)
+    finally:
+        cam.stop()
+        server.stop()
+        cam.join(3)
+
+
+def test_grab_frames_from_a_configured_camera(tmp_path):
+    video = write_video(tmp_path / "line.avi", numbered_frames(6))
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    config = tmp_path / "lw.yaml"
+    config.write_text(f"model: {{bundle: bundle}}\n"
+                      f"cameras:\n  - {{name: cam1, kind: video, source: line.avi, loop: false}}\n")
+    frames = grab_frames(config, "cam1", 4)
+    assert [level(f) for f in frames] == pytest.approx([40, 50, 60, 70], abs=3)
+    with pytest.raises(DataError, match="ended after 6 of 9"):
+        grab_frames(config, "cam1", 9)
