@@ -1,0 +1,108 @@
+"""`linewatch export MODEL_DIR`: write the fused graph(s) into the bundle, prove parity, record them in metadata."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from linewatch import bundle
+from linewatch.engine import TRT_CACHE_DIR
+from linewatch.errors import BundleError
+from linewatch.build.model import DFR, load_model
+
+from .graph import FusedDFR
+from .onnx_graph import export_onnx
+
+log = logging.getLogger("linewatch.export")
+
+FP32_TOLERANCE = 1e-4  # max |map difference| / map range, issue 3
+# fp16 graph vs the float32 torch model on random frames; ranking metrics are checked on the dev benchmark
+# with benchmarks/fp16_parity.py (within 0.002 of fp32)
+FP16_TOLERANCE = 2e-2
+
+
+def parity_frames(height: int, width: int, n: int = 2, seed: int = 0) -> np.ndarray:
+    """Noise frames plus a smooth gradient: both textures and flat areas, deterministic."""
+    rng = np.random.default_rng(seed)
+    frames = rng.integers(0, 256, (n, height, width, 3), dtype=np.uint8)
+    ramp = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
+    frames[-1] = np.broadcast_to(ramp, (height, width, 3)).astype(np.uint8)
+    return frames
+
+
+def relative_map_error(reference: np.ndarray, other: np.ndarray) -> float:
+    """max |difference| of anomaly maps relative to the reference maps' range."""
+    span = float(reference.max() - reference.min())
+    return float(np.abs(reference - other).max()) / (span if span > 0 else 1.0)
+
+
+def onnx_maps(path: Path, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return tuple(sess.run([bundle.OUTPUT_MAP, bundle.OUTPUT_SCORE], {bundle.INPUT_NAME: frames}))
+
+
+def check_parity(model: DFR, path: Path, frames: np.ndarray, tolerance: float) -> dict:
+    with torch.inference_mode():
+        ref_map, ref_score = (t.numpy() for t in model(torch.from_numpy(frames)))
+    maps, scores = onnx_maps(path, frames)
+    result = {"frames": int(len(frames)), "max_rel_map_error": relative_map_error(ref_map, maps),
+              "max_rel_score_error": float(np.abs(ref_score - scores).max() / max(float(np.abs(ref_score).max()),
+                                                                                 1e-12)),
+              "tolerance": tolerance}
+    if not result["max_rel_map_error"] <= tolerance:
+        raise BundleError(f"{path}: exported maps differ from the torch model by "
+                          f"{result['max_rel_map_error']:.2e} of the map range (tolerance {tolerance:.0e})")
+    return result
+
+
+def export_bundle(bundle_dir: str | Path, fp16: bool = False, opset: int = 17) -> dict:
+    """Write model.onnx (and model_fp16.onnx), check both against the torch model, update metadata['graph']."""
+    bundle_dir = Path(bundle_dir)
+    meta = bundle.read_metadata(bundle_dir)
+    model = load_model(bundle_dir, "cpu")
+    frames = parity_frames(model.config.height, model.config.width)
+    graph: dict = {"input": bundle.INPUT_NAME, "outputs": [bundle.OUTPUT_MAP, bundle.OUTPUT_SCORE], "opset": opset}
+
+    t0 = time.perf_counter()
+    path = export_onnx(FusedDFR(model), bundle_dir / bundle.GRAPH, opset)
+    graph.update(file=path.name, sha256=bundle.sha256_file(path),
+                 parity=check_parity(model, path, frames, FP32_TOLERANCE))
+    log.info("wrote %s in %.1f s (parity %.1e)", path, time.perf_counter() - t0,
+             graph["parity"]["max_rel_map_error"])
+    old_fp16 = bundle_dir / bundle.GRAPH_FP16
+    if fp16:
+        t0 = time.perf_counter()
+        path16 = export_onnx(FusedDFR(model, fp16=True), old_fp16, opset)
+        graph.update(fp16_file=path16.name, fp16_sha256=bundle.sha256_file(path16),
+                     fp16_parity=check_parity(model, path16, frames, FP16_TOLERANCE))
+        log.info("wrote %s in %.1f s (parity %.1e)", path16, time.perf_counter() - t0,
+                 graph["fp16_parity"]["max_rel_map_error"])
+    elif old_fp16.exists():
+        old_fp16.unlink()  # an fp16 graph of an older model must not survive next to the new one
+    shutil.rmtree(bundle_dir / TRT_CACHE_DIR, ignore_errors=True)  # engines built from the previous graph
+    graph["exported"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    graph["versions"] = {"onnx": onnx.__version__, "torch": torch.__version__}
+    meta["graph"] = graph
+    bundle.write_metadata(bundle_dir, meta)
+    return graph
+
+
+def cli_export(args) -> int:
+    graph = export_bundle(args.model, fp16=args.fp16, opset=args.opset)
+    print(f"exported {Path(args.model) / graph['file']} (model id {graph['sha256'][:12]}, "
+          f"parity {graph['parity']['max_rel_map_error']:.1e} of map range)")
+    if "fp16_file" in graph:
+        print(f"exported {Path(args.model) / graph['fp16_file']} "
+              f"(parity {graph['fp16_parity']['max_rel_map_error']:.1e} of map range)")
+    return 0
