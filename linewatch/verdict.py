@@ -1,0 +1,69 @@
+"""Anomaly map + calibration -> OK/NOK and the defect regions behind it (torch-free, called per frame).
+
+A pixel is anomalous when `map > pixel_threshold` (strictly, the rule the calibration's quantile is defined for).
+Anomalous pixels are grouped into 8-connected regions; the part is NOK when one region has at least
+max(1, min_defect_area) pixels, or when an image threshold is set and the image score exceeds it.
+Non-finite maps or scores raise ValueError: the daemon reports them as ERROR, never as a verdict.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+OK, NOK = "OK", "NOK"
+MAX_REGIONS = 64  # regions reported per frame (largest first); the verdict itself always considers all of them
+
+
+@dataclass(frozen=True)
+class Region:
+    bbox: tuple[int, int, int, int]  # x, y, w, h in anomaly-map (model input) pixels
+    area: int
+    peak: float
+
+
+@dataclass(frozen=True)
+class Judgement:
+    verdict: str
+    regions: list[Region] = field(default_factory=list)
+    image_score: float = 0.0
+    reasons: list[str] = field(default_factory=list)
+
+
+def judge(anomaly_map: np.ndarray, image_score: float, calibration, max_regions: int = MAX_REGIONS) -> Judgement:
+    """OK/NOK for one H×W anomaly map; `calibration` needs pixel_threshold, image_threshold, min_defect_area."""
+    amap = np.asarray(anomaly_map)
+    if amap.ndim != 2 or amap.size == 0:
+        raise ValueError(f"anomaly map must be a non-empty H×W array, got shape {amap.shape}")
+    top, bottom = float(amap.max()), float(amap.min())  # NaN propagates through max/min: one pass finds it
+    if not (math.isfinite(top) and math.isfinite(bottom)):
+        raise ValueError(f"anomaly map has non-finite values (max {top}, min {bottom})")
+    image_score = float(image_score)
+    if not math.isfinite(image_score):
+        raise ValueError(f"image score is not finite: {image_score}")
+
+    threshold = float(calibration.pixel_threshold)
+    min_area = max(1, int(calibration.min_defect_area))
+    reasons: list[str] = []
+    regions: list[Region] = []
+    if top > threshold:
+        mask = (amap > threshold).view(np.uint8)
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8, ltype=cv2.CV_32S)
+        areas = stats[1:, cv2.CC_STAT_AREA]
+        order = np.argsort(-areas, kind="stable")[:max_regions]
+        for i in order:
+            x, y, w, h, area = (int(v) for v in stats[i + 1, :5])
+            window = amap[y:y + h, x:x + w]
+            peak = float(window[labels[y:y + h, x:x + w] == i + 1].max())
+            regions.append(Region((x, y, w, h), area, peak))
+        big = int(np.count_nonzero(areas >= min_area))
+        if big:
+            reasons.append(f"{big} region(s) above pixel threshold {threshold:.6g} with >= {min_area} px "
+                           f"(largest {int(areas.max())} px)")
+    image_threshold = calibration.image_threshold
+    if image_threshold is not None and image_score > float(image_threshold):
+        reasons.append(f"image score {image_score:.6g} > image threshold {float(image_threshold):.6g}")
+    return Judgement(NOK if reasons else OK, regions, image_score, reasons)

@@ -1,0 +1,283 @@
+"""Threshold maths against brute force and scipy; the calibration file: validation, history, rollback, crash safety."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from linewatch import bundle
+from linewatch.calibration import (Calibration, beta_cdf, check_enough_samples, effective_pixel_count,
+                                   fpr_confidence_bound, history_path, history_versions, load_calibration,
+                                   min_samples_for_fpr, pixel_threshold_for_fpr, rollback, save_calibration,
+                                   write_calibration)
+from linewatch.errors import BundleError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def model(deviation_bundle, tmp_path):
+    dst = tmp_path / "model"
+    shutil.copytree(deviation_bundle, dst)
+    return dst
+
+
+# --- quantile ---------------------------------------------------------------------------------------------------
+
+
+def brute_force_threshold(scores: np.ndarray, fpr: float) -> float:
+    """Lowest candidate (each distinct score, or just above the max) leaving at most fpr·n scores strictly above.
+
+    When no score may be above (fpr·n < 1), the documented answer is the next float above the max."""
+    values = np.sort(scores.ravel())
+    n = values.size
+    allowed = Fraction(repr(fpr)) * n
+    just_above_max = float(np.nextafter(values[-1], values.dtype.type(np.inf)))  # in the scores' precision
+    for t in np.unique(values):
+        above = int((values > t).sum())
+        if above <= allowed:
+            return float(t) if above > 0 or allowed >= 1 else just_above_max
+    return just_above_max
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_threshold_equals_brute_force_with_and_without_ties(seed):
+    rng = np.random.default_rng(seed)
+    for scores in (rng.random(200).astype(np.float32),                       # distinct values
+                   rng.random(300),                                          # float64
+                   rng.integers(0, 12, 150).astype(np.float32) / 11,         # heavy ties
+                   np.r_[np.zeros(90), np.ones(10)].astype(np.float32)):     # one tie block at the top
+        for fpr in (0.0, 0.001, 0.01, 0.05, 0.1, 0.3, 0.5, 0.99):
+            t = pixel_threshold_for_fpr(scores, fpr)
+            assert t == brute_force_threshold(scores, fpr), (scores[:5], fpr)
+            assert (scores > t).sum() <= Fraction(repr(fpr)) * scores.size
+
+
+def test_rate_is_exact_where_no_ties_and_typed_fractions_are_honoured():
+    scores = np.arange(10, dtype=np.float32)
+    assert pixel_threshold_for_fpr(scores, 0.3) == 6.0  # exactly 3 of 10 above (0.3 is 3/10, not 0.2999...)
+    assert ((scores > 6.0).sum(), (scores > 5.0).sum()) == (3, 4)
+
+
+def test_fpr_zero_is_just_above_the_max_and_flags_nothing():
+    maps = np.random.default_rng(0).random((3, 16, 16)).astype(np.float32)
+    t = pixel_threshold_for_fpr(maps, 0.0)
+    assert t > maps.max() and np.nextafter(np.float32(t), -np.float32(np.inf)) == maps.max()
+    assert not (maps > t).any() and not (maps >= t).any()  # also in float32, as NumPy compares float32 maps
+    wide = maps.astype(np.float64)
+    assert np.nextafter(wide.max(), -np.inf) < wide.max() < pixel_threshold_for_fpr(wide, 0.0) <= np.nextafter(
+        wide.max(), np.inf)
+
+
+def test_tie_block_is_never_split_so_the_realised_rate_stays_below_target():
+    scores = np.r_[np.zeros(90), np.ones(10)]
+    t = pixel_threshold_for_fpr(scores, 0.05)  # 5 allowed, but the top 10 are tied
+    assert t == 1.0 and (scores > t).mean() == 0.0
+
+
+def test_constant_map():
+    maps = np.full((4, 8, 8), 0.25, np.float32)
+    assert pixel_threshold_for_fpr(maps, 0.01) == 0.25 and not (maps > 0.25).any()
+    assert pixel_threshold_for_fpr(maps, 0.0) > 0.25
+
+
+@pytest.mark.parametrize("bad, word", [(np.nan, "NaN"), (np.inf, "inf"), (-np.inf, "inf")])
+def test_non_finite_scores_are_refused(bad, word):
+    scores = np.zeros(100, np.float32)
+    scores[7] = bad
+    with pytest.raises(ValueError, match=word):
+        pixel_threshold_for_fpr(scores, 0.01)
+
+
+@pytest.mark.parametrize("fpr", [-0.1, 1.0, 1.5, float("nan")])
+def test_rates_outside_zero_one_are_refused(fpr):
+    with pytest.raises(ValueError, match="rate"):
+        pixel_threshold_for_fpr(np.arange(10.0), fpr)
+
+
+def test_too_few_images_for_the_rate_are_refused_with_the_numbers():
+    with pytest.raises(ValueError, match=r"too few samples.*0\.001.*at least 63 calibration images.*got 3"):
+        check_enough_samples(3, 0.001)
+    check_enough_samples(63, 0.001)
+    assert min_samples_for_fpr(0.0) == 4  # "above everything seen" needs no tail
+    assert min_samples_for_fpr(0.005) == 13  # 13 images * 16 regions * 0.005 >= 1
+    assert min_samples_for_fpr(0.1, regions_per_image=1) == 10  # image-score rule: one unit per image
+    with pytest.raises(ValueError, match="image-score.*at least 100"):
+        check_enough_samples(99, 0.01, "image-score", 1)
+
+
+# --- confidence bounds ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k, n", [(0, 10), (1, 10), (5, 10), (10, 10), (3, 1000), (0, 50000), (120, 40000),
+                                  (7, 12)])
+def test_clopper_pearson_matches_scipy(k, n):
+    lo, hi = fpr_confidence_bound(k, n, 0.95)
+    ci = stats.binomtest(k, n).proportion_ci(0.95, method="exact")
+    assert lo == pytest.approx(ci.low, rel=1e-7, abs=1e-12)
+    assert hi == pytest.approx(ci.high, rel=1e-7, abs=1e-12)
+
+
+def test_non_integer_effective_counts_match_beta_quantiles():
+    k, n = 37.4, 2153.7
+    lo, hi = fpr_confidence_bound(k, n, 0.9)
+    assert lo == pytest.approx(stats.beta.ppf(0.05, k, n - k + 1), rel=1e-7)
+    assert hi == pytest.approx(stats.beta.ppf(0.95, k + 1, n - k), rel=1e-7)
+    for x, a, b in [(1e-6, 2.0, 3e6), (0.3, 0.5, 0.5), (0.999, 40.0, 2.0)]:
+        assert beta_cdf(x, a, b) == pytest.approx(stats.beta.cdf(x, a, b), rel=1e-8)
+
+
+def test_effective_count_sees_clustered_false_positives():
+    rng = np.random.default_rng(0)
+    pixels, m = 4096, 20
+    iid = rng.binomial(pixels, 0.01, m)                       # independent pixels
+    blob = 137
+    clustered = np.where(rng.random(m) < 0.3, blob, 0)        # false positives come as whole blobs
+    assert effective_pixel_count(iid, pixels) > 0.3 * m * pixels
+    # a blob-sized patch behaves like one unit: about pixels/blob units per image, far fewer than pixels
+    assert 0.5 * m * pixels / blob < effective_pixel_count(clustered, pixels) < 1.5 * m * pixels / blob
+    assert effective_pixel_count(np.zeros(m), pixels) == m    # no exceedance: one unit per image
+
+
+# --- file format ------------------------------------------------------------------------------------------------
+
+
+def test_write_load_history_and_versions(model):
+    first = write_calibration(model, 0.3, min_defect_area=5)
+    second = write_calibration(model, 0.5, image_threshold=0.8)
+    cal = load_calibration(model)
+    assert (first.version, second.version) == (1, 2) and cal == second
+    assert (cal.pixel_threshold, cal.image_threshold, cal.min_defect_area, cal.previous_version) == (0.5, 0.8, 0, 1)
+    assert cal.model_sha256 == bundle.sha256_file(model / bundle.GRAPH)
+    assert history_versions(model) == [1]
+    assert json.loads(history_path(model, 1).read_text())["pixel_threshold"] == 0.3
+
+
+def test_save_refuses_a_version_that_is_not_new(model):
+    cal = write_calibration(model, 0.3)
+    with pytest.raises(BundleError, match="must be above the current 1"):
+        save_calibration(model, cal)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(schema="other"), "not a linewatch calibration"),
+    (lambda d: d.update(schema_version=2), "unsupported schema_version 2"),
+    (lambda d: d.pop("pixel_threshold"), "missing key.*pixel_threshold"),
+    (lambda d: d.update(pixel_threshold="0.5"), "'pixel_threshold' must be a finite number"),
+    (lambda d: d.update(min_defect_area=-1), "'min_defect_area'"),
+    (lambda d: d.update(model_sha256="ab" * 32), "calibrated for model abababababab.*re-exported"),
+])
+def test_invalid_files_are_refused_naming_the_file(model, edit, message):
+    write_calibration(model, 0.3)
+    path = model / bundle.CALIBRATION
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(BundleError, match=message) as err:
+        load_calibration(model)
+    assert str(path) in str(err.value)
+
+
+def test_truncated_file_is_never_loaded(model):
+    write_calibration(model, 0.3)
+    path = model / bundle.CALIBRATION
+    text = path.read_text()
+    for cut in (1, len(text) // 3, len(text) // 2, len(text) - 3):
+        path.write_text(text[:cut])
+        with pytest.raises(BundleError, match="calibration"):
+            load_calibration(model)
+
+
+def test_failed_rename_keeps_the_old_calibration(model, monkeypatch):
+    write_calibration(model, 0.3)
+
+    def crash(src, dst):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        write_calibration(model, 0.9)
+    monkeypatch.undo()
+    assert load_calibration(model).pixel_threshold == 0.3
+    assert not list(model.glob(".calibration.json.*"))  # the temp file was removed
+
+
+WRITER = """
+import sys
+from linewatch.calibration import write_calibration
+i = 0
+print("ready", flush=True)
+while True:
+    i += 1
+    write_calibration(sys.argv[1], 0.001 * (i % 900 + 1), settings={"pad": "x" * 200000, "i": i})
+"""
+
+
+def test_sigkill_mid_write_never_leaves_a_loadable_partial_file(model):
+    write_calibration(model, 0.5)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    versions = []
+    for delay in (0.05, 0.11, 0.17, 0.23, 0.07, 0.13, 0.19, 0.29):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(model)], stdout=subprocess.PIPE, env=env)
+        assert proc.stdout.readline().strip() == b"ready"
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        cal = load_calibration(model)  # must be a whole, valid file every time
+        assert cal.settings.get("pad", "x" * 200000) == "x" * 200000 and 0 < cal.pixel_threshold <= 0.9
+        versions.append(cal.version)
+        if len(versions) >= 4 and list(model.glob(".calibration.json.*.tmp")):
+            break  # a kill landed mid-write (its temp file is left behind, never read)
+    assert list(model.glob(".calibration.json.*.tmp")), "no kill landed mid-write"
+    assert versions == sorted(versions) and versions[-1] > 1  # the writer did replace it meanwhile
+    for v in history_versions(model):  # history copies are atomic too
+        assert json.loads(history_path(model, v).read_text())["version"] == v
+
+
+# --- rollback ---------------------------------------------------------------------------------------------------
+
+
+def test_rollback_walks_back_under_new_version_numbers(model):
+    write_calibration(model, 0.1)
+    write_calibration(model, 0.2)
+    write_calibration(model, 0.3)
+    back = rollback(model)
+    assert load_calibration(model) == back
+    assert (back.version, back.pixel_threshold, back.restored_version, back.rolled_back_from) == (4, 0.2, 2, 3)
+    back = rollback(model)
+    assert (back.version, back.pixel_threshold, back.restored_version, back.rolled_back_from) == (5, 0.1, 1, 4)
+    with pytest.raises(BundleError, match="no earlier calibration"):
+        rollback(model)
+    assert history_versions(model) == [1, 2, 3, 4]
+    again = write_calibration(model, 0.7)  # a new calibration after rollbacks goes on numbering
+    assert again.version == 6 and rollback(model).pixel_threshold == 0.1
+
+
+def test_rollback_refuses_a_calibration_made_for_another_graph(model):
+    from tests.bundles import make_deviation_bundle
+
+    write_calibration(model, 0.1)
+    make_deviation_bundle(model, 32, 32)  # re-exported: a different graph
+    write_calibration(model, 0.2)
+    with pytest.raises(BundleError, match=r"calibration_v000001\.json.*calibrated for model"):
+        rollback(model)
+    assert load_calibration(model).pixel_threshold == 0.2
+
+
+def test_calibration_dataclass_is_frozen():
+    cal = Calibration(version=1, model_sha256="0" * 64, pixel_threshold=0.5)
+    with pytest.raises(Exception):
+        cal.pixel_threshold = 0.1  # type: ignore[misc]
+    assert math.isfinite(cal.pixel_threshold) and cal.to_dict()["schema"] == "linewatch-calibration"
