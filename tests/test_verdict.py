@@ -1,0 +1,96 @@
+"""Verdicts: regions against an independent labelling (scikit-image), area/strictness/image-score rules, speed."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import numpy as np
+import pytest
+from skimage import measure
+
+from linewatch.calibration import Calibration, load_calibration, write_calibration
+from linewatch.verdict import judge
+
+
+def cal(pixel=0.5, image=None, area=0):
+    return Calibration(version=1, model_sha256="0" * 64, pixel_threshold=pixel, image_threshold=image,
+                       min_defect_area=area)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_regions_match_an_independent_8_connected_labelling(seed):
+    rng = np.random.default_rng(seed)
+    amap = (rng.random((40, 56)) ** 6).astype(np.float32)  # sparse bright pixels, many small regions
+    j = judge(amap, float(amap.max()), cal(0.4, area=3), max_regions=10_000)
+    props = measure.regionprops(measure.label(amap > 0.4, connectivity=2), intensity_image=amap)
+    expected = sorted(((p.bbox[1], p.bbox[0], p.bbox[3] - p.bbox[1], p.bbox[2] - p.bbox[0]), int(p.area),
+                       float(p.intensity_max)) for p in props)
+    got = sorted((r.bbox, r.area, r.peak) for r in j.regions)
+    assert got == expected and len(got) > 5
+    assert j.verdict == ("NOK" if any(a >= 3 for _, a, _ in expected) else "OK")
+    assert [r.area for r in j.regions] == sorted((r.area for r in j.regions), reverse=True)
+
+
+def test_min_defect_area_counts_8_connected_pixels():
+    amap = np.zeros((20, 20), np.float32)
+    amap[2, 2] = amap[3, 3] = amap[4, 4] = 0.9  # a diagonal line: one region of 3 under 8-connectivity
+    assert judge(amap, 0.9, cal(area=0)).verdict == "NOK"  # 0 = any pixel
+    assert judge(amap, 0.9, cal(area=1)).verdict == "NOK"
+    assert judge(amap, 0.9, cal(area=3)).verdict == "NOK"
+    j = judge(amap, 0.9, cal(area=4))
+    assert j.verdict == "OK" and [(r.bbox, r.area) for r in j.regions] == [((2, 2, 3, 3), 3)]
+
+
+def test_threshold_is_strict_and_a_clean_map_has_no_regions():
+    amap = np.full((16, 16), 0.5, np.float32)
+    j = judge(amap, 0.5, cal(0.5))
+    assert (j.verdict, j.regions, j.reasons) == ("OK", [], [])
+    amap[8, 8] = np.nextafter(np.float32(0.5), np.float32(1))
+    j = judge(amap, float(amap.max()), cal(0.5))
+    assert j.verdict == "NOK" and j.regions[0].bbox == (8, 8, 1, 1) and "pixel threshold" in j.reasons[0]
+
+
+def test_image_threshold():
+    amap = np.zeros((16, 16), np.float32)
+    assert judge(amap, 0.7, cal(image=None)).verdict == "OK"
+    assert judge(amap, 0.7, cal(image=0.7)).verdict == "OK"
+    j = judge(amap, 0.71, cal(image=0.7))
+    assert j.verdict == "NOK" and j.regions == [] and "image score" in j.reasons[0] and j.image_score == 0.71
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_map_or_score_raises(bad):
+    amap = np.zeros((16, 16), np.float32)
+    amap[3, 4] = bad
+    with pytest.raises(ValueError, match="non-finite"):
+        judge(amap, 0.1, cal())
+    with pytest.raises(ValueError, match="not finite"):
+        judge(np.zeros((16, 16), np.float32), bad, cal())
+
+
+def test_judges_with_a_calibration_read_from_the_bundle(deviation_bundle, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(deviation_bundle, model)
+    write_calibration(model, 0.5, min_defect_area=4)
+    amap = np.zeros((64, 64), np.float32)
+    amap[10:12, 10:12] = 0.8
+    assert judge(amap, 0.8, load_calibration(model)).verdict == "NOK"
+    amap[10:12, 11] = 0
+    assert judge(amap, 0.8, load_calibration(model)).verdict == "OK"
+
+
+def test_fast_enough_for_100_fps_at_256():
+    rng = np.random.default_rng(0)
+    amap = (rng.random((256, 256)) * 0.3).astype(np.float32)
+    amap[100:130, 40:90] = 0.9
+    amap[200:204, 200:204] = 0.7
+    c = cal(0.5, area=10)
+    judge(amap, 0.9, c)
+    n = 300
+    start = time.perf_counter()
+    for _ in range(n):
+        j = judge(amap, 0.9, c)
+    per_call = (time.perf_counter() - start) / n
+    assert j.verdict == "NOK" and len(j.regions) == 2
+    assert per_call < 2e-3, f"{per_call * 1e3:.2f} ms per 256x256 map"
