@@ -1,0 +1,233 @@
+"""Wire format: topics, headers, masks and message validation, over real ZeroMQ sockets where it matters; and the
+subscriber example in docs/PROTOCOL.md, run as written against a real publisher."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import zmq
+
+from linewatch.protocol import (
+    SCHEMA_VERSION,
+    ProtocolError,
+    camera_prefix,
+    decode_mask_png,
+    decode_message,
+    encode_json,
+    encode_mask_png,
+    result_header,
+    result_topic,
+    status_topic,
+)
+from linewatch.publisher import ResultPublisher
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def header_for(camera: str, seq: int, **kw) -> dict:
+    args = dict(camera=camera, seq=seq, frame_time=1_700_000_000.25, verdict="NOK", score=0.75,
+                pixel_threshold=0.5, image_threshold=0.6, calibration_version=2, model_id="0123456789ab",
+                regions=[{"bbox": (3, 4, 5, 6), "area": 20, "peak": 0.9}], part_id=f"P-{seq}")
+    args.update(kw)
+    return result_header(**args)
+
+
+def sub_socket(ctx: zmq.Context, endpoint: str, prefix: bytes) -> zmq.Socket:
+    sock = ctx.socket(zmq.SUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SUBSCRIBE, prefix)
+    sock.connect(endpoint)
+    return sock
+
+
+def test_topics_are_delimited_so_cam1_never_matches_cam10():
+    assert result_topic("cam1") == b"linewatch/cam1/result"
+    assert status_topic("cam1") == b"linewatch/cam1/status"
+    assert camera_prefix("cam1") == b"linewatch/cam1/"
+    with pytest.raises(ValueError):
+        result_topic("cam/1")
+    ctx = zmq.Context()
+    pub = ResultPublisher("tcp://127.0.0.1:*", 1000)
+    only_cam1 = sub_socket(ctx, pub.endpoint, camera_prefix("cam1"))
+    everything = sub_socket(ctx, pub.endpoint, camera_prefix())
+    try:
+        # slow joiner: publish until both subscriptions have reached the publisher
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not (only_cam1.poll(50) and everything.poll(0)):
+            pub.publish_status("cam1", {"state": "online"})
+        for s in (only_cam1, everything):
+            while s.poll(100):
+                s.recv_multipart()
+        for seq in range(1, 4):
+            for cam in ("cam10", "cam1", "cam1x", "cam"):
+                assert pub.publish_result(header_for(cam, seq), None)
+        got_cam1 = [decode_message(only_cam1.recv_multipart()) for _ in range(3)]
+        assert [(m.camera, m.seq) for m in got_cam1] == [("cam1", 1), ("cam1", 2), ("cam1", 3)]
+        assert not only_cam1.poll(300)
+        got_all = [decode_message(everything.recv_multipart()).camera for _ in range(12)]
+        assert got_all == ["cam10", "cam1", "cam1x", "cam"] * 3
+    finally:
+        only_cam1.close()
+        everything.close()
+        ctx.term()
+        pub.close()
+
+
+def test_result_header_round_trip_over_a_real_socket():
+    mask = np.zeros((40, 60), bool)
+    mask[10:20, 30:50] = True
+    header = header_for("line-2_cam", 7, regions=[{"bbox": [1, 1, 2, 2], "area": 4, "peak": 0.6},
+                                                  {"bbox": [30, 10, 20, 10], "area": 200, "peak": np.float32(0.9)}],
+                        frame_index=np.int64(41), mask_size=(60, 40))
+    ctx = zmq.Context()
+    pub = ResultPublisher("tcp://127.0.0.1:*", 100)
+    sub = sub_socket(ctx, pub.endpoint, camera_prefix("line-2_cam"))
+    try:
+        before = time.time()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not sub.poll(50):
+            pub.publish_result(dict(header), encode_mask_png(mask))
+        msg = decode_message(sub.recv_multipart())
+    finally:
+        sub.close()
+        ctx.term()
+        pub.close()
+    h = msg.header
+    assert msg.topic == "linewatch/line-2_cam/result" and msg.kind == "result"
+    assert h["schema_version"] == SCHEMA_VERSION
+    assert (h["camera"], h["seq"], h["part_id"], h["verdict"]) == ("line-2_cam", 7, "P-7", "NOK")
+    assert h["frame_time"] == 1_700_000_000.25 and h["image_score"] == 0.75
+    assert h["thresholds"] == {"pixel": 0.5, "image": 0.6}
+    assert (h["calibration_version"], h["model_id"], h["frame_index"]) == (2, "0123456789ab", 41)
+    assert h["regions"][0] == {"bbox": [30, 10, 20, 10], "area": 200, "peak": pytest.approx(0.9)}  # largest first
+    assert h["regions_total"] == 2 and h["error"] is None
+    assert h["mask"] == {"format": "png", "width": 60, "height": 40}
+    assert before - 1 <= h["publish_time"] <= time.time() and len(h["run_id"]) == 12
+    np.testing.assert_array_equal(msg.mask_array() > 0, mask)
+
+
+def test_header_rules_never_let_an_uninspected_part_pass():
+    with pytest.raises(ValueError, match="needs a finite image score"):
+        header_for("cam1", 1, verdict="OK", score=float("nan"))
+    with pytest.raises(ValueError, match="use verdict ERROR"):
+        header_for("cam1", 1, verdict="OK", reason="camera offline")
+    with pytest.raises(ValueError, match="needs a reason"):
+        header_for("cam1", 1, verdict="ERROR")
+    with pytest.raises(ValueError, match="verdict"):
+        header_for("cam1", 1, verdict="GOOD")
+    with pytest.raises(ValueError, match="seq"):
+        header_for("cam1", 0)
+    err = header_for("cam1", 3, verdict="ERROR", score=float("inf"), reason="inference failed: boom")
+    data = json.loads(encode_json(err))  # strict JSON: no NaN/Infinity tokens
+    assert data["image_score"] is None and data["error"] == "inference failed: boom"
+    # the agreed aliases give the same header
+    alias = result_header("cam1", 3, 1_700_000_000.25, "ERROR", image_score=float("inf"),
+                          thresholds={"pixel": 0.5, "image": 0.6}, calibration_version=2, model_id="0123456789ab",
+                          regions=[{"bbox": (3, 4, 5, 6), "area": 20, "peak": 0.9}], part_id="P-3",
+                          error="inference failed: boom")
+    assert {k: v for k, v in alias.items() if k != "publish_time"} == \
+        {k: v for k, v in err.items() if k != "publish_time"}
+    many = header_for("cam1", 1, regions=[{"bbox": [i, 0, 1, 1], "area": i, "peak": 1.0} for i in range(1, 251)])
+    assert many["regions_total"] == 250 and len(many["regions"]) == 100
+    assert [r["area"] for r in many["regions"][:2]] == [250, 249]
+
+
+def test_mask_png_round_trip_at_a_configured_resolution():
+    mask = np.zeros((48, 64), bool)
+    mask[8:24, 16:40] = True
+    png = encode_mask_png(mask, (32, 24))
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) < 32 * 24
+    small = decode_mask_png(png)
+    expected = np.zeros((24, 32), np.uint8)
+    expected[4:12, 8:20] = 255  # the rectangle at half resolution, still binary
+    np.testing.assert_array_equal(small, expected)
+    np.testing.assert_array_equal(decode_mask_png(encode_mask_png(mask)), mask.astype(np.uint8) * 255)
+    grey = np.linspace(0.0, 1.0, 64, dtype=np.float32)[None, :].repeat(8, 0)
+    np.testing.assert_allclose(decode_mask_png(encode_mask_png(grey)), np.round(grey * 255), atol=1)
+    up = decode_mask_png(encode_mask_png(mask.astype(np.uint8) * 255, (128, 96)))
+    assert up.shape == (96, 128) and set(np.unique(up)) == {0, 255}
+    assert encode_mask_png(None, (32, 24)) is None
+    with pytest.raises(ValueError):
+        encode_mask_png(np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(ProtocolError):
+        decode_mask_png(cv2.imencode(".jpg", np.zeros((8, 8), np.uint8))[1].tobytes())
+
+
+def test_decode_message_rejects_what_does_not_follow_the_protocol():
+    header = header_for("cam1", 1, mask_size=(8, 8))
+    png = encode_mask_png(np.ones((8, 8), bool))
+    good = [result_topic("cam1"), encode_json(header), png]
+    assert decode_message(good).seq == 1
+    no_mask = header_for("cam1", 2)
+    assert decode_message([result_topic("cam1"), encode_json(no_mask), b""]).mask is None
+    bad = {
+        "frame count": good[:1],
+        "too many frames": good + [b"x"],
+        "topic": [b"linewatch/cam1/results", good[1], png],
+        "topic root": [b"other/cam1/result", good[1], png],
+        "json": [good[0], b"\xff{not json", png],
+        "array": [good[0], b"[1, 2]", png],
+        "camera mismatch": [result_topic("cam2"), good[1], png],
+        "schema": [good[0], encode_json(dict(header, schema_version=99)), png],
+        "missing field": [good[0], encode_json({k: v for k, v in header.items() if k != "seq"}), png],
+        "bad type": [good[0], encode_json(dict(header, seq="1")), png],
+        "OK without score": [good[0], encode_json(dict(header, verdict="OK", image_score=None)), png],
+        "mask not png": [good[0], good[1], b"GIF89a"],
+        "mask not announced": [good[0], encode_json(no_mask), png],
+        "status frames": [status_topic("cam1"), encode_json({"schema_version": 1, "kind": "status",
+                                                             "camera": "cam1"}), b""],
+    }
+    for name, frames in bad.items():
+        with pytest.raises(ProtocolError):
+            decode_message(frames)
+            pytest.fail(name)
+
+
+def _doc_example() -> str:
+    text = (ROOT / "docs" / "PROTOCOL.md").read_text()
+    match = re.search(r"<!-- example: subscriber -->\s*```python\n(.*?)```", text, re.S)
+    assert match, "docs/PROTOCOL.md lost its marked subscriber example"
+    return match.group(1)
+
+
+def test_the_subscriber_example_in_protocol_md_runs(tmp_path):
+    code = _doc_example()
+    assert len(code.strip().splitlines()) <= 25 and "linewatch" not in code.replace("linewatch/", "")
+    assert "tcp://127.0.0.1:5555" in code
+    pub = ResultPublisher("tcp://127.0.0.1:*", 100)
+    script = tmp_path / "example.py"
+    script.write_text(code.replace("tcp://127.0.0.1:5555", pub.endpoint))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        seq, deadline = 0, time.monotonic() + 15
+        mask = np.zeros((16, 16), bool)
+        mask[2:6, 3:9] = True
+        while time.monotonic() < deadline and sum(" NOK " in line for line in lines) < 3:
+            seq += 1
+            pub.publish_result(header_for("cam1", seq, mask_size=(16, 16)), encode_mask_png(mask))
+            pub.publish_status("cam1", {"state": "online"})
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait(5)
+        reader.join(5)
+        pub.close()
+    results = [line for line in lines if "cam1" in line and "NOK" in line]
+    assert len(results) >= 3, (lines, proc.stderr.read())
+    first = results[0].split()
+    assert first[0] == "cam1" and first[2] == f"P-{first[1]}" and first[4] == "0.75" and int(first[5]) > 0
+    assert any(line.split() == ["status", "cam1", "online"] for line in lines)
