@@ -138,6 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-key", help="daemon's CURVE public key (z85) when CURVE is on")
     p.add_argument("--client-key-file", help="this client's CURVE key pair file")
 
+    p = _cmd(sub, "keygen", "linewatch.security:cli_keygen",
+             "Create a CURVE key pair (NAME.key public, NAME.key_secret private) for the daemon or a client.",
+             "  linewatch keygen /etc/linewatch/keys --name server\n"
+             "  linewatch keygen plc_keys --name plc1   # then copy plc1.key into the daemon's authorized_keys_dir")
+    p.add_argument("dir", help="directory to write the key files into")
+    p.add_argument("--name", default="server", help="file name stem (default: server)")
+    p.add_argument("--force", action="store_true", help="replace existing key files")
+
     p = _cmd(sub, "demo", "linewatch.demo:cli_demo",
              "Run the whole pipeline on built-in images: train, export, calibrate, run the daemon, report.",
              "  linewatch demo\n  linewatch demo --out demo_run --parts 40")
