@@ -105,7 +105,9 @@ class TriggerServer:
 
     # --- lifecycle ----------------------------------------------------------------------------------------
     def start(self) -> "TriggerServer":
-        self._thread.start()
+        """Start the server thread (again: no-op)."""
+        if not self._thread.is_alive() and not self._stop.is_set():
+            self._thread.start()
         return self
 
     def close(self, timeout_s: float = 2.0) -> None:
@@ -222,17 +224,17 @@ class TriggerServer:
         if not self._pending:
             return
         now = time.monotonic()
-        still: list[_Pending] = []
-        for item in self._pending:
-            if item.future.done():
-                self._reply_result(item)
-            elif now >= item.deadline:
-                item.future.cancel()
-                self._reply_error(item.envelope, item.request, TIMEOUT,
-                                  f"no result within {self.timeout_s:g} s")
-            else:
-                still.append(item)
-        self._pending = still
+        done, expired, waiting = [], [], []
+        for item in self._pending:  # one pass: a future finishing meanwhile is seen in the next round
+            (done if item.future.done() else expired if now >= item.deadline else waiting).append(item)
+        if not done and not expired:
+            return
+        self._pending = waiting  # before replying: `pending` is read from other threads
+        for item in done:
+            self._reply_result(item)
+        for item in expired:
+            item.future.cancel()
+            self._reply_error(item.envelope, item.request, TIMEOUT, f"no result within {self.timeout_s:g} s")
 
     def _reply_result(self, item: _Pending) -> None:
         request = item.request
