@@ -61,12 +61,13 @@ def load_key_pair(path: str | os.PathLike) -> tuple[bytes, bytes]:
 def load_public_key(value: str | os.PathLike) -> bytes:
     """A public key given as 40 z85 characters or as a `.key`/`.key_secret` certificate file."""
     import zmq.auth
+    from zmq.utils import z85
 
     text = str(value)
     if len(text) == 40 and not Path(text).exists():
         try:
-            zmq.z85_decode(text.encode("ascii"))
-        except (ValueError, UnicodeEncodeError):
+            z85.decode(text.encode("ascii"))
+        except (ValueError, KeyError, UnicodeEncodeError):
             raise ConfigError(f"public key {text!r}: not a z85 key") from None
         return text.encode("ascii")
     path = Path(text)
