@@ -1,0 +1,82 @@
+"""`linewatch watch` as a real subprocess against a real publisher: lines, JSON lines, saved masks, CURVE."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import zmq.auth
+
+from linewatch.protocol import decode_mask_png, encode_mask_png, result_header
+from linewatch.publisher import ResultPublisher
+from linewatch.security import CurveConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+MASK = np.zeros((24, 32), bool)
+MASK[4:10, 6:18] = True
+
+
+def run_watch(pub: ResultPublisher, args: list[str], timeout_s: float = 20.0) -> subprocess.CompletedProcess:
+    """Start `linewatch watch`, publish cam1 and cam10 results until it exits."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen([sys.executable, "-m", "linewatch.cli", "watch", "--connect", pub.endpoint, *args],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out: dict[str, str] = {}
+    reader = threading.Thread(target=lambda: out.update(zip(("stdout", "stderr"), proc.communicate())), daemon=True)
+    reader.start()
+    png = encode_mask_png(MASK)
+    seq, deadline = 0, time.monotonic() + timeout_s
+    while proc.poll() is None and time.monotonic() < deadline:
+        seq += 1
+        pub.publish_result(result_header("cam10", seq, time.time(), "OK", 0.01, 0.5, None, 1, "m", []), None)
+        pub.publish_result(result_header(
+            "cam1", seq, time.time(), "NOK", 0.875, 0.5, None, 3, "abcdefabcdef",
+            [{"bbox": [6, 4, 12, 6], "area": 72, "peak": 0.875}], part_id=f"P/{seq}", mask_size=(32, 24)), png)
+        pub.publish_status("cam1", {"state": "online"})
+        time.sleep(0.02)
+    if proc.poll() is None:
+        proc.kill()
+    reader.join(10)
+    return subprocess.CompletedProcess(proc.args, proc.wait(5), out.get("stdout", ""), out.get("stderr", ""))
+
+
+def test_watch_prints_one_line_per_result_and_saves_masks(tmp_path):
+    with ResultPublisher("tcp://127.0.0.1:*") as pub:
+        done = run_watch(pub, ["--camera", "cam1", "--count", "3", "--save", str(tmp_path / "masks")])
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 3, done.stdout
+    seqs = []
+    for line in lines:
+        fields = line.split()
+        assert fields[1] == "cam1" and fields[3] == f"part=P/{fields[2][4:]}" and fields[4] == "NOK", line
+        assert fields[5] == "score=0.875" and fields[6] == "regions=1" and "[6,4 12x6 area=72]" in line
+        seqs.append(int(fields[2][4:]))
+    assert seqs == sorted(seqs) and len(set(seqs)) == 3
+    assert "camera cam1: online" in done.stderr
+    saved = sorted((tmp_path / "masks").iterdir())
+    assert [p.name for p in saved] == [f"cam1_{s:08d}_P_{s}_NOK.png" for s in seqs]
+    np.testing.assert_array_equal(decode_mask_png(saved[0].read_bytes()) > 0, MASK)
+
+
+def test_watch_json_lines_with_curve(tmp_path):
+    zmq.auth.create_certificates(tmp_path, "server")
+    (tmp_path / "allowed").mkdir()
+    zmq.auth.create_certificates(tmp_path / "allowed", "watcher")
+    curve = CurveConfig.from_files(tmp_path / "server.key_secret", tmp_path / "allowed")
+    with ResultPublisher("tcp://127.0.0.1:*", curve=curve) as pub:
+        done = run_watch(pub, ["--count", "4", "--json", "--server-key", str(tmp_path / "server.key"),
+                               "--client-key-file", str(tmp_path / "allowed" / "watcher.key_secret")])
+    assert done.returncode == 0, done.stderr
+    headers = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(headers) == 4
+    assert {h["camera"] for h in headers} <= {"cam1", "cam10"} and all(h["kind"] == "result" for h in headers)
+    for h in headers:
+        assert h["verdict"] == ("NOK" if h["camera"] == "cam1" else "OK") and h["run_id"] == pub.run_id
+    assert all(h["part_id"] == f"P/{h['seq']}" for h in headers if h["camera"] == "cam1")
