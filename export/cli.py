@@ -18,7 +18,7 @@ from linewatch.errors import BundleError
 from linewatch.build.model import DFR, load_model
 
 from .graph import FusedDFR
-from .onnx_graph import export_onnx
+from .onnx_graph import convert_fp16, export_onnx
 
 log = logging.getLogger("linewatch.export")
 
@@ -83,7 +83,7 @@ def export_bundle(bundle_dir: str | Path, fp16: bool = False, opset: int = 17) -
     old_fp16 = bundle_dir / bundle.GRAPH_FP16
     if fp16:
         t0 = time.perf_counter()
-        path16 = export_onnx(FusedDFR(model, fp16=True), old_fp16, opset)
+        path16 = convert_fp16(path, old_fp16)
         graph.update(fp16_file=path16.name, fp16_sha256=bundle.sha256_file(path16),
                      fp16_parity=check_parity(model, path16, frames, FP16_TOLERANCE))
         log.info("wrote %s in %.1f s (parity %.1e)", path16, time.perf_counter() - t0,

@@ -168,10 +168,10 @@ class FusedDFR(nn.Module):
         diff = self.last_neg(h) + feats
         if self.fp16:
             diff = diff.float()
-        err = self.channel_mean(diff * diff)
+        err = self.channel_mean(diff.pow(2))  # one consumer of diff: the fp16 converter needs that
         return self.upsample(err)
 
     def upsample(self, err: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         amap = F.interpolate(err, size=(self.height, self.width), mode="bilinear", align_corners=False)
-        amap = amap.squeeze(1)
+        amap = amap.reshape(-1, self.height, self.width)  # squeeze(1) would trace to a shape test + If
         return amap, amap.flatten(1).amax(dim=1)
