@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,8 +45,16 @@ class Frame:
     extra: dict = field(default_factory=dict)
 
     def fail_trigger(self, reason: str) -> None:
-        if self.future is not None and not self.future.done():
-            self.future.set_exception(LinewatchError(reason))
+        if self.future is not None:
+            fail_future(self.future, reason)
+
+
+def fail_future(future: Future, reason: str) -> None:
+    """Fail a trigger request, unless it was answered or cancelled (timed out) meanwhile."""
+    try:
+        future.set_exception(LinewatchError(reason))
+    except InvalidStateError:
+        pass
 
 
 class SourceEnded(Exception):
@@ -172,6 +180,7 @@ class FrameQueue:
         self._queues: dict[str, deque[Frame]] = {}
         self._sizes: dict[str, int] = {}
         self.dropped: dict[str, int] = {}
+        self.taken: dict[str, int] = {}  # frames handed to inference
         self._closed = False
 
     def add_camera(self, name: str, size: int) -> None:
@@ -179,6 +188,7 @@ class FrameQueue:
             self._queues[name] = deque()
             self._sizes[name] = size
             self.dropped[name] = 0
+            self.taken[name] = 0
 
     def put(self, frame: Frame) -> Frame | None:
         """Queue a frame; returns the frame dropped to make room, if any."""
@@ -220,6 +230,7 @@ class FrameQueue:
             while len(batch) < max_n:
                 frame = self._pop_oldest()
                 if frame is not None:
+                    self.taken[frame.camera] += 1
                     batch.append(frame)
                     continue
                 left = end_fill - time.monotonic()
@@ -301,23 +312,20 @@ class Camera:
             while self._triggers and now - self._triggers[0][2] > timeout_s:
                 expired.append(self._triggers.popleft())
         for part_id, future, _ in expired:
-            if not future.done():
-                future.set_exception(LinewatchError(
-                    f"camera {self.name!r} delivered no frame for part {part_id!r} within {timeout_s:g} s "
-                    f"(camera {self.state})"))
+            fail_future(future, f"camera {self.name!r} delivered no frame for part {part_id!r} within "
+                                f"{timeout_s:g} s (camera {self.state})")
         return len(expired)
 
     def fail_pending_triggers(self, reason: str) -> None:
         with self._lock:
             pending, self._triggers = list(self._triggers), deque()
         for _, future, _ in pending:
-            if not future.done():
-                future.set_exception(LinewatchError(reason))
+            fail_future(future, reason)
 
     # thread ------------------------------------------------------------------------------------------
     def _set_state(self, state: str) -> None:
         if state != self._state:
-            level = logging.WARNING if state == OFFLINE else logging.INFO
+            level = logging.WARNING if state == OFFLINE and not self._stop.is_set() else logging.INFO
             log.log(level, "camera %s: %s -> %s%s", self.name, self._state, state,
                     f" ({self.last_error})" if state == OFFLINE and self.last_error else "")
             self._state = state
@@ -411,8 +419,11 @@ class Camera:
         if error is not None:
             self.frame_errors += 1
         with self._lock:
-            if self._triggers:
-                frame.part_id, frame.future, _ = self._triggers.popleft()
+            while self._triggers:
+                part_id, future, _ = self._triggers.popleft()
+                if not future.done():  # a request that timed out meanwhile is not attached to a later frame
+                    frame.part_id, frame.future = part_id, future
+                    break
         if self.cfg.mode == "triggered" and frame.future is None:
             self.skipped += 1
             return

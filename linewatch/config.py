@@ -99,6 +99,7 @@ class SecurityConfig:
     curve: bool = _opt(False, doc="CURVE authentication + encryption on the result and trigger sockets")
     server_secret_key_file: Union[Path, None] = _opt(None, exists="file", doc="server key pair (zmq.auth format)")
     authorized_keys_dir: Union[Path, None] = _opt(None, exists="dir", doc="folder of allowed clients' public keys")
+    allow_insecure_bind: bool = _opt(False, doc="allow binding beyond loopback without CURVE (trusted networks)")
 
 
 @dataclass(frozen=True)
@@ -333,6 +334,15 @@ def _check(cfg: Config, ctx: _Ctx) -> Config:
     if sec.curve and (sec.server_secret_key_file is None or sec.authorized_keys_dir is None):
         missing = "server_secret_key_file" if sec.server_secret_key_file is None else "authorized_keys_dir"
         raise ctx.fail(f"security.{missing}", "a path when security.curve is true (required key missing)")
+    from .security import check_bind_security
+
+    binds = [("publish.endpoint", cfg.publish.endpoint)]
+    binds += [("trigger.endpoint", cfg.trigger.endpoint)] if cfg.trigger.enabled else []
+    for key, endpoint in binds:
+        try:
+            check_bind_security(endpoint, sec.curve, sec.allow_insecure_bind, key)
+        except ConfigError as exc:
+            raise ConfigError(f"{ctx.file}: {exc}") from None
     if cfg.archive.enabled and cfg.archive.dir is None:
         raise ctx.fail("archive.dir", "a folder when archive.enabled is true (required key missing)")
     if any(c.mode == "triggered" for c in cfg.cameras) and not cfg.trigger.enabled:

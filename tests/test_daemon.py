@@ -1,0 +1,372 @@
+"""The daemon as a subprocess (`python -m linewatch.cli run`) with real sources, real ZeroMQ sockets, a real
+systemd notify socket and a real (tiny) ONNX bundle whose map is |grey-128|/127: grey frames are OK and frames
+with a white square are NOK once calibrated."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import yaml
+import zmq
+from onnx import TensorProto, helper
+
+from linewatch import bundle
+from tests.bundles import make_deviation_bundle
+from tests.streams import MjpegServer, free_port, grey, with_white_square, write_video
+
+ROOT = Path(__file__).resolve().parents[1]
+PERIOD = 4  # video frame i is NOK when i % PERIOD == 1
+
+
+# --- helpers ----------------------------------------------------------------------------------------------
+
+
+def write_calibration(bundle_dir: Path, pixel_threshold: float, min_defect_area: int = 4) -> int:
+    """Calibrate with linewatch.calibration's own writer; returns the new calibration version."""
+    from linewatch.calibration import write_calibration as write
+
+    return write(bundle_dir, pixel_threshold, min_defect_area=min_defect_area).version
+
+
+@pytest.fixture
+def calibrated(deviation_bundle, tmp_path):
+    dst = tmp_path / "bundle"
+    shutil.copytree(deviation_bundle, dst)
+    write_calibration(dst, 0.5)
+    return dst
+
+
+def video_frames(n: int = 8) -> list[np.ndarray]:
+    return [with_white_square() if i % PERIOD == 1 else grey() for i in range(n)]
+
+
+def expected_verdict(frame_index: int, n: int = 8) -> str:
+    return "NOK" if ((frame_index - 1) % n) % PERIOD == 1 else "OK"
+
+
+def write_config(tmp_path: Path, bundle_dir: Path, cameras: list[dict], **sections) -> tuple[Path, str]:
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    data = {"model": {"bundle": str(bundle_dir)}, "cameras": cameras,
+            "engine": {"providers": ["cpu"], "threads": 1, "max_batch": 4, "max_wait_ms": 2},
+            "publish": {"endpoint": endpoint, "status_interval_s": 0.2},
+            "health": {"drain_timeout_s": 5.0}}
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value)
+    path = tmp_path / "linewatch.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path, endpoint
+
+
+class NotifySocket:
+    """A real sd_notify datagram socket, as systemd gives a Type=notify service."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.01)
+        self.messages: list[str] = []
+
+    def drain(self) -> list[str]:
+        while True:
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except (socket.timeout, BlockingIOError):
+                return self.messages
+
+
+def start_daemon(config: Path, tmp_path: Path, notify: NotifySocket | None = None) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    if notify is not None:
+        env.update(NOTIFY_SOCKET=notify.path, WATCHDOG_USEC="400000")
+    log = open(tmp_path / "daemon.log", "wb")
+    return subprocess.Popen([sys.executable, "-m", "linewatch.cli", "run", "--config", str(config)],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def daemon_log(tmp_path: Path) -> str:
+    return (tmp_path / "daemon.log").read_text(errors="replace")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 15.0) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
+class Subscriber:
+    """Plain pyzmq SUB: results and status of every camera."""
+
+    def __init__(self, endpoint: str, prefix: str = "linewatch/", rcvhwm: int = 100_000):
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.SUB)
+        self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt_string(zmq.SUBSCRIBE, prefix)
+        self.sock.connect(endpoint)
+        self.results: list[dict] = []
+        self.masks: list[bytes] = []
+        self.statuses: list[dict] = []
+
+    def poll(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            if not self.sock.poll(int(left * 1000) + 1):
+                return
+            parts = self.sock.recv_multipart()
+            topic, header = parts[0].decode(), json.loads(parts[1])
+            if topic.endswith("/result"):
+                assert topic == f"linewatch/{header['camera']}/result"
+                self.results.append(header)
+                self.masks.append(parts[2] if len(parts) > 2 else b"")
+            elif topic.endswith("/status"):
+                header.setdefault("camera", topic.split("/")[1])
+                self.statuses.append(header)
+
+    def until(self, cond, timeout: float, what: str) -> None:
+        end = time.monotonic() + timeout
+        while not cond():
+            assert time.monotonic() < end, f"timed out waiting for {what}"
+            self.poll(0.1)
+
+    def status(self, camera: str) -> dict:
+        return [s for s in self.statuses if s["camera"] == camera][-1]
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
+def status_fields(status: dict) -> dict:
+    """The per-camera counters, wherever the protocol nests them."""
+    return status.get("status", status)
+
+
+def slow_bundle(path: Path, iterations: int = 10**9) -> Path:
+    """A real bundle whose graph loops for minutes per batch: an inference that is stuck, not failed."""
+    make_deviation_bundle(path, 64, 64)
+    model = onnx.load(str(path / bundle.GRAPH))
+    g = model.graph
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["x_in", "one"], ["x_out"])],
+        "spin",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x_in", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x_out", TensorProto.FLOAT, [])],
+        [helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])])
+    g.initializer.extend([helper.make_tensor("trips", TensorProto.INT64, [], [iterations]),
+                          helper.make_tensor("yes", TensorProto.BOOL, [], [True]),
+                          helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])])
+    for node in g.node:  # the deviation map is now an intermediate; the output waits for the loop
+        node.input[:] = ["map_fast" if x == bundle.OUTPUT_MAP else x for x in node.input]
+        node.output[:] = ["map_fast" if x == bundle.OUTPUT_MAP else x for x in node.output]
+    g.node.extend([helper.make_node("Loop", ["trips", "yes", "zero"], ["spun"], body=body),
+                   helper.make_node("Mul", ["spun", "zero"], ["nothing"]),
+                   helper.make_node("Add", ["map_fast", "nothing"], [bundle.OUTPUT_MAP])])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path / bundle.GRAPH))
+    meta = bundle.read_metadata(path)
+    meta["graph"]["sha256"] = bundle.sha256_file(path / bundle.GRAPH)
+    bundle.write_metadata(path, meta)
+    return path
+
+
+# --- tests ------------------------------------------------------------------------------------------------
+
+
+def test_video_file_verdicts_metrics_archive_and_sigterm_accounting(calibrated, tmp_path):
+    video = write_video(tmp_path / "line.avi", video_frames(8))
+    archive = tmp_path / "archive"
+    metrics_port = free_port()
+    config, endpoint = write_config(
+        tmp_path, calibrated,
+        [{"name": "cam1", "kind": "video", "source": str(video), "loop": True, "fps": 300, "queue_size": 16}],
+        archive={"enabled": True, "dir": str(archive), "max_mb": 0.05},
+        metrics={"enabled": True, "port": metrics_port})
+    notify = NotifySocket(tmp_path / "notify.sock")
+    proc = start_daemon(config, tmp_path, notify)
+    sub = Subscriber(endpoint)
+    try:
+        sub.until(lambda: len(sub.results) >= 150, 30, "150 results")
+        for header in sub.results:
+            assert header["verdict"] == expected_verdict(header["frame_index"]), header
+        nok = [h for h in sub.results if h["verdict"] == "NOK"]
+        assert nok and all(h["regions"] and h["regions"][0]["area"] >= 4 for h in nok)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        assert 'linewatch_verdicts_total{camera="cam1",verdict="NOK"}' in text
+        assert 'linewatch_camera_state{camera="cam1",state="online"} 1.0' in text
+        sent_term = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        sub.until(lambda: proc.poll() is not None, 15, "daemon exit")
+        assert time.monotonic() - sent_term < 10
+        sub.poll(0.5)
+        assert proc.returncode == 0, daemon_log(tmp_path)[-3000:]
+    finally:
+        stop(proc)
+        sub.close()
+    final = status_fields(sub.status("cam1"))
+    assert final["captured"] > 0
+    assert final["captured"] == final["results"] + final["dropped"] + final["skipped"], final
+    seqs = [h["seq"] for h in sub.results]
+    assert seqs == sorted(seqs) and seqs[-1] == final["results"]
+    missing = (seqs[-1] - seqs[0] + 1) - len(seqs)
+    assert missing <= final["publish_dropped"]
+    messages = "\n".join(notify.drain())
+    assert "READY=1" in messages and "WATCHDOG=1" in messages and "STOPPING=1" in messages
+    assert "STATUS=" in messages
+    files = list(archive.glob("*_NOK.png"))
+    assert files and sum(f.stat().st_size for f in archive.iterdir()) <= 0.05 * 1024 * 1024
+
+
+def test_http_stream_outage_reports_offline_never_ok_and_reconnects(calibrated, tmp_path):
+    port = free_port()
+    server = MjpegServer(port, lambda i: with_white_square(), fps=40)
+    config, endpoint = write_config(
+        tmp_path, calibrated,
+        [{"name": "cam1", "kind": "url", "source": server.url, "open_timeout_ms": 1000, "read_timeout_ms": 1000,
+          "stall_s": 1.0, "reconnect": {"initial_s": 0.1, "max_s": 0.5}}])
+    proc = start_daemon(config, tmp_path)
+    sub = Subscriber(endpoint)
+    try:
+        sub.until(lambda: sub.statuses and status_fields(sub.status("cam1"))["state"] != "online", 20,
+                  "status before the stream exists")
+        server.start()
+        sub.until(lambda: len(sub.results) >= 10, 20, "results from the stream")
+        server.stop()
+        sub.until(lambda: status_fields(sub.status("cam1"))["state"] in ("offline", "reconnecting"), 10,
+                  "offline status")
+        sub.poll(0.3)
+        during = len(sub.results)
+        sub.poll(1.5)
+        assert len(sub.results) == during, "results published while the camera was down"
+        assert status_fields(sub.status("cam1"))["state"] != "online"
+        server.start()
+        sub.until(lambda: len(sub.results) >= during + 10, 20, "results after reconnect")
+        assert status_fields(sub.status("cam1"))["reconnects"] >= 1
+        assert {h["verdict"] for h in sub.results} == {"NOK"}  # every frame had a defect: never an OK
+        assert stop(proc) == 0
+    finally:
+        server.stop()
+        stop(proc)
+        sub.close()
+
+
+def test_sighup_reloads_calibration_and_keeps_the_old_one_when_the_new_is_broken(deviation_bundle, tmp_path):
+    model = tmp_path / "bundle"
+    shutil.copytree(deviation_bundle, model)  # not calibrated yet
+    video = write_video(tmp_path / "line.avi", [grey()] * 4)
+    config, endpoint = write_config(
+        tmp_path, model, [{"name": "cam1", "kind": "video", "source": str(video), "loop": True, "fps": 50}])
+    proc = start_daemon(config, tmp_path)
+    sub = Subscriber(endpoint)
+    try:
+        sub.until(lambda: len(sub.results) >= 5, 30, "uncalibrated results")
+        assert {h["verdict"] for h in sub.results} == {"ERROR"}
+        assert all("uncalibrated" in h["error"] for h in sub.results)
+        version = write_calibration(model, 0.5)
+        proc.send_signal(signal.SIGHUP)
+        sub.until(lambda: sub.results[-1].get("calibration_version") == version, 10, "calibrated results")
+        (model / bundle.CALIBRATION).write_text('{"broken": ')
+        proc.send_signal(signal.SIGHUP)
+        n = len(sub.results)
+        sub.until(lambda: len(sub.results) >= n + 50, 10, "results after a refused reload")
+        after = sub.results[n:]
+        assert {h["calibration_version"] for h in after} == {version} and {h["verdict"] for h in after} == {"OK"}
+        assert proc.poll() is None
+        assert stop(proc) == 0
+        assert "reload refused" in daemon_log(tmp_path)
+    finally:
+        stop(proc)
+        sub.close()
+
+
+def test_slow_subscriber_does_not_slow_inference(calibrated, tmp_path):
+    rng = np.random.default_rng(0)
+    noisy = [np.clip(rng.normal(128, 90, (64, 64, 3)), 0, 255).astype(np.uint8) for _ in range(4)]
+    video = write_video(tmp_path / "noise.avi", noisy)
+    config, endpoint = write_config(
+        tmp_path, calibrated,
+        [{"name": "cam1", "kind": "video", "source": str(video), "loop": True, "fps": 100, "queue_size": 4}],
+        publish={"hwm": 5, "mask": {"enabled": True, "width": 256, "height": 256},
+                 "endpoint": f"ipc://{tmp_path}/results.ipc"})  # small kernel buffers: congestion comes fast
+    endpoint = f"ipc://{tmp_path}/results.ipc"
+    stalled = zmq.Context.instance().socket(zmq.SUB)  # subscribes, never reads
+    stalled.setsockopt(zmq.RCVHWM, 1)
+    stalled.setsockopt(zmq.RCVBUF, 4096)
+    stalled.setsockopt(zmq.LINGER, 0)
+    stalled.setsockopt_string(zmq.SUBSCRIBE, "")
+    stalled.connect(endpoint)
+    proc = start_daemon(config, tmp_path)
+    sub = Subscriber(endpoint, prefix="linewatch/cam1/status")
+    try:
+        sub.until(lambda: sub.statuses and status_fields(sub.status("cam1"))["results"] > 0, 30, "first results")
+        first = status_fields(sub.status("cam1"))
+        t0 = time.monotonic()
+        sub.poll(3.0)
+        last = status_fields(sub.status("cam1"))
+        rate = (last["results"] - first["results"]) / (time.monotonic() - t0)
+        assert rate > 0.8 * 100, (rate, last)
+        assert last["dropped"] - first["dropped"] < 0.05 * (last["captured"] - first["captured"]) + 2
+        assert stop(proc) == 0
+        got = 0
+        while stalled.poll(200):
+            got += stalled.recv_multipart()[0].endswith(b"/result")
+        assert got < 0.5 * last["results"], "the stalled subscriber was never congested: test too weak"
+    finally:
+        stop(proc)
+        stalled.close(0)
+        sub.close()
+
+
+def test_stuck_inference_stops_watchdog_pings_and_sigterm_still_exits(tmp_path):
+    model = slow_bundle(tmp_path / "slow")
+    write_calibration(model, 0.5)
+    video = write_video(tmp_path / "line.avi", [grey()] * 4)
+    config, endpoint = write_config(
+        tmp_path, model, [{"name": "cam1", "kind": "video", "source": str(video), "loop": True, "fps": 20}],
+        health={"inference_stall_s": 1.0, "drain_timeout_s": 1.0})
+    notify = NotifySocket(tmp_path / "notify.sock")
+    proc = start_daemon(config, tmp_path, notify)
+    sub = Subscriber(endpoint)
+    try:
+        sub.until(lambda: "READY=1" in "".join(notify.drain()), 30, "READY")
+        sub.until(lambda: any(s.get("healthy") is False for s in map(status_fields, sub.statuses)), 10,
+                  "unhealthy status")
+        notify.drain()
+        notify.messages.clear()
+        sub.poll(1.5)
+        messages = notify.drain()
+        assert not any("WATCHDOG=1" in m for m in messages), messages
+        assert any("UNHEALTHY" in m and "inference stalled" in m for m in messages)
+        assert not sub.results
+        t0 = time.monotonic()
+        assert stop(proc, 10) == 0
+        assert time.monotonic() - t0 < 6
+    finally:
+        stop(proc)
+        sub.close()
+
+
+def test_bad_config_exits_2_before_starting(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: {bundle: nowhere}\ncameras: [{name: c, kind: device, source: 0}]\n")
+    result = subprocess.run([sys.executable, "-m", "linewatch.cli", "run", "--config", str(path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "model.bundle" in result.stderr
