@@ -1,0 +1,113 @@
+"""The dev-benchmark dataset builder (benchmarks/make_devset.py, run as a subprocess) and its z-score baseline."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import skimage.data
+
+from linewatch.datasets import good_image_folder, read_test_set
+from linewatch.evaluate import evaluate_scorer
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 64
+DEFECTS = ["crack", "cutpaste", "pit", "scratch", "stain"]
+
+
+def make_devset(out: Path, *extra: str) -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "make_devset.py"), "--out", str(out),
+                           "--size", str(SIZE), "--n-train", "3", "--n-good", "2", "--n-defect", "2", *extra],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def devset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("devset")
+    make_devset(out, "--categories", "brick,gravel", "--seed", "3")
+    return out
+
+
+def clean_crop(category: str, entry: dict) -> np.ndarray:
+    """The photo crop an image was cut from, recomputed from the recorded position (grey, SIZE×SIZE)."""
+    photo = getattr(skimage.data, category)()
+    r, c, k = entry["row"], entry["col"], entry["crop"]
+    patch = photo[r:r + k, c:c + k]
+    patch = patch[:, ::-1] if entry["flip_h"] else patch
+    patch = patch[::-1] if entry["flip_v"] else patch
+    return cv2.resize(np.ascontiguousarray(patch), (SIZE, SIZE), interpolation=cv2.INTER_AREA)
+
+
+@pytest.mark.parametrize("category", ["brick", "gravel"])
+def test_layout_and_masks_match_the_changed_pixels(devset, category):
+    root = devset / category
+    assert len(list(good_image_folder(root).glob("*.png"))) == 3
+    samples = read_test_set(root)
+    assert sorted({s.defect_type for s in samples}) == sorted(["good", *DEFECTS])
+    assert sum(s.defect_type == "good" for s in samples) == 2
+    manifest = json.loads((root / "devset.json").read_text())
+    entries = {e["file"]: e for e in manifest["images"]}
+    for s in samples:
+        image = cv2.imread(str(s.path), cv2.IMREAD_UNCHANGED)
+        assert image.shape == (SIZE, SIZE, 3)
+        source = clean_crop(category, entries[str(s.path.relative_to(root))])
+        changed = np.any(image != source[..., None], axis=2)
+        if s.mask_path is None:
+            assert not changed.any()  # good test images are untouched crops
+            continue
+        mask = cv2.imread(str(s.mask_path), cv2.IMREAD_GRAYSCALE) > 127
+        assert mask.any(), s.mask_path
+        assert not changed[~mask].any(), f"{s.path}: pixels changed outside the mask"
+        assert changed[mask].mean() > 0.8, f"{s.path}: mask covers mostly unchanged pixels"
+
+
+def test_train_and_test_crops_come_from_disjoint_rows(devset):
+    for category in ("brick", "gravel"):
+        manifest = json.loads((devset / category / "devset.json").read_text())
+        height = getattr(skimage.data, category)().shape[0]
+        train = [e for e in manifest["images"] if e["file"].startswith("train/")]
+        test = [e for e in manifest["images"] if e["file"].startswith("test/")]
+        assert len(train) == 3 and len(test) == 2 + 2 * len(DEFECTS)
+        last_train_row = max(e["row"] + e["crop"] for e in train)
+        first_test_row = min(e["row"] for e in test)
+        boundary = int(0.6 * height)  # the top 60 % of the photo's rows are for training
+        assert last_train_row <= boundary <= first_test_row
+        for e in train:  # and the train images really are those crops
+            img = cv2.imread(str(devset / category / e["file"]), cv2.IMREAD_GRAYSCALE)
+            assert np.array_equal(img, clean_crop(category, e))
+
+
+def test_deterministic_and_independent_of_other_categories(devset, tmp_path):
+    make_devset(tmp_path, "--categories", "gravel", "--seed", "3")
+    first = sorted(p.relative_to(devset / "gravel") for p in (devset / "gravel").rglob("*.png"))
+    again = sorted(p.relative_to(tmp_path / "gravel") for p in (tmp_path / "gravel").rglob("*.png"))
+    assert first == again
+    for rel in first:
+        assert (devset / "gravel" / rel).read_bytes() == (tmp_path / "gravel" / rel).read_bytes(), rel
+
+
+def test_baseline_runs_through_evaluate(devset):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from baseline import ZScoreBaseline
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    root = devset / "brick"
+    baseline = ZScoreBaseline.fit(good_image_folder(root), (48, 48))
+    frames = np.stack([cv2.resize(cv2.imread(str(p)), (48, 48), interpolation=cv2.INTER_AREA)
+                       for p in sorted(good_image_folder(root).glob("*.png"))])
+    maps, scores = baseline.score(frames)
+    # independent z-score of the training frames themselves: per-pixel mean/std over the 3 images
+    grey = frames.astype(np.float64)
+    z = np.abs(grey - grey.mean(0)) / (grey.std(0) + baseline.eps)
+    assert np.allclose(maps, z.mean(axis=3), atol=1e-4)
+    assert np.allclose(scores, maps.max(axis=(1, 2)))
+    result = evaluate_scorer(baseline, root, batch=4)
+    assert set(result["per_type"]) == set(DEFECTS)
+    assert 0.0 <= result["overall"]["pixel_roc_auc"] <= 1.0
