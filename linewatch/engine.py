@@ -95,6 +95,23 @@ def provider_options(name: str, bundle_dir: Path, fp16: bool, size: tuple[int, i
     return {}
 
 
+_preloaded = False
+
+
+def preload_gpu_libraries() -> None:
+    """Load CUDA/cuDNN from the nvidia-* wheels (as onnxruntime.preload_dlls does), so the CUDA provider can
+    find them without LD_LIBRARY_PATH; once per process, and harmless where they are absent."""
+    global _preloaded
+    ort = _ort()
+    if _preloaded or not hasattr(ort, "preload_dlls"):
+        return
+    _preloaded = True
+    try:
+        ort.preload_dlls()
+    except Exception as exc:  # missing wheels only mean the provider will not load; that is reported later
+        log.debug("onnxruntime.preload_dlls: %s", exc)
+
+
 @contextlib.contextmanager
 def _quiet_fallback(quiet: bool):
     """Keep ONNX Runtime's fallback chatter (printed to stdout, logged to stderr) out of `auto` probing."""
@@ -132,6 +149,9 @@ class Engine:
             wanted = wanted + [CPU]  # ONNX Runtime places nodes a GPU provider cannot run on the CPU
         options = [provider_options(p, self.bundle_dir, self.fp16, self.input_size, max_batch, trt_cache_dir)
                    for p in wanted]
+        if any(p in GPU_PROVIDERS for p in wanted):
+            with _quiet_fallback(quiet=True):
+                preload_gpu_libraries()
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads is not None:

@@ -1,0 +1,57 @@
+"""CPU speed and memory of the fused graph against the naive torch reference, interleaved to beat noise.
+
+  python benchmarks/cpu_speed.py MODEL_DIR [--rounds 3] [--iters 5] [--batch 1] [--json out.json]
+
+This machine is shared, so absolute times drift by 2× within minutes. Each round measures the engine and then
+the reference, each in a fresh subprocess (peak RSS of that process alone), and the ratio of the two is taken
+within the round; the median over rounds is reported. Issue 3 asks for >= 3× per image and >= 4× peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from linewatch.bench import measure  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--batch", type=int, default=1, help="engine batch size (the reference always runs batch 1)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    base = {"bundle": args.model, "iters": args.iters, "threads": args.threads, "max_seconds": 120}
+    rounds = []
+    for i in range(args.rounds):
+        eng = measure({**base, "kind": "engine", "provider": "cpu", "batch": args.batch})
+        ref = measure({**base, "kind": "reference", "batch": 1})
+        row = {"engine_images_per_s": eng["images_per_s"], "reference_images_per_s": ref["images_per_s"],
+               "engine_peak_mb": eng["peak_rss_mb"], "reference_peak_mb": ref["peak_rss_mb"],
+               "engine_p50_ms": eng["p50_ms"], "reference_p50_ms": ref["p50_ms"],
+               "speedup": eng["images_per_s"] / ref["images_per_s"],
+               "memory_ratio": ref["peak_rss_mb"] / eng["peak_rss_mb"]}
+        rounds.append(row)
+        print(f"round {i + 1}: engine {row['engine_images_per_s']:.3f} img/s ({row['engine_peak_mb']:.0f} MB), "
+              f"reference {row['reference_images_per_s']:.3f} img/s ({row['reference_peak_mb']:.0f} MB): "
+              f"{row['speedup']:.2f}x faster, {row['memory_ratio']:.2f}x less memory", flush=True)
+    summary = {"median_speedup": statistics.median(r["speedup"] for r in rounds),
+               "median_memory_ratio": statistics.median(r["memory_ratio"] for r in rounds),
+               "engine_batch": args.batch, "threads": args.threads, "rounds": rounds}
+    print(f"median: {summary['median_speedup']:.2f}x faster per image, "
+          f"{summary['median_memory_ratio']:.2f}x less peak memory")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
