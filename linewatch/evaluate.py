@@ -27,6 +27,7 @@ log = logging.getLogger("linewatch.evaluate")
 METRICS = ("pixel_roc_auc", "pro_auc", "image_roc_auc")
 GRID_FILE = "grid.png"
 GRID_MAX_TILES = 64
+OVERLAY_MIN_SIZE = 256  # small model inputs are enlarged for viewing, so outlines stay thin relative to defects
 
 
 class Scorer(Protocol):
@@ -122,14 +123,18 @@ def evaluate_scorer(scorer: Scorer, data_dir: str | Path, batch: int = 8, progre
 
 def write_overlays(out_dir: Path, samples: list[datasets.Sample], maps: np.ndarray, masks: np.ndarray,
                    anomalous: np.ndarray) -> dict:
-    """A PNG per test image (<type>/<stem>.png) and a grid of up to GRID_MAX_TILES, all on one colour range."""
+    """A PNG per test image (<type>/<stem>.png, at least OVERLAY_MIN_SIZE px) and a grid of up to GRID_MAX_TILES,
+    all on one colour range."""
     out_dir.mkdir(parents=True, exist_ok=True)
     vmin, vmax = display_range(maps[~anomalous], maps)
     h, w = maps.shape[1:]
+    scale = max(1, -(-OVERLAY_MIN_SIZE // min(h, w)))
     tiles, labels = [], []
     step = max(1, -(-len(samples) // GRID_MAX_TILES))
     for i, s in enumerate(samples):
         image = resize_to_model(read_image(s.path), h, w)
+        if scale > 1:
+            image = cv2.resize(image, (w * scale, h * scale), interpolation=cv2.INTER_LINEAR)
         picture = overlay(image, maps[i], vmin, vmax, masks[i] if s.is_anomalous else None)
         path = out_dir / s.defect_type / f"{s.path.stem}.png"
         path.parent.mkdir(exist_ok=True)

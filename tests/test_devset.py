@@ -111,3 +111,31 @@ def test_baseline_runs_through_evaluate(devset):
     result = evaluate_scorer(baseline, root, batch=4)
     assert set(result["per_type"]) == set(DEFECTS)
     assert 0.0 <= result["overall"]["pixel_roc_auc"] <= 1.0
+
+
+def test_run_devbench_trains_evaluates_and_tabulates(devset, tmp_path):
+    # a real (tiny, random-backbone) DFR through linewatch train/eval subprocesses, next to the baseline
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_devbench.py"), "--data", str(devset),
+                           "--out", str(out), "--categories", "brick", "--presets", "fast",
+                           "--train-args", "--random-init --size 32 --layers 1:2 --epochs 1"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "devbench.json").read_text())["results"]
+    assert set(results) == {"brick"} and set(results["brick"]) == {"baseline", "fast"}
+    fast, base = results["brick"]["fast"], results["brick"]["baseline"]
+    evaluated = json.loads((out / "brick-fast" / "eval.json").read_text())
+    assert fast["input_size"] == [32, 32] and fast["backend"] == "torch"
+    for key in ("pixel_roc_auc", "pro_auc", "image_roc_auc"):
+        assert fast[key] == evaluated["overall"][key]
+        assert 0.0 <= base[key] <= 1.0
+    assert base["input_size"] == [SIZE, SIZE]
+    table = (out / "devbench.md").read_text()
+    assert table.strip() in proc.stdout
+    rows = [line for line in table.splitlines() if line.startswith("| brick")]
+    assert len(rows) == 2 and f"{fast['pixel_roc_auc']:.4f}" in rows[1] and f"{base['pro_auc']:.4f}" in rows[0]
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_devbench.py"), "--data", str(devset),
+                           "--out", str(out), "--categories", "nope", "--presets", ""],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "nope" in proc.stderr and "make_devset.py" in proc.stderr

@@ -152,7 +152,7 @@ def test_cli_eval_writes_json_and_overlays(tmp_path, deviation_bundle):
     written = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*.png"))
     assert written == ["big/000.png", "big/001.png", "good/000.png", "good/001.png", "good/002.png", "grid.png",
                        "small/000.png", "small/001.png"]
-    assert cv2.imread(str(out_dir / "big" / "000.png")).shape == (64, 64, 3)
+    assert cv2.imread(str(out_dir / "big" / "000.png")).shape == (256, 256, 3)  # 64 px model, enlarged to view
 
     proc = subprocess.run([sys.executable, "-m", "linewatch.cli", "eval", str(deviation_bundle), "--data",
                            str(tmp_path / "missing"), "--json", "-"], capture_output=True, text=True, cwd=ROOT,
