@@ -190,12 +190,19 @@ class FrameQueue:
             self.dropped[name] = 0
             self.taken[name] = 0
 
-    def put(self, frame: Frame) -> Frame | None:
-        """Queue a frame; returns the frame dropped to make room, if any."""
+    def put(self, frame: Frame, wait_for_room: threading.Event | None = None) -> Frame | None:
+        """Queue a frame; returns the frame dropped to make room, if any.
+
+        With `wait_for_room` (a stop event), a full queue makes the caller wait instead of dropping: for files,
+        which have no real time to keep up with, so every frame is inspected and none is decoded for nothing.
+        """
         dropped = None
         with self._cond:
             q = self._queues[frame.camera]
-            if len(q) >= self._sizes[frame.camera]:
+            if wait_for_room is not None:
+                while len(q) >= self._sizes[frame.camera] and not self._closed and not wait_for_room.is_set():
+                    self._cond.wait(0.05)
+            if len(q) >= self._sizes[frame.camera] and wait_for_room is None:
                 dropped = q.popleft()
                 self.dropped[frame.camera] += 1
             q.append(frame)
@@ -232,6 +239,7 @@ class FrameQueue:
                 if frame is not None:
                     self.taken[frame.camera] += 1
                     batch.append(frame)
+                    self._cond.notify_all()  # room for a file source waiting in put()
                     continue
                 left = end_fill - time.monotonic()
                 if left <= 0 or self._closed:
@@ -427,7 +435,8 @@ class Camera:
         if self.cfg.mode == "triggered" and frame.future is None:
             self.skipped += 1
             return
-        self.queue.put(frame)
+        paced = self.cfg.kind in LIVE_KINDS or self.cfg.fps > 0
+        self.queue.put(frame, wait_for_room=None if paced else self._stop)
 
 
 def grab_frames(config_path: str | Path, camera_name: str, n: int, timeout_s: float = 60.0) -> list[np.ndarray]:

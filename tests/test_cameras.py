@@ -94,7 +94,8 @@ def test_roi_outside_the_frame_gives_error_frames_not_silence(tmp_path):
 
 def test_full_queue_drops_the_oldest_and_counts(tmp_path):
     video = write_video(tmp_path / "line.avi", numbered_frames(10))
-    cam, queue = run_camera(CameraConfig(name="c", kind="video", source=str(video), loop=False, queue_size=3))
+    cfg = CameraConfig(name="c", kind="video", source=str(video), loop=False, queue_size=3, fps=500.0)  # real time
+    cam, queue = run_camera(cfg)
     try:
         assert wait_for(lambda: cam.state == FINISHED)
         frames = queue.take(10, 0.0, 0.0)
@@ -102,6 +103,22 @@ def test_full_queue_drops_the_oldest_and_counts(tmp_path):
         assert queue.dropped["c"] == 7
     finally:
         cam.stop()
+
+
+def test_uncapped_file_waits_for_a_slow_consumer_instead_of_dropping(tmp_path):
+    video = write_video(tmp_path / "line.avi", numbered_frames(10))
+    cam, queue = run_camera(CameraConfig(name="c", kind="video", source=str(video), loop=False, queue_size=2))
+    try:
+        time.sleep(0.3)
+        assert cam.captured <= 3 and queue.pending() == 2  # waiting for room, not decoding ahead
+        frames = []
+        while cam.state != FINISHED or queue.pending():
+            frames += queue.take(1, 0.0, 0.1)
+            time.sleep(0.01)
+        assert [f.index for f in frames] == list(range(1, 11)) and queue.dropped["c"] == 0
+    finally:
+        cam.stop()
+        cam.join(2)
 
 
 def test_folder_source_with_corrupt_image_and_fps_cap(tmp_path):

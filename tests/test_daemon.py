@@ -364,6 +364,117 @@ def test_stuck_inference_stops_watchdog_pings_and_sigterm_still_exits(tmp_path):
         sub.close()
 
 
+def test_sigterm_inspects_and_publishes_the_frames_already_captured(tmp_path):
+    model = slow_bundle(tmp_path / "slow", iterations=30_000)  # ~60 ms a batch: slower than the camera
+    write_calibration(model, 0.5)
+    video = write_video(tmp_path / "line.avi", video_frames(8))
+    config, endpoint = write_config(
+        tmp_path, model,
+        [{"name": "cam1", "kind": "video", "source": str(video), "loop": True, "fps": 100, "queue_size": 12}])
+    proc = start_daemon(config, tmp_path)
+    sub = Subscriber(endpoint)
+    try:
+        sub.until(lambda: len(sub.results) >= 20 and status_fields(sub.status("cam1"))["dropped"] > 0, 30,
+                  "a backlog (queue drops)")
+        proc.send_signal(signal.SIGTERM)
+        before = len(sub.results)
+        sub.until(lambda: proc.poll() is not None, 15, "daemon exit")
+        sub.poll(0.5)
+        assert proc.returncode == 0, daemon_log(tmp_path)[-3000:]
+    finally:
+        stop(proc)
+        sub.close()
+    drained = sub.results[before:]
+    assert len(drained) >= 8  # the queue was full (12) when SIGTERM came: those frames were still published
+    assert all(h["verdict"] == expected_verdict(h["frame_index"]) for h in sub.results)
+    final = status_fields(sub.status("cam1"))
+    assert final["captured"] == final["results"] + final["dropped"] + final["skipped"], final
+    assert [h["seq"] for h in sub.results] == list(range(sub.results[0]["seq"], final["results"] + 1))
+
+
+def test_trigger_returns_the_result_of_a_frame_taken_after_the_request(calibrated, tmp_path):
+    from linewatch.client import TriggerClient, TriggerError
+
+    scene = {"frame": grey()}
+    port = free_port()
+    server = MjpegServer(port, lambda i: scene["frame"], fps=40).start()
+    trigger = f"tcp://127.0.0.1:{free_port()}"
+    config, endpoint = write_config(
+        tmp_path, calibrated, [{"name": "cam1", "kind": "url", "source": server.url, "mode": "triggered"}],
+        trigger={"enabled": True, "endpoint": trigger, "timeout_s": 5.0})
+    proc = start_daemon(config, tmp_path)
+    sub = Subscriber(endpoint)
+    client = TriggerClient(trigger)
+    try:
+        sub.until(lambda: sub.statuses and status_fields(sub.status("cam1"))["state"] == "online", 30, "online")
+        good = client.inspect("cam1", "part-A", timeout_s=5)
+        assert good.header["part_id"] == "part-A" and good.verdict == "OK"
+        scene["frame"] = with_white_square()
+        time.sleep(0.5)
+        bad = client.inspect("cam1", "part-B", timeout_s=5)
+        assert bad.part_id == "part-B" and bad.verdict == "NOK" and bad.header["regions"]
+        assert bad.mask_array().max() == 255
+        with pytest.raises(TriggerError) as info:
+            client.inspect("cam9", "part-C", timeout_s=5)
+        assert info.value.code == "unknown_camera"
+        reply, _ = client.request({"camera": "cam1"}, timeout_s=5)
+        assert reply["ok"] is False and reply["code"] == "bad_request"
+        assert client.inspect("cam1", "part-D", timeout_s=5).verdict == "NOK"  # still serving
+        sub.poll(0.5)
+        assert [h["part_id"] for h in sub.results] == ["part-A", "part-B", "part-D"]  # only triggered frames
+        assert status_fields(sub.status("cam1"))["skipped"] > 0
+        assert stop(proc) == 0
+    finally:
+        client.close()
+        server.stop()
+        stop(proc)
+        sub.close()
+
+
+def test_curve_daemon_serves_allowed_keys_and_nothing_to_others(calibrated, tmp_path):
+    import zmq.auth
+
+    from linewatch.client import Subscriber as LwSubscriber, TriggerClient, TriggerTimeout
+
+    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
+    keys.mkdir()
+    allowed.mkdir()
+    zmq.auth.create_certificates(keys, "server")
+    zmq.auth.create_certificates(allowed, "line_pc")
+    zmq.auth.create_certificates(keys, "intruder")
+    server_public, _ = zmq.auth.load_certificate(keys / "server.key")
+    good_keys = zmq.auth.load_certificate(allowed / "line_pc.key_secret")
+    bad_keys = zmq.auth.load_certificate(keys / "intruder.key_secret")
+    video = write_video(tmp_path / "line.avi", video_frames(8))
+    trigger = f"tcp://127.0.0.1:{free_port()}"
+    config, endpoint = write_config(
+        tmp_path, calibrated, [{"name": "cam1", "kind": "video", "source": str(video), "loop": True, "fps": 50}],
+        security={"curve": True, "server_secret_key_file": str(keys / "server.key_secret"),
+                  "authorized_keys_dir": str(allowed)},
+        trigger={"enabled": True, "endpoint": trigger})
+    proc = start_daemon(config, tmp_path)
+    good = LwSubscriber(endpoint, server_key=server_public, client_keys=good_keys)
+    bad = LwSubscriber(endpoint, server_key=server_public, client_keys=bad_keys)
+    plain = Subscriber(endpoint)
+    try:
+        first = good.recv(timeout_s=30)
+        assert first is not None and first.camera == "cam1"
+        got_bad = [m for m in iter(lambda: bad.recv(timeout_s=1.5), None)]
+        plain.poll(0.5)
+        assert got_bad == [] and plain.results == [] and plain.statuses == []
+        with TriggerClient(trigger, server_key=server_public, client_keys=bad_keys) as intruder:
+            with pytest.raises(TriggerTimeout):
+                intruder.inspect("cam1", "p1", timeout_s=1.5)
+        with TriggerClient(trigger, server_key=server_public, client_keys=good_keys) as client:
+            assert client.inspect("cam1", "p2", timeout_s=5).part_id == "p2"
+        assert stop(proc) == 0
+    finally:
+        good.close()
+        bad.close()
+        plain.close()
+        stop(proc)
+
+
 def test_bad_config_exits_2_before_starting(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("model: {bundle: nowhere}\ncameras: [{name: c, kind: device, source: 0}]\n")
