@@ -175,6 +175,7 @@ class Daemon:
             from .metrics_http import DaemonMetrics
 
             self.metrics = DaemonMetrics()
+            self.metrics.watch_cameras(self._camera_totals)
             self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
         if cfg.archive.enabled:
             from .archive import Archive
@@ -246,7 +247,7 @@ class Daemon:
             self.metrics.verdicts.labels(frame.camera, result.verdict).inc()
             self.metrics.latency.labels(frame.camera).observe(latency)
             if not sent:
-                self.metrics.drops.labels(frame.camera, "publish").inc()
+                self.metrics.publish_drops.labels(frame.camera).inc()
         if result.verdict == ERROR:
             log.debug("camera %s seq %d: ERROR: %s", frame.camera, stats.seq, result.reason)
 
@@ -277,6 +278,11 @@ class Daemon:
             "stopping": self.stopping,
         }
 
+    def _camera_totals(self) -> dict[str, dict]:
+        return {name: {"captured": cam.captured, "reconnects": cam.reconnects,
+                       "dropped": self.queue.dropped[name] + self.stats[name].shutdown_dropped}
+                for name, cam in self.cameras.items()}
+
     def publish_status(self) -> None:
         now = time.monotonic()
         for name, cam in self.cameras.items():
@@ -288,9 +294,6 @@ class Daemon:
                 log.exception("status for camera %s not published", name)
             if self.metrics:
                 self.metrics.set_camera_state(name, status["state"])
-                _set_counter(self.metrics.frames.labels(name), cam.captured)
-                _set_counter(self.metrics.drops.labels(name, "queue"), status["dropped"])
-                _set_counter(self.metrics.reconnects.labels(name), cam.reconnects)
         if self.metrics:
             version = self.model.calibration_version
             self.metrics.calibration_version.set(-1 if version is None else version)
@@ -463,13 +466,6 @@ def _region_dict(region) -> dict:
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
-
-
-def _set_counter(counter, total: float) -> None:
-    """Prometheus counters only go up: add the difference to a total counted elsewhere."""
-    delta = total - counter._value.get()
-    if delta > 0:
-        counter.inc(delta)
 
 
 def cli_run(args) -> int:

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import logging
 
+from typing import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
 
 log = logging.getLogger("linewatch.metrics")
 
@@ -19,16 +22,14 @@ class DaemonMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.frames = Counter("linewatch_frames_captured", "Frames captured", ["camera"], registry=r)
         self.verdicts = Counter("linewatch_verdicts", "Results published by verdict", ["camera", "verdict"],
                                 registry=r)
-        self.drops = Counter("linewatch_dropped_frames", "Frames dropped: queue (inference behind) or "
-                             "publish (subscriber behind)", ["camera", "stage"], registry=r)
+        self.publish_drops = Counter("linewatch_publish_dropped", "Results the PUB socket refused", ["camera"],
+                                     registry=r)
         self.latency = Histogram("linewatch_latency_seconds", "Frame capture to result publish", ["camera"],
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.camera_state = Gauge("linewatch_camera_state", "1 for the camera's current state", ["camera", "state"],
                                   registry=r)
-        self.reconnects = Counter("linewatch_camera_reconnects", "Reconnect attempts", ["camera"], registry=r)
         self.batch_size = Histogram("linewatch_batch_size", "Frames per inference batch",
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.calibration_version = Gauge("linewatch_calibration_version", "Calibration in use (-1: none)",
@@ -37,6 +38,11 @@ class DaemonMetrics:
         self.archive_errors = Counter("linewatch_archive_errors", "Archive writes that failed or were skipped",
                                       registry=r)
         self._server = None
+
+    def watch_cameras(self, totals: Callable[[], dict[str, dict]]) -> None:
+        """Counters kept by the capture threads and queues, read at scrape time: {camera: {captured, dropped,
+        reconnects}}."""
+        self.registry.register(_CameraTotals(totals))
 
     def set_camera_state(self, camera: str, state: str) -> None:
         for s in CAMERA_STATES:
@@ -55,3 +61,19 @@ class DaemonMetrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+class _CameraTotals:
+    def __init__(self, totals: Callable[[], dict[str, dict]]):
+        self._totals = totals
+
+    def collect(self):
+        frames = CounterMetricFamily("linewatch_frames_captured", "Frames captured", labels=["camera"])
+        drops = CounterMetricFamily("linewatch_dropped_frames", "Frames dropped before inspection (queue full "
+                                    "or shutdown)", labels=["camera"])
+        reconnects = CounterMetricFamily("linewatch_camera_reconnects", "Reconnect attempts", labels=["camera"])
+        for camera, t in self._totals().items():
+            frames.add_metric([camera], t["captured"])
+            drops.add_metric([camera], t["dropped"])
+            reconnects.add_metric([camera], t["reconnects"])
+        return [frames, drops, reconnects]

@@ -212,6 +212,8 @@ def test_video_file_verdicts_metrics_archive_and_sigterm_accounting(calibrated, 
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
         assert 'linewatch_verdicts_total{camera="cam1",verdict="NOK"}' in text
         assert 'linewatch_camera_state{camera="cam1",state="online"} 1.0' in text
+        captured = [ln for ln in text.splitlines() if ln.startswith('linewatch_frames_captured_total{camera="cam1"}')]
+        assert captured and float(captured[0].split()[-1]) >= 150
         sent_term = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         sub.until(lambda: proc.poll() is not None, 15, "daemon exit")
