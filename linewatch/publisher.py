@@ -67,27 +67,22 @@ class ResultPublisher:
         topic = result_topic(header["camera"])
         header["publish_time"] = time.time()
         header["run_id"] = self.run_id
-        ok = self._send([topic, encode_json(header), mask_png or b""])
-        if ok:
-            self.sent += 1
-        return ok
+        return self._send([topic, encode_json(header), mask_png or b""], "sent")
 
     def publish_status(self, camera: str, status: dict) -> bool:
         """Send one camera's status (the life bit): `[topic, {schema_version, kind, camera, ..., **status}]`."""
         header = status_header(camera, status)
         header["run_id"] = self.run_id
-        ok = self._send([status_topic(camera), encode_json(header)])
-        if ok:
-            self.status_sent += 1
-        return ok
+        return self._send([status_topic(camera), encode_json(header)], "status_sent")
 
-    def _send(self, frames: list[bytes]) -> bool:
+    def _send(self, frames: list[bytes], counter: str) -> bool:
         with self._lock:
             if self._closed:
                 self.dropped += 1
                 return False
             try:
                 self._socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=len(frames[-1]) < 65536)
+                setattr(self, counter, getattr(self, counter) + 1)
                 return True
             except zmq.Again:
                 self.dropped += 1
