@@ -48,6 +48,7 @@ class EngineConfig:
     threads: int = _opt(0, min=0, doc="CPU provider intra-op threads (0 = ONNX Runtime default)")
     max_batch: int = _opt(8, min=1, max=1024, doc="frames scored together, across cameras")
     max_wait_ms: float = _opt(5.0, min=0, max=10_000, doc="how long a partial batch waits for more frames")
+    warmup: bool = _opt(True, doc="score dummy batches before READY (TensorRT builds its engines then)")
 
 
 @dataclass(frozen=True)

@@ -140,7 +140,7 @@ class Daemon:
         self.cameras = {c.name: Camera(c, self.queue) for c in cfg.cameras}
         self.stats = {name: CameraStats() for name in self.cameras}
         self.model: Model = load_model(cfg.model.bundle, cfg.engine.providers, cfg.engine.threads, cfg.model.fp16,
-                                       cfg.engine.max_batch)
+                                       cfg.engine.max_batch, warmup=cfg.engine.warmup)
         self.curve = self._curve_config()
         self.publisher = ResultPublisher(cfg.publish.endpoint, cfg.publish.hwm, self.curve,
                                          allow_insecure_bind=cfg.security.allow_insecure_bind)
@@ -337,7 +337,8 @@ class Daemon:
                 log.warning("reload: changes to %s need a restart; only the model section is reloaded",
                             ", ".join(changed))
             model = load_model(new_cfg.model.bundle, self.cfg.engine.providers, self.cfg.engine.threads,
-                               new_cfg.model.fp16, self.cfg.engine.max_batch, require_calibration=True)
+                               new_cfg.model.fp16, self.cfg.engine.max_batch, require_calibration=True,
+                               warmup=self.cfg.engine.warmup)
         except Exception as exc:
             log.error("reload refused, keeping model %s calibration %s: %s", self.model.model_id,
                       self.model.calibration_version, exc)
@@ -358,7 +359,14 @@ class Daemon:
 
     # --- main loop and shutdown -------------------------------------------------------------------------
     def run(self) -> int:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.stopping = True
+            for cam in self.cameras.values():
+                cam.stop()
+            self._close_sockets()
+            raise
         self.notifier.notify("READY=1")
         interval = self.cfg.publish.status_interval_s
         ping_every = _watchdog_interval(interval)
@@ -431,6 +439,11 @@ class Daemon:
         for name, st in totals.items():
             log.info("camera %s: captured %d, results %d (publish dropped %d), dropped %d, skipped %d", name,
                      st["captured"], st["results"], st["publish_dropped"], st["dropped"], st["skipped"])
+        self._close_sockets()
+        log.info("stopped in %.2f s", time.monotonic() - t0)
+        return 0
+
+    def _close_sockets(self) -> None:
         if self.trigger is not None:
             self.trigger.close()
         self.publisher.close()
@@ -438,8 +451,6 @@ class Daemon:
             self.archive.close()
         if self.metrics is not None:
             self.metrics.close()
-        log.info("stopped in %.2f s", time.monotonic() - t0)
-        return 0
 
 
 def _watchdog_interval(status_interval: float) -> float:

@@ -52,7 +52,8 @@ def load_calibration_or_reason(bundle_dir: Path) -> tuple[Any | None, str | None
 
 
 def load_model(bundle_dir: Path, providers: tuple[str, ...] = ("auto",), threads: int = 0,
-               fp16: bool = False, max_batch: int = 8, require_calibration: bool = False) -> Model:
+               fp16: bool = False, max_batch: int = 8, require_calibration: bool = False,
+               warmup: bool = False) -> Model:
     """Load and check a bundle. With require_calibration (reload), a bad calibration raises instead of
     degrading to uncalibrated, so the caller can keep the model it has."""
     from .engine import Engine
@@ -60,6 +61,8 @@ def load_model(bundle_dir: Path, providers: tuple[str, ...] = ("auto",), threads
     bundle_dir = Path(bundle_dir)
     meta = bundle.read_metadata(bundle_dir)
     engine = Engine(bundle_dir, providers=list(providers), fp16=fp16, threads=threads or None, max_batch=max_batch)
+    if warmup:
+        warm_up(engine, max_batch)
     try:
         calibration, reason = load_calibration_or_reason(bundle_dir)
     except LinewatchError as exc:
@@ -71,6 +74,18 @@ def load_model(bundle_dir: Path, providers: tuple[str, ...] = ("auto",), threads
     if reason:
         log.error("%s: every result will be ERROR", reason)
     return Model(bundle_dir, engine, calibration, reason, bundle.model_id(meta), tuple(engine.input_size))
+
+
+def warm_up(engine, max_batch: int) -> float:
+    """Run the batch sizes the worker will use first, so lazy provider set-up (TensorRT engine builds, CUDA
+    allocations) happens before READY=1 and not while the watchdog is counting."""
+    t0 = time.monotonic()
+    height, width = engine.input_size
+    for n in sorted({1, max_batch}):
+        engine.score(np.full((n, height, width, 3), 128, np.uint8))
+    seconds = time.monotonic() - t0
+    log.info("engine warm-up (batch %s) took %.2f s", sorted({1, max_batch}), seconds)
+    return seconds
 
 
 @dataclass

@@ -343,7 +343,7 @@ def test_stuck_inference_stops_watchdog_pings_and_sigterm_still_exits(tmp_path):
     video = write_video(tmp_path / "line.avi", [grey()] * 4)
     config, endpoint = write_config(
         tmp_path, model, [{"name": "cam1", "kind": "video", "source": str(video), "loop": True, "fps": 20}],
-        health={"inference_stall_s": 1.0, "drain_timeout_s": 1.0})
+        health={"inference_stall_s": 1.0, "drain_timeout_s": 1.0}, engine={"warmup": False})
     notify = NotifySocket(tmp_path / "notify.sock")
     proc = start_daemon(config, tmp_path, notify)
     sub = Subscriber(endpoint)
