@@ -38,6 +38,7 @@ class Archive:
             self.folder.mkdir(parents=True, exist_ok=True)
             self._scan()
         except OSError as exc:
+            self.errors += 1
             self._error(f"cannot prepare archive folder {self.folder}: {exc}")
 
     def _scan(self) -> None:
@@ -97,6 +98,7 @@ class Archive:
                 blobs.append((self.folder / f"{stem}.png", buf.tobytes()))
         if mask_png is not None:
             blobs.append((self.folder / f"{stem}_mask.png", mask_png))
+        written = 0
         for path, data in blobs:
             self._make_room(len(data))
             try:
@@ -111,7 +113,8 @@ class Archive:
                 continue
             self._files.append((path, len(data)))
             self._bytes += len(data)
-        if blobs:
+            written += 1
+        if written:
             self.saved += 1
 
     def _make_room(self, incoming: int) -> None:

@@ -244,7 +244,8 @@ def test_http_stream_outage_reports_offline_never_ok_and_reconnects(calibrated, 
         tmp_path, calibrated,
         [{"name": "cam1", "kind": "url", "source": server.url, "open_timeout_ms": 1000, "read_timeout_ms": 1000,
           "stall_s": 1.0, "reconnect": {"initial_s": 0.1, "max_s": 0.5}}])
-    proc = start_daemon(config, tmp_path)
+    notify = NotifySocket(tmp_path / "notify.sock")
+    proc = start_daemon(config, tmp_path, notify)
     sub = Subscriber(endpoint)
     try:
         sub.until(lambda: sub.statuses and status_fields(sub.status("cam1"))["state"] != "online", 20,
@@ -256,9 +257,13 @@ def test_http_stream_outage_reports_offline_never_ok_and_reconnects(calibrated, 
                   "offline status")
         sub.poll(0.3)
         during = len(sub.results)
+        notify.drain()
+        notify.messages.clear()
         sub.poll(1.5)
         assert len(sub.results) == during, "results published while the camera was down"
         assert status_fields(sub.status("cam1"))["state"] != "online"
+        # a camera that is down is reported, not a reason for systemd to restart us: pings go on
+        assert "WATCHDOG=1" in notify.drain() and "offline" in " ".join(notify.messages)
         server.start()
         sub.until(lambda: len(sub.results) >= during + 10, 20, "results after reconnect")
         assert status_fields(sub.status("cam1"))["reconnects"] >= 1
@@ -483,3 +488,24 @@ def test_bad_config_exits_2_before_starting(tmp_path):
     result = subprocess.run([sys.executable, "-m", "linewatch.cli", "run", "--config", str(path)], cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "model.bundle" in result.stderr
+
+
+def test_archive_keeps_the_newest_under_the_cap_and_survives_write_errors(tmp_path):
+    from linewatch.archive import Archive
+
+    folder = tmp_path / "archive"
+    archive = Archive(folder, max_bytes=6000)
+    frame = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)  # ~3 kB as PNG
+    for seq in range(1, 7):
+        archive.write("cam1", seq, "NOK", frame, None, wall_time=1000.0 + seq)
+    kept = sorted(p.name for p in folder.iterdir())
+    assert archive.used_bytes <= 6000 and sum(p.stat().st_size for p in folder.iterdir()) == archive.used_bytes
+    assert kept and all("_cam1_" in n for n in kept) and "_000000006_NOK.png" in kept[-1]
+    assert not any("_000000001_" in n for n in kept) and archive.deleted >= 1  # the oldest went first
+    blocked = tmp_path / "not_a_dir"
+    blocked.write_text("a file where the archive folder should be")
+    broken = Archive(blocked, max_bytes=10_000)
+    broken.start()
+    assert broken.submit("cam1", 1, "ERROR", frame, b"png")
+    broken.close()
+    assert broken.errors >= 1 and broken.saved == 0  # counted and logged, never raised
