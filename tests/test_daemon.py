@@ -509,3 +509,21 @@ def test_archive_keeps_the_newest_under_the_cap_and_survives_write_errors(tmp_pa
     assert broken.submit("cam1", 1, "ERROR", frame, b"png")
     broken.close()
     assert broken.errors >= 1 and broken.saved == 0  # counted and logged, never raised
+
+
+def test_exit_when_sources_end_inspects_every_frame_of_a_file_then_exits_0(calibrated, tmp_path):
+    video = write_video(tmp_path / "line.avi", video_frames(6))
+    config, endpoint = write_config(
+        tmp_path, calibrated, [{"name": "cam1", "kind": "video", "source": str(video), "loop": False}],
+        health={"exit_when_sources_end": True})
+    proc = start_daemon(config, tmp_path)
+    sub = Subscriber(endpoint)
+    try:
+        assert proc.wait(30) == 0, daemon_log(tmp_path)[-3000:]
+        sub.poll(0.5)
+    finally:
+        stop(proc)
+        sub.close()
+    final = status_fields(sub.status("cam1"))
+    assert final["state"] == "finished" and final["captured"] == final["results"] == 6 and final["dropped"] == 0
+    assert final["verdicts"] == {"OK": 4, "NOK": 2, "ERROR": 0}
