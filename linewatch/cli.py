@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="linewatch-demo", help="working directory for the demo")
     p.add_argument("--parts", type=int, default=40, help="parts on the simulated line")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true",
+                   help="a smaller, faster run (fewer images, 2 epochs) for tests and a first look")
     return parser
 
 

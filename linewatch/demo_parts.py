@@ -2,7 +2,9 @@
 
 Kept in the runtime (cv2 + numpy only) so the demo line needs no dataset and no extra dependency. Crops for
 training, calibration and the simulated line come from disjoint row bands of the photo, so the model is never
-tested on pixels it trained on.
+tested on pixels it trained on. The photo has perspective (brick size and tilt change from top to bottom), so the
+training rows surround the calibration and line rows: the line then shows bricks the model has seen the like of,
+as on a real line, instead of an out-of-range perspective.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from importlib import resources
 import cv2
 import numpy as np
 
-BANDS = {"train": (0.0, 0.5), "calibrate": (0.5, 0.72), "line": (0.72, 1.0)}
+# band -> row ranges (fractions of the photo's height); each range holds at least CROP rows
+BANDS = {"train": ((0.0, 0.25), (0.75, 1.0)), "calibrate": ((0.25, 0.5),), "line": ((0.5, 0.75),)}
+CROP = 112  # source pixels per part in every band: the same brick scale everywhere (fits the 128-row bands)
 DEFECT_KINDS = ("scratch", "stain", "chip")
 
 
@@ -34,12 +38,16 @@ def texture() -> np.ndarray:
     return image
 
 
-def good_crop(rng: np.random.Generator, band: str, size: int, crop: int = 160) -> np.ndarray:
+def good_crop(rng: np.random.Generator, band: str, size: int, crop: int = CROP) -> np.ndarray:
+    """A random crop of `band`, mirrored half of the time. The crop size is the same for every band: a band-
+    dependent crop would give the line parts another brick scale than training, i.e. false alarms."""
     tex = texture()
     h, w = tex.shape
-    lo, hi = (int(f * h) for f in BANDS[band])
-    if hi - lo < crop:
-        crop = hi - lo
+    ranges = [(int(a * h), int(b * h)) for a, b in BANDS[band]]
+    for lo, hi in ranges:
+        if hi - lo < crop:
+            raise ValueError(f"band {band!r} has a range of {hi - lo} rows, fewer than the {crop}-pixel crop")
+    lo, hi = ranges[int(rng.integers(len(ranges)))]
     y = int(rng.integers(lo, hi - crop + 1))
     x = int(rng.integers(0, w - crop + 1))
     patch = tex[y:y + crop, x:x + crop]
