@@ -91,9 +91,13 @@ def run_worker(spec: dict) -> dict:
         label = {"providers": ["torch-cpu"]}
     load_s = time.perf_counter() - t0
     frames = bench_frames(spec["batch"], h, w)
+    cpu0 = time.process_time()
     times = time_calls(scorer.score, frames, spec["iters"], max_seconds=spec.get("max_seconds", MAX_SECONDS))
+    # CPU seconds per image (warm-up included in both numerator and denominator): less sensitive than wall
+    # time to other jobs on a shared host, though not immune (shared caches and memory bandwidth)
+    cpu_per_image = (time.process_time() - cpu0) / (spec["batch"] * (len(times) + WARMUP))
     return {**label, "batch": spec["batch"], "load_s": load_s, **latency_stats(times, spec["batch"]),
-            "peak_rss_mb": peak_rss_mb()}
+            "cpu_s_per_image": cpu_per_image, "peak_rss_mb": peak_rss_mb()}
 
 
 def measure(spec: dict, timeout: float = 1800) -> dict:
@@ -164,6 +168,7 @@ def run_bench(bundle_dir: str | Path, batches: list[int], providers: list[str], 
     report["ratios"] = [
         {"provider": r["provider"], "batch": r["batch"],
          "speedup_per_image": r["images_per_s"] / ref["images_per_s"],
+         "cpu_time_ratio": ref["cpu_s_per_image"] / r["cpu_s_per_image"],
          "memory_ratio": ref["peak_rss_mb"] / r["peak_rss_mb"]}
         for r in results
     ]

@@ -80,7 +80,11 @@ def provider_options(name: str, bundle_dir: Path, fp16: bool, size: tuple[int, i
     h, w = size
     if name == TENSORRT:
         cache = Path(trt_cache_dir) if trt_cache_dir else bundle_dir / TRT_CACHE_DIR
-        cache.mkdir(parents=True, exist_ok=True)
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"TensorRT engine cache directory {cache} cannot be created: {exc} "
+                              f"(pass trt_cache_dir= a writable directory)") from exc
         shape = lambda n: f"{bundle.INPUT_NAME}:{n}x{h}x{w}x3"  # noqa: E731
         return {
             "trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache),
@@ -134,7 +138,8 @@ class Engine:
     """Scores frames with a bundle's exported graph; implements the Scorer protocol of docs/DESIGN.md."""
 
     def __init__(self, bundle_dir: str | Path, providers: str | Sequence[str] = "auto", fp16: bool = False,
-                 threads: int | None = None, trt_cache_dir: str | Path | None = None, max_batch: int = 32):
+                 threads: int | None = None, trt_cache_dir: str | Path | None = None, max_batch: int = 32,
+                 cpu_arena: bool = False):
         ort = _ort()
         self.bundle_dir = Path(bundle_dir)
         self.metadata = bundle.read_metadata(self.bundle_dir)
@@ -145,6 +150,8 @@ class Engine:
         self.graph_path, self.graph_sha256 = graph_file(self.bundle_dir, self.metadata, self.fp16)
 
         wanted, explicit = parse_providers(providers)
+        if TENSORRT in wanted and CUDA not in wanted and CUDA in ort.get_available_providers():
+            wanted.insert(wanted.index(TENSORRT) + 1, CUDA)  # nodes TensorRT rejects run on CUDA, not the CPU
         if CPU not in wanted:
             wanted = wanted + [CPU]  # ONNX Runtime places nodes a GPU provider cannot run on the CPU
         options = [provider_options(p, self.bundle_dir, self.fp16, self.input_size, max_batch, trt_cache_dir)
@@ -154,6 +161,9 @@ class Engine:
                 preload_gpu_libraries()
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # ORT's CPU arena grows in powers of two and keeps the peak: at 256² f_{1:12} it raised peak RSS from
+        # ~520 to ~700 MB for ~9% less CPU time per image (docs/BENCHMARKS.md); off unless asked for
+        so.enable_cpu_mem_arena = bool(cpu_arena)
         if threads is not None:
             if threads < 1:
                 raise ConfigError(f"threads must be >= 1, got {threads}")
@@ -166,7 +176,8 @@ class Engine:
         except Exception as exc:  # ORT raises its own exception types (InvalidGraph, Fail, InvalidProtobuf...)
             raise BundleError(f"{self.graph_path}: ONNX Runtime cannot load the graph: {exc}") from exc
         self.providers = list(self.session.get_providers())
-        missing = [p for p in wanted if p not in self.providers and (explicit and p != CPU)]
+        asked = parse_providers(providers)[0] if explicit else []
+        missing = [p for p in asked if p not in self.providers]
         if missing:
             raise ConfigError(f"provider(s) {', '.join(missing)} requested but ONNX Runtime could not load them "
                               f"(using {', '.join(self.providers)}); check the CUDA/TensorRT libraries")
