@@ -48,7 +48,10 @@ class Settings:
     calibrate_images: int = 90  # 63 set the threshold, 27 are held out to check the realised rate
     epochs: int = 6
     fpr: float = 0.001  # target pixel false-positive rate on good parts (needs >= 63 calibration images)
-    min_defect_area: int = 64  # pixels a region above threshold needs to fail a part (4 cells of the 32×32 map)
+    # pixels a region above the threshold needs to fail a part: ~1 % of the part. The map is coarse (one value per
+    # 4×4 pixels, upsampled), so the demo's smallest painted defect (~50 px) already lights up a region of ~500 px,
+    # while noise on good parts stays in regions of < ~150 px.
+    min_defect_area: int = 200
     fps: float = 10.0  # camera rate: the line's pace
     warmup_frames: int = 10  # good frames before the first counted part (1 s at 10 fps)
 
@@ -341,14 +344,10 @@ def count_outcomes(parts: list[LinePart], results: dict[int, dict]) -> dict:
     return counts
 
 
-def reference_maps(out: Path, parts: list[LinePart]) -> tuple[np.ndarray, np.ndarray]:
-    """Anomaly maps of the parts from the same exported graph (the daemon publishes masks, not maps)."""
-    from .engine import Engine
-
-    engine = Engine(out / "model")
+def score_images(engine, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     maps, scores = [], []
-    for start in range(0, len(parts), 8):
-        m, sc = engine.score(np.stack([p.image for p in parts[start:start + 8]]))
+    for start in range(0, len(images), 8):
+        m, sc = engine.score(np.stack(images[start:start + 8]))
         maps.append(m)
         scores.append(sc)
     return np.concatenate(maps), np.concatenate(scores)
@@ -376,7 +375,8 @@ def overlay_grid(parts: list[LinePart], results: dict[int, dict], maps: np.ndarr
             _outline(tile, published > 127, THRESHOLD_COLOUR)
         _outline(tile, part.mask, TRUTH_COLOUR)
         tiles += [part.image, tile]
-        labels += [f"#{part.number} {part.kind}", f"{header['verdict']} {outcome_of(part.defective, header['verdict'])}"]
+        verdict = header["verdict"]
+        labels += [f"#{part.number} {part.kind}", f"{verdict} {outcome_of(part.defective, verdict)}"]
     return grid(tiles, labels, tile=2 * SIZE, columns=8)
 
 
@@ -388,17 +388,20 @@ def write_report(out: Path, parts: list[LinePart], results: dict[int, dict], cal
                  timings: dict) -> tuple[Path, dict]:
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
-    maps, scores = reference_maps(out, parts)
-    published = np.array([results[p.number]["header"]["image_score"] or np.nan for p in parts])
+    from .engine import Engine
+    from .images import list_images, read_image
+
+    # The daemon publishes masks, not maps: the maps for the overlays come from the same exported graph, and its
+    # scores of the part images double-check that each result was matched to the right part.
+    engine = Engine(out / "model")
+    maps, scores = score_images(engine, [p.image for p in parts])
+    published = np.array([np.nan if (v := results[p.number]["header"]["image_score"]) is None else v
+                          for p in parts])
     score_diff = float(np.nanmax(np.abs(published - scores) / np.maximum(np.abs(scores), 1e-12)))
     if score_diff > 1e-3:
         log.warning("published image scores differ from the graph's scores of the part images by up to %.2g "
                     "(relative): the video frames are not the parts bit for bit", score_diff)
-    from .engine import Engine
-    from .images import list_images, read_image
-
-    cal_images = list_images(out / "data" / "calibrate")[:16]
-    cal_maps, _ = Engine(out / "model").score(np.stack([read_image(p) for p in cal_images]))
+    cal_maps, _ = score_images(engine, [read_image(p) for p in list_images(out / "data" / "calibrate")[:16]])
     threshold = calibration["calibration"]["pixel_threshold"]
     sheet = overlay_grid(parts, results, maps, threshold, cal_maps)
     ok, png = cv2.imencode(".png", sheet)
@@ -444,8 +447,10 @@ img{{max-width:100%}}</style></head><body>
 <h1>linewatch demo: {c['parts']} parts on the simulated line</h1>
 <p>Verdicts as published by the daemon over ZeroMQ, against the known truth of each part.</p>
 <table><tr><th></th><th>verdict NOK</th><th>verdict OK</th><th>ERROR</th></tr>
-<tr><th>defective ({c['defective']})</th><td>{c['detected']} detected</td><td>{c['missed']} missed</td><td rowspan=2>{c['errors']}</td></tr>
-<tr><th>good ({c['good']})</th><td>{c['false_alarms']} false alarms</td><td>{c['correct_passes']} correct passes</td></tr>
+<tr><th>defective ({c['defective']})</th><td>{c['detected']} detected</td><td>{c['missed']} missed</td>
+<td rowspan=2>{c['errors']}</td></tr>
+<tr><th>good ({c['good']})</th><td>{c['false_alarms']} false alarms</td>
+<td>{c['correct_passes']} correct passes</td></tr>
 </table>
 <p><b>Detection rate {rate(c['detection_rate'])}</b>, <b>false-alarm rate {rate(c['false_alarm_rate'])}</b>.</p>
 <p>Calibration v{cal['version']}: pixel threshold {cal['pixel_threshold']:.5g} at a target pixel false-positive rate

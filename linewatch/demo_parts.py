@@ -1,23 +1,29 @@
 """Synthetic parts for the demo and tests: crops of a CC0 brick photo, some with painted defects and exact masks.
 
 Kept in the runtime (cv2 + numpy only) so the demo line needs no dataset and no extra dependency. Crops for
-training, calibration and the simulated line come from disjoint row bands of the photo, so the model is never
-tested on pixels it trained on. The photo has perspective (brick size and tilt change from top to bottom), so the
-training rows surround the calibration and line rows: the line then shows bricks the model has seen the like of,
-as on a real line, instead of an out-of-range perspective.
+training, calibration and the simulated line come from disjoint regions of the photo, so the model is never
+tested on pixels it trained on. The photo has perspective (bricks lean left on the left, right on the right, and
+change size from top to bottom), so the regions are laid out to see the same mix: training takes the top and
+bottom quarters, calibration and line share the middle half crosswise (each one left and one right region).
+Calibrating on good parts that look like the line's, as on a real line, is what makes the false-alarm rate hold.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib import resources
 
 import cv2
 import numpy as np
 
-# band -> row ranges (fractions of the photo's height); each range holds at least CROP rows
-BANDS = {"train": ((0.0, 0.25), (0.75, 1.0)), "calibrate": ((0.25, 0.5),), "line": ((0.5, 0.75),)}
-CROP = 112  # source pixels per part in every band: the same brick scale everywhere (fits the 128-row bands)
+# band -> regions (top, bottom, left, right as fractions of the photo); each region holds at least CROP×CROP pixels
+BANDS = {
+    "train": ((0.0, 0.25, 0.0, 1.0), (0.75, 1.0, 0.0, 1.0)),
+    "calibrate": ((0.25, 0.5, 0.0, 0.5), (0.5, 0.75, 0.5, 1.0)),
+    "line": ((0.25, 0.5, 0.5, 1.0), (0.5, 0.75, 0.0, 0.5)),
+}
+CROP = 112  # source pixels per part in every band: the same brick scale everywhere (fits the 128-pixel regions)
 DEFECT_KINDS = ("scratch", "stain", "chip")
 
 
@@ -32,7 +38,9 @@ class Part:
         return self.kind != "good"
 
 
+@lru_cache(maxsize=1)
 def texture() -> np.ndarray:
+    """The photo as grey uint8 (decoded once; callers only read it)."""
     data = resources.files("linewatch") / "data" / "brick.png"
     image = cv2.imdecode(np.frombuffer(data.read_bytes(), np.uint8), cv2.IMREAD_GRAYSCALE)
     return image
@@ -43,13 +51,14 @@ def good_crop(rng: np.random.Generator, band: str, size: int, crop: int = CROP) 
     dependent crop would give the line parts another brick scale than training, i.e. false alarms."""
     tex = texture()
     h, w = tex.shape
-    ranges = [(int(a * h), int(b * h)) for a, b in BANDS[band]]
-    for lo, hi in ranges:
-        if hi - lo < crop:
-            raise ValueError(f"band {band!r} has a range of {hi - lo} rows, fewer than the {crop}-pixel crop")
-    lo, hi = ranges[int(rng.integers(len(ranges)))]
-    y = int(rng.integers(lo, hi - crop + 1))
-    x = int(rng.integers(0, w - crop + 1))
+    regions = [(int(t * h), int(b * h), int(left * w), int(right * w)) for t, b, left, right in BANDS[band]]
+    for top, bottom, left, right in regions:
+        if bottom - top < crop or right - left < crop:
+            raise ValueError(f"band {band!r} has a {right - left}x{bottom - top} region, smaller than the "
+                             f"{crop}-pixel crop")
+    top, bottom, left, right = regions[int(rng.integers(len(regions)))]
+    y = int(rng.integers(top, bottom - crop + 1))
+    x = int(rng.integers(left, right - crop + 1))
     patch = tex[y:y + crop, x:x + crop]
     if rng.random() < 0.5:
         patch = patch[:, ::-1]
