@@ -36,6 +36,7 @@ log = logging.getLogger("linewatch.demo")
 CAMERA = "line1"
 SIZE = 128  # part images are made at the fast preset's input size: the daemon's resize is then the identity
 DEFECT_RATE = 0.3
+TILE = 192  # overlay grid tile size in pixels
 MARKER = ".linewatch-demo"  # marks a folder this command made, so a re-run may replace it
 SUBDIRS = ("data", "line", "model", "report", "daemon.yaml", "daemon.log", "calibration.json")
 
@@ -240,11 +241,11 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
-def format_line(part: LinePart, header: dict, mask_area: int) -> str:
+def format_line(part: LinePart, header: dict, defect_area: int) -> str:
     verdict = header["verdict"]
     outcome = outcome_of(part.defective, verdict)
     return (f"part {part.number:3d}  truth {part.kind:7s}  {verdict:5s}  "
-            f"score {_number(header['image_score'], '6.4f')}  defect area {mask_area:5d} px  {outcome}")
+            f"score {_number(header['image_score'], '6.4f')}  defect area {defect_area:5d} px  {outcome}")
 
 
 def outcome_of(defective: bool, verdict: str) -> str:
@@ -255,17 +256,14 @@ def outcome_of(defective: bool, verdict: str) -> str:
     return "FALSE ALARM" if verdict == "NOK" else "correct pass"
 
 
-def mask_area(msg) -> int:
-    """Pixels above the threshold: from the published mask when there is one, else the regions' areas."""
-    mask = msg.mask_array() if msg.mask else None
-    if mask is not None:
-        return int(np.count_nonzero(mask))
-    return int(sum(r["area"] for r in msg.header["regions"]))
+def defect_area(header: dict, min_defect_area: int) -> int:
+    """Pixels in the regions that fail a part (at least the calibration's min area; the smaller ones are noise)."""
+    return int(sum(r["area"] for r in header["regions"] if r["area"] >= max(1, min_defect_area)))
 
 
 def inspect_line(out: Path, parts: list[LinePart], s: Settings) -> dict[int, dict]:
     """Start the daemon, receive one result per part over ZeroMQ, print it, stop the daemon with SIGTERM.
-    Returns {part number: {"header", "mask", "area"}}."""
+    Returns {part number: {"header", "mask", "area", "above_threshold"}}."""
     from .client import Subscriber
 
     endpoint = f"tcp://127.0.0.1:{free_port()}"
@@ -307,9 +305,10 @@ def inspect_line(out: Path, parts: list[LinePart], s: Settings) -> dict[int, dic
             if lost:  # a PUB socket keeps order: an earlier part that did not arrive never will
                 raise LinewatchError(f"results for part(s) {lost} were never received (the subscriber joined "
                                      f"late or messages were dropped); see {log_path}")
-            area = mask_area(msg)
-            results[part.number] = {"header": msg.header, "mask": msg.mask_array() if msg.mask else None,
-                                    "area": area}
+            area = defect_area(msg.header, s.min_defect_area)
+            mask = msg.mask_array() if msg.mask else None
+            results[part.number] = {"header": msg.header, "mask": mask, "area": area,
+                                    "above_threshold": None if mask is None else int(np.count_nonzero(mask))}
             print(format_line(part, msg.header, area), flush=True)
     finally:
         sub.close()
@@ -377,11 +376,11 @@ def overlay_grid(parts: list[LinePart], results: dict[int, dict], maps: np.ndarr
         tiles += [part.image, tile]
         verdict = header["verdict"]
         labels += [f"#{part.number} {part.kind}", f"{verdict} {outcome_of(part.defective, verdict)}"]
-    return grid(tiles, labels, tile=2 * SIZE, columns=8)
+    return grid(tiles, labels, tile=TILE, columns=8)
 
 
-def _data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode()
+def _data_uri(jpeg: bytes) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
 
 
 def write_report(out: Path, parts: list[LinePart], results: dict[int, dict], calibration: dict, s: Settings,
@@ -405,14 +404,16 @@ def write_report(out: Path, parts: list[LinePart], results: dict[int, dict], cal
     threshold = calibration["calibration"]["pixel_threshold"]
     sheet = overlay_grid(parts, results, maps, threshold, cal_maps)
     ok, png = cv2.imencode(".png", sheet)
-    if not ok:
-        raise LinewatchError("cannot encode the overlay grid as PNG")
-    (report / "overlays.png").write_bytes(png.tobytes())
+    ok_jpeg, jpeg = cv2.imencode(".jpg", sheet, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    if not (ok and ok_jpeg):
+        raise LinewatchError("cannot encode the overlay grid")
+    (report / "overlays.png").write_bytes(png.tobytes())  # lossless, beside the report
 
     counts = count_outcomes(parts, results)
     rows = [{"part": p.number, "frame_index": p.frame_index, "truth": p.kind, "true_area": int(p.mask.sum()),
              "verdict": results[p.number]["header"]["verdict"],
              "image_score": results[p.number]["header"]["image_score"], "defect_area": results[p.number]["area"],
+             "pixels_above_threshold": results[p.number]["above_threshold"],
              "outcome": outcome_of(p.defective, results[p.number]["header"]["verdict"])} for p in parts]
     held = calibration["calibration"].get("holdout_pixel_fpr") or {}
     summary = {"counts": counts, "parts": rows, "score_max_relative_difference": score_diff,
@@ -421,7 +422,7 @@ def write_report(out: Path, parts: list[LinePart], results: dict[int, dict], cal
                                "version": calibration["calibration"]["version"]},
                "settings": s.__dict__, "timings_s": timings}
     (report / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (report / "report.html").write_text(report_html(summary, png.tobytes()))
+    (report / "report.html").write_text(report_html(summary, jpeg.tobytes()))  # self-contained: a JPEG inside
     return report / "report.html", counts
 
 
@@ -429,7 +430,7 @@ def _number(value: float | None, fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
 
 
-def report_html(summary: dict, grid_png: bytes) -> str:
+def report_html(summary: dict, grid_jpeg: bytes) -> str:
     c = summary["counts"]
     cal = summary["calibration"]
     held_rate = _number((cal["holdout_pixel_fpr"] or {}).get("rate"), ".4g")
@@ -459,8 +460,9 @@ a part is NOK when a region of at least {cal['min_defect_area']} px is above the
 <h2>Overlays</h2>
 <p>Per part: the camera frame, then the anomaly map (colour from the good parts' noise level up), the published
 defect mask outlined in magenta and the true defect outlined in green.</p>
-<img src="{_data_uri(grid_png)}" alt="overlays">
+<img src="{_data_uri(grid_jpeg)}" alt="overlays"> (lossless: <a href="overlays.png">overlays.png</a>)
 <h2>Parts</h2>
+<p>Defect area: pixels of the regions above the threshold that are large enough to fail the part.</p>
 <table><tr><th>part</th><th>truth</th><th>true area px</th><th>verdict</th><th>image score</th>
 <th>defect area px</th><th>outcome</th></tr>
 {rows}
@@ -475,8 +477,8 @@ defect mask outlined in magenta and the true defect outlined in green.</p>
 
 def cli_demo(args) -> int:
     s = QUICK if getattr(args, "quick", False) else FULL
-    if args.parts < 1:
-        raise ConfigError(f"--parts must be >= 1, got {args.parts}")
+    if not 1 <= args.parts <= 5000:
+        raise ConfigError(f"--parts must be between 1 and 5000, got {args.parts}")
     out = Path(args.out)
     started = time.perf_counter()
     timings: dict[str, float] = {}

@@ -47,6 +47,8 @@ def test_quick_demo_prints_every_part_and_reports_counts_matching_the_truth(tmp_
     defective = [n for n, k in kinds.items() if k != "good"]
     assert 0 < len(defective) < PARTS
     assert any(printed[n][1] == "NOK" for n in defective), proc.stdout
+    for number, (_, verdict, area) in printed.items():  # no image threshold: NOK exactly when a region is big enough
+        assert (verdict == "NOK") == (area > 0), (number, verdict, area)
 
     report = out / "report"
     assert (report / "report.html").is_file() and (report / "report.json").is_file()
@@ -70,7 +72,7 @@ def test_quick_demo_prints_every_part_and_reports_counts_matching_the_truth(tmp_
     # The published scores are the graph's scores of the very part images: results were matched to the right parts.
     assert summary["score_max_relative_difference"] < 1e-3
     html = (report / "report.html").read_text()
-    assert f"{counts['detected']} detected" in html and "data:image/png;base64," in html
+    assert f"{counts['detected']} detected" in html and "data:image/jpeg;base64," in html
     assert f"{expect['detected']} detected, {expect['missed']} missed" in proc.stdout
     assert str((report / "report.html").resolve()) in proc.stdout
 
