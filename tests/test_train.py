@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -112,10 +113,11 @@ def test_resume_continues_exactly(workspace):
     result = run_train(*common, "--epochs", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert bundle.read_metadata(out)["training"]["epochs"] == 2
-    again = run_train(*common)  # without --resume the directory is refused
-    assert again.returncode == 2 and "--resume" in again.stderr
-    changed = run_train(*common, "--resume", "--layers", "1:3")
-    assert changed.returncode == 2 and "layers" in changed.stderr
+    settings = TrainSettings(**read_config_file(workspace["config"]), seed=5)
+    with pytest.raises(ConfigError, match="--resume"):  # without --resume the directory is refused
+        train(settings, workspace["category"], out)
+    with pytest.raises(ConfigError, match="layers"):  # a resumed run keeps the model's settings
+        train(dataclasses.replace(settings, layers="1:3"), workspace["category"], out, resume=True)
     result = run_train(*common, "--resume", "--epochs", "3")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming after epoch 2" in result.stderr
@@ -166,9 +168,9 @@ def test_settings_merge_preset_then_file_then_flags(tmp_path):
     assert fast.preset == "fast" and fast.size == PRESETS["fast"]["size"]
 
 
-def test_shipped_example_config_is_valid():
+def test_shipped_example_config_is_valid_and_shows_the_fast_preset():
     values = read_config_file(ROOT / "config" / "train.yaml")
-    assert TrainSettings(**values).layer_list()
+    assert TrainSettings(**values) == TrainSettings(**PRESETS["fast"]) == TrainSettings()
 
 
 def test_split_is_seeded_disjoint_and_never_empty(tmp_path):

@@ -17,6 +17,8 @@ from .backbone import parse_layers
 
 @dataclass
 class TrainSettings:
+    """Defaults are the `fast` preset."""
+
     preset: str = "fast"
     # model
     size: int = 128  # square input, pixels (frames are resized to size×size)
@@ -28,16 +30,16 @@ class TrainSettings:
     pca_variance: float = 0.9
     pca_samples: int = 20000  # regional vectors sampled across all training images for PCA
     # optimisation
-    epochs: int = 20  # budget of passes over all training vectors
+    epochs: int = 8  # budget of passes over all training vectors
     batch_vectors: int = 4096  # regional vectors per step (shuffled across images and positions)
     lr: float = 1e-3
     weight_decay: float = 0.0
-    patience: int = 5  # epochs without validation improvement before stopping
+    patience: int = 3  # epochs without validation improvement before stopping
     min_delta: float = 1e-4  # relative improvement that counts
     val_fraction: float = 0.15  # share of good images held out for early stopping (at least 1)
     seed: int = 0
     # resources
-    extract_batch: int = 8  # images per backbone pass
+    extract_batch: int = 16  # images per backbone pass
     cache_ram_mb: int = 4096  # features above this go to an on-disk cache in the output directory
     device: str = ""  # "" = cuda if available, else cpu
 

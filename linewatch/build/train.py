@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import __version__, bundle
+from ..datasets import good_image_folder
 from ..errors import BundleError, ConfigError, DataError
 from ..images import list_images
 from .cae import CAE, pca_latent_dim
@@ -45,16 +46,7 @@ VAL_BATCH = 16384
 
 def good_images(data_dir: str | Path) -> list[Path]:
     """Good training images: an MVTec category's train/good, or the folder itself."""
-    data_dir = Path(data_dir)
-    try:
-        from ..datasets import good_image_folder
-    except ImportError:
-        folder = data_dir / "train" / "good" if (data_dir / "train" / "good").is_dir() else data_dir
-    else:
-        folder = good_image_folder(data_dir)
-        if isinstance(folder, (list, tuple)):
-            return sorted(Path(p) for p in folder)
-    return list_images(folder)
+    return list_images(good_image_folder(data_dir))
 
 
 def split_train_val(paths: list[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
