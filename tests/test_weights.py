@@ -58,9 +58,17 @@ def test_missing_or_unknown_files_are_errors(tmp_path):
         verify(other)
 
 
-def test_random_init_only_when_asked(source):
+def test_random_init_only_when_asked(source, tmp_path, monkeypatch):
     assert resolve(random_init=True) is RANDOM
     assert resolve(H5) == source  # an explicit path is never replaced by random weights
+    monkeypatch.delenv("LINEWATCH_WEIGHTS", raising=False)
+    monkeypatch.setenv("LINEWATCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(BundleError, match="no VGG19 weights found") as exc:  # nothing found: an error
+        resolve()
+    assert str(tmp_path / "home") in str(exc.value) and KERAS_SHA256 in str(exc.value)
+    monkeypatch.setenv("LINEWATCH_WEIGHTS", str(H5))
+    assert resolve() == source
 
 
 def test_mapping_loads_strictly_into_torchvision_vgg19(source):
