@@ -20,7 +20,8 @@ from linewatch import bundle
 from linewatch.build.features import FeatureStore, dataset_sha256, extract_to_store, set_feature_scale
 from linewatch.build.model import DFRConfig, TorchScorer, build_model, load_model
 from linewatch.build.presets import PRESETS, TrainSettings, read_config_file, resolve_settings
-from linewatch.build.train import good_images, split_train_val, train
+from linewatch.build.cae import CAE
+from linewatch.build.train import StandardisedCAE, channel_statistics, good_images, split_train_val, train
 from linewatch.demo_parts import make_parts
 from linewatch.errors import ConfigError, DataError
 
@@ -215,3 +216,26 @@ def test_training_through_the_disk_cache(workspace, tmp_path):
     assert meta["training"]["epochs"] == 2 and np.isfinite(meta["training"]["best_val_loss"])
     assert not list((tmp_path / "model").glob("*.f16"))
     assert dataset_sha256(sorted(workspace["good"].iterdir())) == meta["training"]["dataset_sha256"]
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_standardised_training_folds_into_a_plain_cae(batchnorm):
+    torch.manual_seed(4)
+    rng = np.random.default_rng(4)
+    sample = (np.abs(rng.normal(size=(500, 24))) * rng.uniform(0.01, 5, size=24) + rng.uniform(0, 3, 24))
+    mean, std = channel_statistics(sample.astype(np.float32))
+    assert torch.allclose(mean.double(), torch.from_numpy(sample.mean(0)), rtol=1e-4)
+    assert torch.allclose(std.double(), torch.from_numpy(sample.std(0, ddof=1)).clamp_min(0.05), rtol=1e-4)
+    wrapped = StandardisedCAE(CAE(24, 4, batchnorm), mean, std)
+    data = torch.from_numpy(sample).float()
+    opt = torch.optim.Adam(wrapped.cae.parameters(), lr=1e-2)
+    for _ in range(10):  # non-trivial weights and BatchNorm statistics
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(wrapped.forward_vectors(data), data).backward()
+        opt.step()
+    wrapped.eval()
+    plain = wrapped.folded().eval()
+    assert type(plain) is CAE and plain.c_o == 24 and plain.c_d == 4
+    with torch.no_grad():
+        torch.testing.assert_close(plain.forward_vectors(data), wrapped.forward_vectors(data), rtol=1e-4,
+                                   atol=1e-4)

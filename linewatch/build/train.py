@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from .. import __version__, bundle
@@ -40,6 +41,7 @@ STATE_VERSION = 1
 # Settings a resumed run may change; every other one must match the interrupted run.
 RESUMABLE_CHANGES = {"epochs", "patience", "device", "extract_batch", "cache_ram_mb", "min_delta"}
 VAL_BATCH = 16384
+MIN_STD = 0.05
 
 
 # ---- data ----------------------------------------------------------------------------------------------------
@@ -93,8 +95,44 @@ def epoch_batches(store: FeatureStore, batch: int, generator: torch.Generator, b
             yield torch.from_numpy(block[perm[i:i + batch]])
 
 
+class StandardisedCAE(nn.Module):
+    """The CAE trained on per-channel standardised vectors: an exact reparametrisation, folded away at the end.
+
+    Regional ReLU features are far from centred and their channels' spreads differ by orders of magnitude;
+    plain training sits for many epochs on a plateau where it reconstructs little more than the mean vector.
+    Standardising inside the module ((x - mean) / std in, * std + mean out) keeps the loss in the original
+    feature space (the paper's error) and folds into the first and last Linear, so the bundle holds the plain
+    Table VIII network.
+    """
+
+    def __init__(self, cae: CAE, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.cae = cae
+        self.register_buffer("mean", mean.float().clone())
+        self.register_buffer("std", std.float().clone())
+
+    def forward_vectors(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cae.forward_vectors((x - self.mean) / self.std) * self.std + self.mean
+
+    def folded(self) -> CAE:
+        cae = copy.deepcopy(self.cae)
+        first, last = cae.linears[0], cae.linears[-1]
+        with torch.no_grad():
+            first.bias -= first.weight @ (self.mean / self.std)
+            first.weight /= self.std[None, :]
+            last.weight *= self.std[:, None]
+            last.bias.mul_(self.std).add_(self.mean)
+        return cae
+
+
+def channel_statistics(sample: np.ndarray, min_std: float = MIN_STD) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of regional vectors; near-dead channels get `min_std` (features are unit-scale)."""
+    x = torch.from_numpy(sample).double()
+    return x.mean(0).float(), x.std(0).clamp_min(min_std).float()
+
+
 @torch.no_grad()
-def reconstruction_loss(cae: CAE, store: FeatureStore, device: torch.device) -> float:
+def reconstruction_loss(cae: nn.Module, store: FeatureStore, device: torch.device) -> float:
     """Mean squared reconstruction error over every vector of `store` (eval mode)."""
     was_training = cae.training
     cae.eval()
@@ -122,7 +160,7 @@ class Progress:
 
 
 def save_train_state(path: Path, *, settings: TrainSettings, config: DFRConfig, weights: WeightsSource,
-                     data_sha: str, split: dict, progress: Progress, cae: CAE, best_cae: dict,
+                     data_sha: str, split: dict, progress: Progress, cae: StandardisedCAE, best_cae: dict,
                      optimizer: torch.optim.Optimizer, generator: torch.Generator) -> None:
     payload = {
         "version": STATE_VERSION,
@@ -132,7 +170,8 @@ def save_train_state(path: Path, *, settings: TrainSettings, config: DFRConfig, 
         "dataset_sha256": data_sha,
         "split": split,
         "progress": dataclasses.asdict(progress),
-        "cae": cae.state_dict(),
+        "cae": cae.cae.state_dict(),
+        "input_norm": {"mean": cae.mean.cpu(), "std": cae.std.cpu()},
         "best_cae": best_cae,
         "optimizer": optimizer.state_dict(),
         "generator": generator.get_state(),
@@ -205,7 +244,7 @@ def versions() -> dict:
             "torchvision": torchvision.__version__, "numpy": np.__version__}
 
 
-def fit_cae(cae: CAE, train: FeatureStore, val: FeatureStore, settings: TrainSettings, device: torch.device,
+def fit_cae(cae: StandardisedCAE, train: FeatureStore, val: FeatureStore, settings: TrainSettings, device: torch.device,
             progress: Progress, optimizer: torch.optim.Optimizer, generator: torch.Generator, best_cae: dict,
             save_state) -> dict:
     """Epochs of shuffled vector batches until the budget or the patience runs out; returns the best weights."""
@@ -238,7 +277,7 @@ def fit_cae(cae: CAE, train: FeatureStore, val: FeatureStore, settings: TrainSet
             progress.history.append({"epoch": progress.epoch, "train_loss": train_loss, "val_loss": val_loss})
             if val_loss < progress.best_val * (1.0 - settings.min_delta):
                 progress.best_val, progress.best_epoch, progress.bad_epochs = val_loss, progress.epoch, 0
-                best_cae = copy.deepcopy(cae.state_dict())
+                best_cae = copy.deepcopy(cae.cae.state_dict())
             else:
                 progress.bad_epochs += 1
                 progress.stopped_early = progress.bad_epochs >= settings.patience
@@ -294,24 +333,25 @@ def train(settings: TrainSettings, data: str | Path, out: str | Path, weights_pa
         extract_seconds = time.perf_counter() - t0
 
         if state is None:
+            sample = sample_vectors(train_store, settings.pca_samples, np.random.default_rng(settings.seed))
+            mean, std = channel_statistics(sample)
             if settings.latent:
                 config.c_d = settings.latent
             else:
-                rng = np.random.default_rng(settings.seed)
-                sample = sample_vectors(train_store, settings.pca_samples, rng)
                 config.c_d = pca_latent_dim(torch.from_numpy(sample), settings.pca_variance)
                 log.info("c_d = %d (PCA, %.0f %% variance of %d regional vectors from %d images)", config.c_d,
                          100 * settings.pca_variance, len(sample), len(train_paths))
+        else:
+            mean, std = state["input_norm"]["mean"], state["input_norm"]["std"]
         try:
-            cae = CAE(config.c_o, config.c_d, config.batchnorm).to(device)
+            cae = StandardisedCAE(CAE(config.c_o, config.c_d, config.batchnorm), mean, std).to(device)
         except ValueError as exc:
             raise ConfigError(f"latent: {exc}") from exc
-        model.cae = cae
-        optimizer = torch.optim.Adam(cae.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        optimizer = torch.optim.Adam(cae.cae.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
         generator = torch.Generator().manual_seed(settings.seed)
-        progress, best_cae = Progress(), copy.deepcopy(cae.state_dict())
+        progress, best_cae = Progress(), copy.deepcopy(cae.cae.state_dict())
         if state is not None:
-            cae.load_state_dict(state["cae"])
+            cae.cae.load_state_dict(state["cae"])
             optimizer.load_state_dict(state["optimizer"])
             generator.set_state(state["generator"])
             progress, best_cae = Progress(**state["progress"]), state["best_cae"]
@@ -333,7 +373,8 @@ def train(settings: TrainSettings, data: str | Path, out: str | Path, weights_pa
     if progress.epoch == 0:
         raise ConfigError("epochs: no epoch was trained (the budget is 0 or already spent)")
 
-    cae.load_state_dict(best_cae)
+    cae.cae.load_state_dict(best_cae)
+    model.cae = cae.folded()
     model = model.cpu().eval()
     training = {
         "data": str(Path(data).resolve()), "dataset_sha256": data_sha, "n_train": len(train_paths),
