@@ -28,6 +28,7 @@ from .cameras import FINISHED, Camera, FrameQueue
 from .config import Config, load_config
 from .errors import LinewatchError
 from .inference import ERROR, InferenceWorker, Model, Result, load_model
+from .sd_notify import SystemdNotifier
 
 log = logging.getLogger("linewatch.daemon")
 
@@ -156,9 +157,7 @@ class Daemon:
         self.publish_lock = threading.Lock()
         self.abandoned = False  # drain timed out: late results are not published (already counted as dropped)
         self.unhealthy_reason: str | None = None
-        import sdnotify
-
-        self.notifier = sdnotify.SystemdNotifier()
+        self.notifier = SystemdNotifier()
 
     # --- wiring -----------------------------------------------------------------------------------------
     def _curve_config(self):

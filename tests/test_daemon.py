@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -24,6 +25,7 @@ from onnx import TensorProto, helper
 
 from linewatch import bundle
 from tests.bundles import make_deviation_bundle
+from tests.test_sd_notify import fill_queue
 from tests.streams import MjpegServer, free_port, grey, with_white_square, write_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,21 +72,31 @@ def write_config(tmp_path: Path, bundle_dir: Path, cameras: list[dict], **sectio
 
 
 class NotifySocket:
-    """A real sd_notify datagram socket, as systemd gives a Type=notify service."""
+    """A real sd_notify datagram socket, as systemd gives a Type=notify service: read continuously by a thread
+    (as systemd does), or never read (`reading=False`: a receiver that has stalled, its queue soon full)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, reading: bool = True):
         self.path = str(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(self.path)
-        self.sock.settimeout(0.01)
+        self.sock.settimeout(0.05)
         self.messages: list[str] = []
+        if reading:
+            threading.Thread(target=self._read, daemon=True).start()
 
-    def drain(self) -> list[str]:
+    def _read(self) -> None:
         while True:
             try:
                 self.messages.append(self.sock.recv(4096).decode())
-            except (socket.timeout, BlockingIOError):
-                return self.messages
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+
+    def drain(self) -> list[str]:
+        """What was received so far (the reader thread keeps appending)."""
+        time.sleep(0.06)
+        return self.messages
 
 
 def start_daemon(config: Path, tmp_path: Path, notify: NotifySocket | None = None) -> subprocess.Popen:
@@ -271,6 +283,31 @@ def test_http_stream_outage_reports_offline_never_ok_and_reconnects(calibrated, 
         assert stop(proc) == 0
     finally:
         server.stop()
+        stop(proc)
+        sub.close()
+
+
+def test_a_notify_socket_nobody_reads_never_freezes_the_daemon(calibrated, tmp_path):
+    """A full sd_notify queue (systemd busy, queue length 10) must not block status publishing or SIGTERM."""
+    video = write_video(tmp_path / "line.avi", video_frames(8))
+    config, endpoint = write_config(
+        tmp_path, calibrated, [{"name": "cam1", "kind": "video", "source": str(video), "loop": True, "fps": 50}])
+    notify = NotifySocket(tmp_path / "notify.sock", reading=False)
+    fill_queue(notify.path)  # full from the start, whatever the machine's max_dgram_qlen
+    proc = start_daemon(config, tmp_path, notify)
+    sub = Subscriber(endpoint)
+    try:
+        sub.until(lambda: len(sub.statuses) >= 3, 30, "first status messages")
+        time.sleep(1.0)
+        before = len(sub.statuses), len(sub.results)
+        sub.poll(2.0)
+        assert len(sub.statuses) - before[0] >= 5, "status publishing stalled behind sd_notify"
+        assert len(sub.results) - before[1] >= 20, "inspection stalled behind sd_notify"
+        t0 = time.monotonic()
+        assert stop(proc, 10) == 0
+        assert time.monotonic() - t0 < 6
+        assert "systemd notification dropped" in daemon_log(tmp_path)
+    finally:
         stop(proc)
         sub.close()
 
