@@ -302,13 +302,19 @@ def _check_types(header: dict, fields: dict[str, tuple], what: str) -> None:
             raise ProtocolError(f"{what}: field {key!r} = {value!r:.80}: expected {names}")
 
 
-def parse_header(data: bytes, what: str = "header") -> dict:
+def json_object(data: bytes, error: type[Exception] = ProtocolError, prefix: str = "") -> dict:
+    """One UTF-8 JSON object from a message frame, or `error` saying what is wrong with the bytes."""
     try:
-        header = json.loads(data.decode("utf-8"))
+        obj = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(f"{what}: not UTF-8 JSON ({exc})") from None
-    if not isinstance(header, dict):
-        raise ProtocolError(f"{what}: expected a JSON object, got {type(header).__name__}")
+        raise error(f"{prefix}not UTF-8 JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise error(f"{prefix}expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def parse_header(data: bytes, what: str = "header") -> dict:
+    header = json_object(data, ProtocolError, f"{what}: ")
     version = header.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ProtocolError(f"{what}: schema_version {version!r} is not supported (this client reads "

@@ -44,15 +44,10 @@ class CurveConfig:
 
 def load_key_pair(path: str | os.PathLike) -> tuple[bytes, bytes]:
     """(public, secret) z85 keys from a `.key_secret` file; ConfigError naming the file otherwise."""
-    import zmq.auth
-
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"CURVE key pair file {path}: not found")
-    try:
-        public, secret = zmq.auth.load_certificate(path)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"CURVE key pair file {path}: not a zmq certificate ({exc})") from None
+    public, secret = _certificate(path, "CURVE key pair file")
     if not secret:
         raise ConfigError(f"CURVE key pair file {path}: holds only a public key; expected the .key_secret file")
     return public, secret
@@ -60,7 +55,6 @@ def load_key_pair(path: str | os.PathLike) -> tuple[bytes, bytes]:
 
 def load_public_key(value: str | os.PathLike) -> bytes:
     """A public key given as 40 z85 characters or as a `.key`/`.key_secret` certificate file."""
-    import zmq.auth
     from zmq.utils import z85
 
     text = str(value)
@@ -73,11 +67,16 @@ def load_public_key(value: str | os.PathLike) -> bytes:
     path = Path(text)
     if not path.is_file():
         raise ConfigError(f"public key {text!r}: neither 40 z85 characters nor a key file")
+    return _certificate(path, "public key file")[0]
+
+
+def _certificate(path: Path, what: str) -> tuple[bytes, bytes | None]:
+    import zmq.auth
+
     try:
-        public, _ = zmq.auth.load_certificate(path)
+        return zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"public key file {path}: not a zmq certificate ({exc})") from None
-    return public
+        raise ConfigError(f"{what} {path}: not a zmq certificate ({exc})") from None
 
 
 def authorized_public_keys(keys_dir: Path) -> list[Path]:

@@ -9,7 +9,6 @@ a client sends can stop the loop.
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import threading
@@ -21,7 +20,8 @@ from typing import Any, Callable
 import zmq
 
 from .errors import ConfigError, LinewatchError
-from .protocol import SCHEMA_VERSION, ProtocolError, check_mask_frame, check_result_header, encode_json, jsonable
+from .protocol import (SCHEMA_VERSION, ProtocolError, check_mask_frame, check_result_header, encode_json,
+                       json_object, jsonable)
 from .security import CurveConfig, apply_server_curve, check_bind_security, start_authenticator
 
 log = logging.getLogger("linewatch.trigger")
@@ -292,12 +292,7 @@ def parse_request(body: list[bytes]) -> dict:
     data = body[0]
     if len(data) > MAX_REQUEST_BYTES:
         raise RequestError(f"request of {len(data)} bytes: at most {MAX_REQUEST_BYTES}")
-    try:
-        request = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise RequestError(f"not UTF-8 JSON: {exc}") from None
-    if not isinstance(request, dict):
-        raise RequestError(f"expected a JSON object, got {type(request).__name__}")
+    request = json_object(data, RequestError)
     ids = {k: request[k] for k in ("request_id", "part_id", "camera") if _echoable(request.get(k))}
     for key in ("camera", "part_id"):
         value = request.get(key)
