@@ -130,6 +130,7 @@ class Subscriber:
         self.sock = self.ctx.socket(zmq.SUB)
         self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 10)  # connected within ms of the daemon binding
         self.sock.setsockopt_string(zmq.SUBSCRIBE, prefix)
         self.sock.connect(endpoint)
         self.results: list[dict] = []
@@ -158,7 +159,14 @@ class Subscriber:
             self.poll(0.1)
 
     def status(self, camera: str) -> dict:
-        return [s for s in self.statuses if s["camera"] == camera][-1]
+        mine = [s for s in self.statuses if s["camera"] == camera]
+        assert mine, f"no status message for camera {camera!r} received"
+        return mine[-1]
+
+    def field(self, camera: str, key: str):
+        """The latest status value for a wait condition; None before the first status arrives."""
+        mine = [s for s in self.statuses if s["camera"] == camera]
+        return status_fields(mine[-1]).get(key) if mine else None
 
     def close(self) -> None:
         self.sock.close(0)
@@ -213,8 +221,8 @@ def test_video_file_verdicts_metrics_archive_and_sigterm_accounting(calibrated, 
         archive={"enabled": True, "dir": str(archive), "max_mb": 0.05},
         metrics={"enabled": True, "port": metrics_port})
     notify = NotifySocket(tmp_path / "notify.sock")
+    sub = Subscriber(endpoint)  # before the daemon binds: it sees every message
     proc = start_daemon(config, tmp_path, notify)
-    sub = Subscriber(endpoint)
     try:
         sub.until(lambda: len(sub.results) >= 150, 30, "150 results")
         for header in sub.results:
@@ -257,15 +265,15 @@ def test_http_stream_outage_reports_offline_never_ok_and_reconnects(calibrated, 
         [{"name": "cam1", "kind": "url", "source": server.url, "open_timeout_ms": 1000, "read_timeout_ms": 1000,
           "stall_s": 1.0, "reconnect": {"initial_s": 0.1, "max_s": 0.5}}])
     notify = NotifySocket(tmp_path / "notify.sock")
+    sub = Subscriber(endpoint)  # before the daemon binds: it sees every message
     proc = start_daemon(config, tmp_path, notify)
-    sub = Subscriber(endpoint)
     try:
-        sub.until(lambda: sub.statuses and status_fields(sub.status("cam1"))["state"] != "online", 20,
+        sub.until(lambda: sub.field("cam1", "state") not in (None, "online"), 20,
                   "status before the stream exists")
         server.start()
         sub.until(lambda: len(sub.results) >= 10, 20, "results from the stream")
         server.stop()
-        sub.until(lambda: status_fields(sub.status("cam1"))["state"] in ("offline", "reconnecting"), 10,
+        sub.until(lambda: sub.field("cam1", "state") in ("offline", "reconnecting"), 10,
                   "offline status")
         sub.poll(0.3)
         during = len(sub.results)
@@ -294,8 +302,8 @@ def test_a_notify_socket_nobody_reads_never_freezes_the_daemon(calibrated, tmp_p
         tmp_path, calibrated, [{"name": "cam1", "kind": "video", "source": str(video), "loop": True, "fps": 50}])
     notify = NotifySocket(tmp_path / "notify.sock", reading=False)
     fill_queue(notify.path)  # full from the start, whatever the machine's max_dgram_qlen
+    sub = Subscriber(endpoint)  # before the daemon binds: it sees every message
     proc = start_daemon(config, tmp_path, notify)
-    sub = Subscriber(endpoint)
     try:
         sub.until(lambda: len(sub.statuses) >= 3, 30, "first status messages")
         time.sleep(1.0)
@@ -318,8 +326,8 @@ def test_sighup_reloads_calibration_and_keeps_the_old_one_when_the_new_is_broken
     video = write_video(tmp_path / "line.avi", [grey()] * 4)
     config, endpoint = write_config(
         tmp_path, model, [{"name": "cam1", "kind": "video", "source": str(video), "loop": True, "fps": 50}])
+    sub = Subscriber(endpoint)  # before the daemon binds: it sees every message
     proc = start_daemon(config, tmp_path)
-    sub = Subscriber(endpoint)
     try:
         sub.until(lambda: len(sub.results) >= 5, 30, "uncalibrated results")
         assert {h["verdict"] for h in sub.results} == {"ERROR"}
@@ -360,7 +368,7 @@ def test_slow_subscriber_does_not_slow_inference(calibrated, tmp_path):
     proc = start_daemon(config, tmp_path)
     sub = Subscriber(endpoint, prefix="linewatch/cam1/status")
     try:
-        sub.until(lambda: sub.statuses and status_fields(sub.status("cam1"))["results"] > 0, 30, "first results")
+        sub.until(lambda: (sub.field("cam1", "results") or 0) > 0, 30, "first results")
         first = status_fields(sub.status("cam1"))
         t0 = time.monotonic()
         sub.poll(3.0)
@@ -387,8 +395,8 @@ def test_stuck_inference_stops_watchdog_pings_and_sigterm_still_exits(tmp_path):
         tmp_path, model, [{"name": "cam1", "kind": "video", "source": str(video), "loop": True, "fps": 20}],
         health={"inference_stall_s": 1.0, "drain_timeout_s": 1.0}, engine={"warmup": False})
     notify = NotifySocket(tmp_path / "notify.sock")
+    sub = Subscriber(endpoint)  # before the daemon binds: it sees every message
     proc = start_daemon(config, tmp_path, notify)
-    sub = Subscriber(endpoint)
     try:
         sub.until(lambda: "READY=1" in "".join(notify.drain()), 30, "READY")
         sub.until(lambda: any(s.get("healthy") is False for s in map(status_fields, sub.statuses)), 10,
@@ -415,10 +423,10 @@ def test_sigterm_inspects_and_publishes_the_frames_already_captured(tmp_path):
     config, endpoint = write_config(
         tmp_path, model,
         [{"name": "cam1", "kind": "video", "source": str(video), "loop": True, "fps": 100, "queue_size": 12}])
+    sub = Subscriber(endpoint)  # before the daemon binds: it sees every message
     proc = start_daemon(config, tmp_path)
-    sub = Subscriber(endpoint)
     try:
-        sub.until(lambda: len(sub.results) >= 20 and status_fields(sub.status("cam1"))["dropped"] > 0, 30,
+        sub.until(lambda: len(sub.results) >= 20 and (sub.field("cam1", "dropped") or 0) > 0, 30,
                   "a backlog (queue drops)")
         proc.send_signal(signal.SIGTERM)
         before = len(sub.results)
@@ -446,11 +454,11 @@ def test_trigger_returns_the_result_of_a_frame_taken_after_the_request(calibrate
     config, endpoint = write_config(
         tmp_path, calibrated, [{"name": "cam1", "kind": "url", "source": server.url, "mode": "triggered"}],
         trigger={"enabled": True, "endpoint": trigger, "timeout_s": 5.0})
+    sub = Subscriber(endpoint)  # before the daemon binds: it sees every message
     proc = start_daemon(config, tmp_path)
-    sub = Subscriber(endpoint)
     client = TriggerClient(trigger)
     try:
-        sub.until(lambda: sub.statuses and status_fields(sub.status("cam1"))["state"] == "online", 30, "online")
+        sub.until(lambda: sub.field("cam1", "state") == "online", 30, "online")
         good = client.inspect("cam1", "part-A", timeout_s=5)
         assert good.header["part_id"] == "part-A" and good.verdict == "OK"
         scene["frame"] = with_white_square()
@@ -553,8 +561,8 @@ def test_exit_when_sources_end_inspects_every_frame_of_a_file_then_exits_0(calib
     config, endpoint = write_config(
         tmp_path, calibrated, [{"name": "cam1", "kind": "video", "source": str(video), "loop": False}],
         health={"exit_when_sources_end": True})
+    sub = Subscriber(endpoint)  # before the daemon binds: it sees every message
     proc = start_daemon(config, tmp_path)
-    sub = Subscriber(endpoint)
     try:
         assert proc.wait(30) == 0, daemon_log(tmp_path)[-3000:]
         sub.poll(0.5)
