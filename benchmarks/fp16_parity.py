@@ -3,7 +3,7 @@
   python benchmarks/fp16_parity.py MODEL_DIR --data data/devset/brick [--provider cpu] [--json out.json]
 
 The bundle must be exported with `linewatch export MODEL_DIR --fp16`. Exit 1 when any metric differs by more
-than the tolerance.
+than its tolerance (0.002; per-type image ROC-AUC: one swapped image pair, see `compare`).
 """
 
 from __future__ import annotations
@@ -23,15 +23,25 @@ TOLERANCE = 0.002
 
 
 def compare(fp32: dict, fp16: dict, tolerance: float = TOLERANCE) -> dict:
-    """Per metric (overall and per defect type): both values and |difference|; `ok` if all are within tolerance."""
+    """Per metric (overall and per defect type): both values, |difference| and the tolerance it is held to.
+
+    `ok` when every difference is within its tolerance. An image ROC-AUC over few images moves in steps of
+    1 / (good × defective) pairs (1/150 for 15 good and 10 defective): there the tolerance is one swapped pair
+    of near-tied scores, since less than a step cannot be asked. Pixel metrics (millions of pixels) and the
+    overall image ROC-AUC are held to `tolerance` itself.
+    """
     rows = []
     for scope in ["overall", *sorted(fp32["per_type"])]:
         a = fp32["overall"] if scope == "overall" else fp32["per_type"][scope]
         b = fp16["overall"] if scope == "overall" else fp16["per_type"][scope]
         for name in METRICS:
-            rows.append({"scope": scope, "metric": name, "fp32": a[name], "fp16": b[name],
-                         "diff": abs(a[name] - b[name])})
-    return {"tolerance": tolerance, "rows": rows, "ok": all(r["diff"] <= tolerance for r in rows)}
+            tol = tolerance
+            if name == "image_roc_auc" and scope != "overall":
+                tol = max(tolerance, 1.0 / (a["n_good"] * a["n_defect"]) + 1e-12)
+            diff = abs(a[name] - b[name])
+            rows.append({"scope": scope, "metric": name, "fp32": a[name], "fp16": b[name], "diff": diff,
+                         "tolerance": tol, "ok": diff <= tol})
+    return {"tolerance": tolerance, "rows": rows, "ok": all(r["ok"] for r in rows)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,9 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     report = compare(results["fp32"], results["fp16"])
     report["providers"] = engine.providers
     for r in report["rows"]:
-        print(f"{r['scope']:<12} {r['metric']:<14} fp32 {r['fp32']:.4f}  fp16 {r['fp16']:.4f}  diff {r['diff']:.4f}")
-    print(f"{'OK' if report['ok'] else 'FAIL'}: largest difference {max(r['diff'] for r in report['rows']):.4f} "
-          f"(tolerance {TOLERANCE})")
+        print(f"{r['scope']:<12} {r['metric']:<14} fp32 {r['fp32']:.4f}  fp16 {r['fp16']:.4f}  diff {r['diff']:.4f}"
+              f"  (<= {r['tolerance']:.4f}{'' if r['ok'] else ' FAIL'})")
+    worst = max(report["rows"], key=lambda r: r["diff"] / r["tolerance"])
+    print(f"{'OK' if report['ok'] else 'FAIL'}: largest difference {max(r['diff'] for r in report['rows']):.4f}; "
+          f"closest to its tolerance: {worst['scope']} {worst['metric']} {worst['diff']:.4f} <= {worst['tolerance']:.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0 if report["ok"] else 1

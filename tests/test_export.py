@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -125,3 +126,34 @@ def test_export_without_checkpoint_names_the_file(tmp_path):
     assert result.returncode == 3
     assert "model.pt" in result.stderr
     assert "graph" not in json.loads((path / bundle.METADATA).read_text())
+
+
+def test_fp16_metrics_match_fp32_on_a_small_category(exported, tmp_path):
+    """benchmarks/fp16_parity.py end to end: both graphs evaluated on an MVTec-layout set, metrics compared."""
+    from tests.test_evaluate import make_category
+
+    category = make_category(tmp_path / "cat", size=64, noise=20, defect_offset=60, seed=4)
+    out = tmp_path / "parity.json"
+    result = subprocess.run([sys.executable, "benchmarks/fp16_parity.py", str(exported), "--data", str(category),
+                             "--provider", "cpu", "--json", str(out)], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(out.read_text())
+    scopes = {r["scope"] for r in report["rows"]}
+    assert scopes == {"overall", "big", "small"} and len(report["rows"]) == 9
+    overall = [r for r in report["rows"] if r["scope"] == "overall"]
+    assert all(r["diff"] <= 0.002 and r["tolerance"] == 0.002 for r in overall)
+    assert 0 < overall[0]["fp32"] < 1  # a real ranking, not a degenerate all-equal map
+
+
+def test_parity_tolerance_allows_one_image_pair_per_type_and_nothing_more():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from fp16_parity import compare
+
+    def result(pixel, image_type):
+        t = {"pixel_roc_auc": pixel, "pro_auc": 0.5, "image_roc_auc": image_type, "n_good": 15, "n_defect": 10}
+        return {"overall": {**t, "image_roc_auc": 0.9, "n_defect": 50}, "per_type": {"stain": t}}
+
+    assert compare(result(0.9, 0.4667), result(0.9, 0.4733))["ok"]  # one of 150 pairs swapped
+    assert not compare(result(0.9, 0.4667), result(0.9, 0.4800))["ok"]  # two pairs
+    assert not compare(result(0.9000, 0.5), result(0.9025, 0.5))["ok"]  # pixel metric: 0.002 holds
