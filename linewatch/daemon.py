@@ -450,6 +450,7 @@ class Daemon:
             self.archive.close()
         if self.metrics is not None:
             self.metrics.close()
+        self.notifier.close()
 
 
 def _watchdog_interval(status_interval: float) -> float:

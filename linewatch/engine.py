@@ -150,6 +150,7 @@ class Engine:
         self.graph_path, self.graph_sha256 = graph_file(self.bundle_dir, self.metadata, self.fp16)
 
         wanted, explicit = parse_providers(providers)
+        asked = list(wanted) if explicit else []  # before the fallbacks below are added
         if TENSORRT in wanted and CUDA not in wanted and CUDA in ort.get_available_providers():
             wanted.insert(wanted.index(TENSORRT) + 1, CUDA)  # nodes TensorRT rejects run on CUDA, not the CPU
         if CPU not in wanted:
@@ -176,7 +177,6 @@ class Engine:
         except Exception as exc:  # ORT raises its own exception types (InvalidGraph, Fail, InvalidProtobuf...)
             raise BundleError(f"{self.graph_path}: ONNX Runtime cannot load the graph: {exc}") from exc
         self.providers = list(self.session.get_providers())
-        asked = parse_providers(providers)[0] if explicit else []
         missing = [p for p in asked if p not in self.providers]
         if missing:
             raise ConfigError(f"provider(s) {', '.join(missing)} requested but ONNX Runtime could not load them "

@@ -81,10 +81,11 @@ def warm_up(engine, max_batch: int) -> float:
     allocations) happens before READY=1 and not while the watchdog is counting."""
     t0 = time.monotonic()
     height, width = engine.input_size
-    for n in sorted({1, max_batch}):
+    batches = sorted({1, max_batch})
+    for n in batches:
         engine.score(np.full((n, height, width, 3), 128, np.uint8))
     seconds = time.monotonic() - t0
-    log.info("engine warm-up (batch %s) took %.2f s", sorted({1, max_batch}), seconds)
+    log.info("engine warm-up (batch %s) took %.2f s", batches, seconds)
     return seconds
 
 

@@ -158,15 +158,18 @@ class Subscriber:
             assert time.monotonic() < end, f"timed out waiting for {what}"
             self.poll(0.1)
 
+    def _latest(self, camera: str) -> dict | None:
+        return next((s for s in reversed(self.statuses) if s["camera"] == camera), None)
+
     def status(self, camera: str) -> dict:
-        mine = [s for s in self.statuses if s["camera"] == camera]
-        assert mine, f"no status message for camera {camera!r} received"
-        return mine[-1]
+        latest = self._latest(camera)
+        assert latest is not None, f"no status message for camera {camera!r} received"
+        return latest
 
     def field(self, camera: str, key: str):
         """The latest status value for a wait condition; None before the first status arrives."""
-        mine = [s for s in self.statuses if s["camera"] == camera]
-        return status_fields(mine[-1]).get(key) if mine else None
+        latest = self._latest(camera)
+        return None if latest is None else status_fields(latest).get(key)
 
     def close(self) -> None:
         self.sock.close(0)
