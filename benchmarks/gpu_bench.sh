@@ -76,9 +76,9 @@ status=0
 IFS=',' read -ra provs <<<"$PROVIDERS"
 for prov in "${provs[@]}"; do
   for precision in fp32 fp16; do
-    flag=; [[ "$precision" == fp16 ]] && flag=--fp16
     echo "== $prov $precision"
-    if ! "$PY" -m linewatch.cli bench "$BUNDLE" --provider "$prov" --batch "$BATCHES" --iters "$ITERS" $flag \
+    if ! "$PY" -m linewatch.cli bench "$BUNDLE" --provider "$prov" --batch "$BATCHES" --iters "$ITERS" \
+        --precision "$precision" \
         $REFERENCE --json "$OUT/bench_${prov}_${precision}.json"; then
       echo "FAILED: $prov $precision" >&2
       status=1
@@ -92,7 +92,7 @@ import glob, json, sys
 print(f"{'provider':<10} {'prec':<5} {'batch':>5} {'images/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
 for path in sorted(glob.glob(f"{sys.argv[1]}/bench_*.json")):
     report = json.load(open(path))
-    prec = "fp16" if path.endswith("_fp16.json") else "fp32"
+    prec = report["results"][0]["precision"] if report["results"] else "?"
     for r in report["results"]:
         print(f"{r['provider']:<10} {prec:<5} {r['batch']:>5} {r['images_per_s']:>10.1f} {r['p50_ms']:>8.2f} "
               f"{r['p99_ms']:>8.2f}   ({'/'.join(r['providers'])})")

@@ -19,13 +19,18 @@ from linewatch.build.model import DFR, load_model
 
 from .graph import FusedDFR
 from .onnx_graph import convert_fp16, export_onnx
+from .quantize import good_frames, quantise_int8
 
 log = logging.getLogger("linewatch.export")
 
 FP32_TOLERANCE = 1e-4  # max |map difference| / map range, issue 3
 # fp16 graph vs the float32 torch model on random frames; ranking metrics are checked on the dev benchmark
-# with benchmarks/fp16_parity.py (within 0.002 of fp32)
+# with benchmarks/precision_parity.py (within 0.002 of fp32)
 FP16_TOLERANCE = 2e-2
+# int8 graph vs the float32 torch model on held-out good images: quantisation moves single pixels by up to ~15 %
+# of the range (brick, paper settings: map correlation 0.999), so the check is on correlation; the ranking metrics
+# are checked on the dev benchmark with benchmarks/precision_parity.py --precision int8
+INT8_MIN_CORRELATION = 0.98
 
 
 def parity_frames(height: int, width: int, n: int = 2, seed: int = 0) -> np.ndarray:
@@ -66,8 +71,24 @@ def check_parity(model: DFR, path: Path, frames: np.ndarray, tolerance: float) -
     return result
 
 
-def export_bundle(bundle_dir: str | Path, fp16: bool = False, opset: int = 17) -> dict:
-    """Write model.onnx (and model_fp16.onnx), check both against the torch model, update metadata['graph']."""
+def check_int8(model: DFR, path: Path, frames: np.ndarray) -> dict:
+    """Map correlation of the int8 graph with the torch model on good frames it was not calibrated on."""
+    with torch.inference_mode():
+        ref_map, ref_score = (t.numpy() for t in model(torch.from_numpy(frames)))
+    maps, scores = onnx_maps(path, frames)
+    corr = float(np.corrcoef(ref_map.ravel().astype(np.float64), maps.ravel().astype(np.float64))[0, 1])
+    result = {"frames": int(len(frames)), "map_correlation": corr,
+              "max_rel_map_error": relative_map_error(ref_map, maps), "min_correlation": INT8_MIN_CORRELATION}
+    if not corr >= INT8_MIN_CORRELATION:
+        raise BundleError(f"{path}: int8 maps correlate {corr:.4f} with the float32 model on held-out good images "
+                          f"(minimum {INT8_MIN_CORRELATION}); calibrate with more or more typical good images")
+    return result
+
+
+def export_bundle(bundle_dir: str | Path, fp16: bool = False, opset: int = 17, int8: bool = False,
+                  calib_data: str | Path | None = None) -> dict:
+    """Write model.onnx (and model_fp16.onnx / model_int8.onnx), check them against the torch model, update
+    metadata['graph']."""
     bundle_dir = Path(bundle_dir)
     meta = bundle.read_metadata(bundle_dir)
     model = load_model(bundle_dir, "cpu")
@@ -90,6 +111,19 @@ def export_bundle(bundle_dir: str | Path, fp16: bool = False, opset: int = 17) -
                  graph["fp16_parity"]["max_rel_map_error"])
     elif old_fp16.exists():
         old_fp16.unlink()  # an fp16 graph of an older model must not survive next to the new one
+    old_int8 = bundle_dir / bundle.GRAPH_INT8
+    if int8:
+        t0 = time.perf_counter()
+        good = good_frames(meta, calib_data, model.config.height, model.config.width)
+        held_out = np.arange(len(good)) % 4 == 3  # every 4th image checks, the rest set the ranges
+        path8 = quantise_int8(path, old_int8, good[~held_out])
+        graph.update(int8_file=path8.name, int8_sha256=bundle.sha256_file(path8),
+                     int8_check=check_int8(model, path8, good[held_out]),
+                     int8_calibration_images=int((~held_out).sum()))
+        log.info("wrote %s in %.1f s (map correlation %.4f)", path8, time.perf_counter() - t0,
+                 graph["int8_check"]["map_correlation"])
+    elif old_int8.exists():
+        old_int8.unlink()
     shutil.rmtree(bundle_dir / TRT_CACHE_DIR, ignore_errors=True)  # engines built from the previous graph
     graph["exported"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     graph["versions"] = {"onnx": onnx.__version__, "torch": torch.__version__}
@@ -99,10 +133,13 @@ def export_bundle(bundle_dir: str | Path, fp16: bool = False, opset: int = 17) -
 
 
 def cli_export(args) -> int:
-    graph = export_bundle(args.model, fp16=args.fp16, opset=args.opset)
+    graph = export_bundle(args.model, fp16=args.fp16, opset=args.opset, int8=args.int8, calib_data=args.calib_data)
     print(f"exported {Path(args.model) / graph['file']} (model id {graph['sha256'][:12]}, "
           f"parity {graph['parity']['max_rel_map_error']:.1e} of map range)")
     if "fp16_file" in graph:
         print(f"exported {Path(args.model) / graph['fp16_file']} "
               f"(parity {graph['fp16_parity']['max_rel_map_error']:.1e} of map range)")
+    if "int8_file" in graph:
+        print(f"exported {Path(args.model) / graph['int8_file']} "
+              f"(map correlation {graph['int8_check']['map_correlation']:.4f} on held-out good images)")
     return 0

@@ -81,7 +81,8 @@ def run_worker(spec: dict) -> dict:
     if spec["kind"] == "engine":
         from .engine import Engine
 
-        scorer = Engine(spec["bundle"], providers=spec["provider"], fp16=spec.get("fp16", False), threads=threads)
+        scorer = Engine(spec["bundle"], providers=spec["provider"], precision=spec.get("precision", "fp32"),
+                        threads=threads)
         label = {"providers": scorer.providers}
     else:
         from export.reference import NaiveScorer  # torch: only ever imported in this subprocess
@@ -129,7 +130,7 @@ def reference_unavailable(bundle_dir: Path) -> str | None:
     return None
 
 
-def run_bench(bundle_dir: str | Path, batches: list[int], providers: list[str], fp16: bool = False,
+def run_bench(bundle_dir: str | Path, batches: list[int], providers: list[str], precision: str = "fp32",
               iters: int = 20, reference: bool = True, threads: int | None = None,
               max_seconds: float = MAX_SECONDS) -> dict:
     bundle_dir = Path(bundle_dir)
@@ -138,15 +139,15 @@ def run_bench(bundle_dir: str | Path, batches: list[int], providers: list[str], 
     results = []
     for provider in providers:
         for batch in batches:
-            spec = {"kind": "engine", "bundle": str(bundle_dir), "provider": provider, "fp16": fp16,
+            spec = {"kind": "engine", "bundle": str(bundle_dir), "provider": provider, "precision": precision,
                     "batch": batch, "iters": iters, "threads": threads, "max_seconds": max_seconds}
             res = measure(spec)
-            res.update(provider=provider, fp16=fp16)
+            res.update(provider=provider, precision=precision)
             log.info("%s batch %d: %.1f images/s, p99 %.1f ms", "/".join(res["providers"]), batch,
                      res["images_per_s"], res["p99_ms"])
             results.append(res)
     report = {
-        "bundle": str(bundle_dir), "model_id": bundle.model_id(meta),
+        "bundle": str(bundle_dir), "model_id": bundle.model_id(meta), "precision": precision,
         "input": [meta["input"]["height"], meta["input"]["width"]],
         "layers": (meta.get("dfr") or {}).get("layer_spec"), "c_d": (meta.get("dfr") or {}).get("c_d"),
         "weights": (meta.get("weights") or {}).get("source"),
@@ -178,7 +179,7 @@ def run_bench(bundle_dir: str | Path, batches: list[int], providers: list[str], 
 def format_report(report: dict) -> str:
     lines = [f"bundle {report['bundle']} (model {report['model_id']}, {report['input'][0]}x{report['input'][1]}, "
              f"layers {report['layers']}, c_d {report['c_d']}, weights {report['weights']}, "
-             f"{report['host']['threads']} threads)",
+             f"{report['host']['threads']} threads, {report.get('precision', 'fp32')} graph)",
              f"{'providers':<34} {'batch':>5} {'images/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'peak MB':>8}"]
     rows = list(report["results"])
     ref = report.get("reference", {})
@@ -204,7 +205,7 @@ def cli_bench(args) -> int:
         parse_providers(p)  # unknown names fail here, before any worker starts
     if args.iters < 1:
         raise ConfigError(f"--iters must be >= 1, got {args.iters}")
-    report = run_bench(args.model, batches, providers, fp16=args.fp16, iters=args.iters,
+    report = run_bench(args.model, batches, providers, precision=args.precision, iters=args.iters,
                        reference=not args.no_reference)
     text = format_report(report)
     if args.json == "-":

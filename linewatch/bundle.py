@@ -5,6 +5,7 @@ Layout (see docs/BUNDLE.md):
   model.pt             build side: torch checkpoint (CAE weights + settings); not needed on a line PC
   model.onnx           the fused graph (uint8 N×H×W×3 BGR -> anomaly_map N×H×W, image_score N)
   model_fp16.onnx      optional fp16 graph
+  model_int8.onnx      optional int8 graph (CPU)
   calibration.json     current thresholds (written by `linewatch calibrate`)
   calibration_history/ previous calibrations, for rollback
 """
@@ -26,6 +27,13 @@ METADATA = "metadata.json"
 CHECKPOINT = "model.pt"
 GRAPH = "model.onnx"
 GRAPH_FP16 = "model_fp16.onnx"
+GRAPH_INT8 = "model_int8.onnx"
+# graph precision -> (metadata graph keys for its file and sha256, how to get it)
+PRECISIONS = {
+    "fp32": ("file", "sha256", "linewatch export"),
+    "fp16": ("fp16_file", "fp16_sha256", "linewatch export --fp16"),
+    "int8": ("int8_file", "int8_sha256", "linewatch export --int8"),
+}
 CALIBRATION = "calibration.json"
 CALIBRATION_HISTORY = "calibration_history"
 INPUT_NAME = "frames"

@@ -337,8 +337,19 @@ def _emit_json(target: str | None, result: dict) -> None:
         Path(target).write_text(text + "\n")
 
 
+def precision_for(args) -> str:
+    """--precision, else the daemon config's model.precision (thresholds must come from the graph that runs)."""
+    if getattr(args, "precision", None):
+        return args.precision
+    if getattr(args, "config", None):
+        from .config import load_config
+
+        return load_config(args.config).model.precision
+    return "fp32"
+
+
 def cli_rollback(args) -> int:
-    cal = rollback(args.model)
+    cal = rollback(args.model, precision_for(args))
     log.info("rolled back: calibration v%d restored as v%d (replacing v%d); pixel threshold %.6g",
              cal.restored_version, cal.version, cal.rolled_back_from, cal.pixel_threshold)
     _emit_json(args.json, {"rolled_back": True, "calibration": cal.to_dict(),
@@ -353,14 +364,16 @@ def cli_calibrate(args) -> int:
     from .engine import Engine
 
     bundle_dir = Path(args.model)
-    model_sha = graph_sha256(bundle_dir)
-    engine = Engine(bundle_dir)
+    precision = precision_for(args)
+    model_sha = graph_sha256(bundle_dir, precision)
+    engine = Engine(bundle_dir, precision=precision)
     frames, names, source = good_frames(args, engine.input_size)
     maps, scores = score_frames(engine, frames, "good samples")
     th = set_thresholds(maps, scores, args.fpr, args.image_fpr, args.holdout)
     settings = {**source, "n_images": len(frames), "holdout": args.holdout, "seed": SEED,
                 "regions_per_image": REGIONS_PER_IMAGE, "confidence": CONFIDENCE,
-                "input_size": list(engine.input_size), "providers": list(engine.providers), "linewatch": __version__}
+                "input_size": list(engine.input_size), "providers": list(engine.providers), "precision": precision,
+                "linewatch": __version__}
     cal = Calibration(
         version=next_version(bundle_dir), model_sha256=model_sha, pixel_threshold=th.pixel,
         image_threshold=th.image, min_defect_area=args.min_defect_area, fpr_target=args.fpr,

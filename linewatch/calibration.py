@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from . import bundle
-from .errors import BundleError
+from .errors import BundleError, ConfigError
 
 log = logging.getLogger("linewatch.calibration")
 
@@ -358,29 +358,42 @@ def calibration_from_dict(data: dict, source: str | Path) -> Calibration:
     return Calibration(**values)
 
 
-def graph_sha256(bundle_dir: str | Path) -> str:
-    """The exported graph's sha256 from the bundle metadata: the model a calibration belongs to."""
+def graph_sha256(bundle_dir: str | Path, precision: str = "fp32") -> str:
+    """sha256 of the bundle's graph of that precision: the model a calibration belongs to.
+
+    Thresholds bind to the graph that computed them: an int8 graph's scores differ from fp32's by up to a few
+    per cent of the range, enough to move a false-positive rate set at 0.5 %."""
+    if precision not in bundle.PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}: use {', '.join(bundle.PRECISIONS)}")
+    _, sha_key, how = bundle.PRECISIONS[precision]
     meta = bundle.read_metadata(bundle_dir)
-    sha = (meta.get("graph") or {}).get("sha256")
+    sha = (meta.get("graph") or {}).get(sha_key)
     if not isinstance(sha, str) or not sha:
-        raise BundleError(f"{Path(bundle_dir) / bundle.METADATA}: no graph.sha256: the bundle is not exported "
-                          "(run linewatch export before calibrating)")
+        raise BundleError(f"{Path(bundle_dir) / bundle.METADATA}: no graph.{sha_key}: the bundle has no {precision} "
+                          f"graph (run {how} before calibrating)")
     return sha
 
 
-def read_calibration_file(path: str | Path, expected_sha256: str | None) -> Calibration:
+def read_calibration_file(path: str | Path, expected_sha256: str | None, precision: str = "fp32",
+                          graph: dict | None = None) -> Calibration:
+    """A validated calibration file; with expected_sha256, refused unless it was set with that graph."""
     path = Path(path)
     cal = calibration_from_dict(bundle.read_json(path, "calibration"), path)
     if expected_sha256 is not None and cal.model_sha256 != expected_sha256:
-        raise BundleError(f"{path}: calibrated for model {cal.model_sha256[:12]}, but the bundle's graph is "
-                          f"{expected_sha256[:12]} (re-exported or replaced model): recalibrate")
+        other = [p for p, (_, key, _) in bundle.PRECISIONS.items() if (graph or {}).get(key) == cal.model_sha256]
+        if other:
+            raise BundleError(f"{path}: thresholds were set with the bundle's {other[0]} graph, but the model runs "
+                              f"its {precision} graph: run linewatch calibrate --precision {precision}")
+        raise BundleError(f"{path}: calibrated for model {cal.model_sha256[:12]}, but the bundle's {precision} graph "
+                          f"is {expected_sha256[:12]} (re-exported or replaced model): recalibrate")
     return cal
 
 
-def load_calibration(bundle_dir: str | Path) -> Calibration:
-    """The bundle's current calibration, validated against the schema and the bundle's graph hash."""
+def load_calibration(bundle_dir: str | Path, precision: str = "fp32") -> Calibration:
+    """The bundle's current calibration, validated against the schema and the hash of the graph that runs."""
     bundle_dir = Path(bundle_dir)
-    return read_calibration_file(bundle_dir / bundle.CALIBRATION, graph_sha256(bundle_dir))
+    return read_calibration_file(bundle_dir / bundle.CALIBRATION, graph_sha256(bundle_dir, precision), precision,
+                                 bundle.read_metadata(bundle_dir).get("graph"))
 
 
 def history_dir(bundle_dir: str | Path) -> Path:
@@ -447,11 +460,11 @@ def save_calibration(bundle_dir: str | Path, cal: Calibration) -> Path:
 
 
 def write_calibration(bundle_dir: str | Path, pixel_threshold: float, image_threshold: float | None = None,
-                      min_defect_area: int = 0, **fields: Any) -> Calibration:
+                      min_defect_area: int = 0, precision: str = "fp32", **fields: Any) -> Calibration:
     """Write set thresholds (e.g. chosen by hand or by a test) as the next version of the bundle's calibration."""
     bundle_dir = Path(bundle_dir)
     fields.setdefault("settings", {"source_kind": "manual"})
-    cal = Calibration(version=next_version(bundle_dir), model_sha256=graph_sha256(bundle_dir),
+    cal = Calibration(version=next_version(bundle_dir), model_sha256=graph_sha256(bundle_dir, precision),
                       pixel_threshold=float(pixel_threshold),
                       image_threshold=None if image_threshold is None else float(image_threshold),
                       min_defect_area=int(min_defect_area), previous_version=current_version(bundle_dir), **fields)
@@ -459,7 +472,7 @@ def write_calibration(bundle_dir: str | Path, pixel_threshold: float, image_thre
     return cal
 
 
-def rollback(bundle_dir: str | Path) -> Calibration:
+def rollback(bundle_dir: str | Path, precision: str = "fp32") -> Calibration:
     """Restore the calibration that was active before the current one, under a new version number.
 
     The restored file keeps the old thresholds and statistics, gets version = next_version (so a running daemon
@@ -467,15 +480,15 @@ def rollback(bundle_dir: str | Path) -> Calibration:
     Its `previous_version` is the restored one's, so repeated rollbacks walk further back in time.
     """
     bundle_dir = Path(bundle_dir)
-    sha = graph_sha256(bundle_dir)
-    current = load_calibration(bundle_dir)
+    sha = graph_sha256(bundle_dir, precision)
+    current = load_calibration(bundle_dir, precision)
     if current.previous_version is None:
         raise BundleError(f"{bundle_dir / bundle.CALIBRATION}: version {current.version} has no earlier "
                           "calibration to roll back to")
     source = history_path(bundle_dir, current.previous_version)
     if not source.is_file():
         raise BundleError(f"cannot roll back: {source} (version {current.previous_version}) is missing")
-    old = read_calibration_file(source, sha)
+    old = read_calibration_file(source, sha, precision, bundle.read_metadata(bundle_dir).get("graph"))
     restored = dataclasses.replace(old, version=next_version(bundle_dir), restored_version=old.version,
                                    rolled_back_from=current.version)
     save_calibration(bundle_dir, restored)

@@ -9,6 +9,7 @@ import logging
 import sys
 
 from . import __version__
+from .bundle import PRECISIONS
 from .errors import EXIT_CODES, LinewatchError
 
 EPILOG_EXIT = "exit codes: " + ", ".join(f"{k} {v}" for k, v in EXIT_CODES.items())
@@ -82,12 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlays", help="write anomaly-map overlay PNGs to this directory")
     p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
                    help="score with the torch model or the exported ONNX graph (auto: ONNX if exported)")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                   help="which exported graph scores (fp32, fp16, int8)")
 
     p = _cmd(sub, "export", "export.cli:cli_export",
              "Fuse VGG19 + regional generator + CAE into one ONNX graph inside the bundle.",
-             "  linewatch export models/bottle\n  linewatch export models/bottle --fp16")
+             "  linewatch export models/bottle\n  linewatch export models/bottle --fp16\n"
+             "  linewatch export models/bottle --int8 --calib-data data/bottle/train/good")
     p.add_argument("model", help="model bundle directory")
-    p.add_argument("--fp16", action="store_true", help="also write an fp16 graph (model_fp16.onnx)")
+    p.add_argument("--fp16", action="store_true", help="also write an fp16 graph (model_fp16.onnx, GPU)")
+    p.add_argument("--int8", action="store_true",
+                   help="also write an int8 graph (model_int8.onnx, CPU), ranges from good images")
+    p.add_argument("--calib-data", help="good images for the int8 ranges (default: the training data in metadata)")
     p.add_argument("--opset", type=int, default=17)
 
     # --- runtime (torch-free) -------------------------------------------------------------------------
@@ -97,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model bundle directory")
     p.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
     p.add_argument("--provider", default="auto", help="auto, cpu, cuda, tensorrt (comma-separated list)")
-    p.add_argument("--fp16", action="store_true", help="use the fp16 graph")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                   help="which exported graph: fp32, fp16 (GPU), int8 (CPU)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-reference", action="store_true", help="skip the naive torch reference")
     p.add_argument("--json", help="write results as JSON ('-' for stdout)")
@@ -119,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--defects", help="MVTec-layout folder with defects and masks for the report")
     p.add_argument("--report", help="report directory (default: MODEL/calibration_report)")
     p.add_argument("--rollback", action="store_true", help="restore the previous calibration")
+    p.add_argument("--precision", choices=list(PRECISIONS),
+                   help="graph to calibrate (fp32, fp16, int8): the one the daemon runs (default: --config's "
+                        "model.precision, else fp32)")
     p.add_argument("--json", help="write the result as JSON ('-' for stdout)")
 
     p = _cmd(sub, "run", "linewatch.daemon:cli_run",

@@ -17,6 +17,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from .bundle import PRECISIONS
 from .errors import ConfigError
 
 log = logging.getLogger("linewatch.config")
@@ -39,7 +40,8 @@ def _opt(default: Any = dataclasses.MISSING, *, doc: str = "", **rules: Any) -> 
 @dataclass(frozen=True)
 class ModelConfig:
     bundle: Path = _opt(exists="dir", doc="model bundle directory (metadata.json, model.onnx, calibration.json)")
-    fp16: bool = _opt(False, doc="use the bundle's fp16 graph")
+    precision: str = _opt("fp32", choices=PRECISIONS, doc="which of the bundle's graphs runs: fp32, fp16 (GPU), "
+                                                          "int8 (CPU); calibrate with the same one")
 
 
 @dataclass(frozen=True)

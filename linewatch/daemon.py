@@ -140,7 +140,7 @@ class Daemon:
         self.queue = FrameQueue()
         self.cameras = {c.name: Camera(c, self.queue) for c in cfg.cameras}
         self.stats = {name: CameraStats() for name in self.cameras}
-        self.model: Model = load_model(cfg.model.bundle, cfg.engine.providers, cfg.engine.threads, cfg.model.fp16,
+        self.model: Model = load_model(cfg.model.bundle, cfg.engine.providers, cfg.engine.threads, cfg.model.precision,
                                        cfg.engine.max_batch, warmup=cfg.engine.warmup)
         self.curve = self._curve_config()
         self.publisher = ResultPublisher(cfg.publish.endpoint, cfg.publish.hwm, self.curve,
@@ -336,7 +336,7 @@ class Daemon:
                 log.warning("reload: changes to %s need a restart; only the model section is reloaded",
                             ", ".join(changed))
             model = load_model(new_cfg.model.bundle, self.cfg.engine.providers, self.cfg.engine.threads,
-                               new_cfg.model.fp16, self.cfg.engine.max_batch, require_calibration=True,
+                               new_cfg.model.precision, self.cfg.engine.max_batch, require_calibration=True,
                                warmup=self.cfg.engine.warmup)
         except Exception as exc:
             log.error("reload refused, keeping model %s calibration %s: %s", self.model.model_id,

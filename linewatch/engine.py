@@ -55,16 +55,22 @@ def parse_providers(providers: str | Sequence[str]) -> tuple[list[str], bool]:
     return names, True
 
 
-def graph_file(bundle_dir: Path, meta: dict, fp16: bool) -> tuple[Path, str]:
+def check_precision(precision: str) -> str:
+    if precision not in bundle.PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}: use {', '.join(bundle.PRECISIONS)}")
+    return precision
+
+
+def graph_file(bundle_dir: Path, meta: dict, precision: str = "fp32") -> tuple[Path, str]:
     """(path of the graph to load, its expected sha256) from the bundle metadata."""
     meta_path = bundle_dir / bundle.METADATA
     graph = meta.get("graph")
     if not isinstance(graph, dict):
         raise BundleError(f"{meta_path}: no 'graph' section: the bundle is not exported (run linewatch export)")
-    file_key, sha_key = ("fp16_file", "fp16_sha256") if fp16 else ("file", "sha256")
+    file_key, sha_key, how = bundle.PRECISIONS[check_precision(precision)]
     if not graph.get(file_key) or not graph.get(sha_key):
-        what = "an fp16 graph (run linewatch export --fp16)" if fp16 else "a graph file and its sha256"
-        raise BundleError(f"{meta_path}: 'graph' does not name {what} ({file_key!r}, {sha_key!r})")
+        raise BundleError(f"{meta_path}: 'graph' does not name an {precision} graph ({file_key!r}, {sha_key!r}); "
+                          f"run {how}")
     path = bundle_dir / str(graph[file_key])
     if not path.is_file():
         raise BundleError(f"graph file named in {meta_path} not found: {path}")
@@ -75,7 +81,7 @@ def graph_file(bundle_dir: Path, meta: dict, fp16: bool) -> tuple[Path, str]:
     return path, actual
 
 
-def provider_options(name: str, bundle_dir: Path, fp16: bool, size: tuple[int, int], max_batch: int,
+def provider_options(name: str, bundle_dir: Path, precision: str, size: tuple[int, int], max_batch: int,
                      trt_cache_dir: Path | None) -> dict:
     h, w = size
     if name == TENSORRT:
@@ -89,7 +95,8 @@ def provider_options(name: str, bundle_dir: Path, fp16: bool, size: tuple[int, i
         return {
             "trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache),
             "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(cache),
-            "trt_fp16_enable": "True" if fp16 else "False",
+            "trt_fp16_enable": "True" if precision == "fp16" else "False",
+            "trt_int8_enable": "True" if precision == "int8" else "False",  # QDQ ranges come with the graph
             # one optimisation profile covering every batch size up to max_batch, so no rebuild per size
             "trt_profile_min_shapes": shape(1), "trt_profile_opt_shapes": shape(min(8, max_batch)),
             "trt_profile_max_shapes": shape(max_batch),
@@ -137,17 +144,17 @@ def _quiet_fallback(quiet: bool):
 class Engine:
     """Scores frames with a bundle's exported graph; implements the Scorer protocol of docs/DESIGN.md."""
 
-    def __init__(self, bundle_dir: str | Path, providers: str | Sequence[str] = "auto", fp16: bool = False,
+    def __init__(self, bundle_dir: str | Path, providers: str | Sequence[str] = "auto", precision: str = "fp32",
                  threads: int | None = None, trt_cache_dir: str | Path | None = None, max_batch: int = 32,
                  cpu_arena: bool = False):
         ort = _ort()
         self.bundle_dir = Path(bundle_dir)
         self.metadata = bundle.read_metadata(self.bundle_dir)
         self.model_id = bundle.model_id(self.metadata)
-        self.fp16 = bool(fp16)
+        self.precision = check_precision(precision)
         h, w = int(self.metadata["input"]["height"]), int(self.metadata["input"]["width"])
         self.input_size = (h, w)
-        self.graph_path, self.graph_sha256 = graph_file(self.bundle_dir, self.metadata, self.fp16)
+        self.graph_path, self.graph_sha256 = graph_file(self.bundle_dir, self.metadata, self.precision)
 
         wanted, explicit = parse_providers(providers)
         asked = list(wanted) if explicit else []  # before the fallbacks below are added
@@ -155,7 +162,7 @@ class Engine:
             wanted.insert(wanted.index(TENSORRT) + 1, CUDA)  # nodes TensorRT rejects run on CUDA, not the CPU
         if CPU not in wanted:
             wanted = wanted + [CPU]  # ONNX Runtime places nodes a GPU provider cannot run on the CPU
-        options = [provider_options(p, self.bundle_dir, self.fp16, self.input_size, max_batch, trt_cache_dir)
+        options = [provider_options(p, self.bundle_dir, self.precision, self.input_size, max_batch, trt_cache_dir)
                    for p in wanted]
         if any(p in GPU_PROVIDERS for p in wanted):
             with _quiet_fallback(quiet=True):
@@ -185,8 +192,8 @@ class Engine:
         self._device = "cuda" if self.providers[0] in GPU_PROVIDERS else "cpu"
         self._lock = threading.Lock()
         self._bindings: dict[int, tuple] = {}
-        log.info("engine %s: %s on %s (%dx%d%s)", self.model_id, self.graph_path.name,
-                 ", ".join(self.providers), h, w, ", fp16" if self.fp16 else "")
+        log.info("engine %s: %s on %s (%dx%d, %s)", self.model_id, self.graph_path.name,
+                 ", ".join(self.providers), h, w, self.precision)
 
     def _check_io(self) -> None:
         h, w = self.input_size

@@ -36,15 +36,17 @@ class Scorer(Protocol):
     def score(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
-def load_scorer(bundle_dir: str | Path, backend: str = "auto"):
+def load_scorer(bundle_dir: str | Path, backend: str = "auto", precision: str = "fp32"):
     """The bundle's exported ONNX graph (Engine) or its torch model (TorchScorer; imports torch only here)."""
     bundle_dir = Path(bundle_dir)
     if backend == "auto":
-        backend = "onnx" if "graph" in bundle.read_metadata(bundle_dir) else "torch"
+        backend = "onnx" if "graph" in bundle.read_metadata(bundle_dir) or precision != "fp32" else "torch"
     if backend == "onnx":
         from .engine import Engine
 
-        return Engine(bundle_dir), "onnx"
+        return Engine(bundle_dir, precision=precision), "onnx"
+    if precision != "fp32":
+        raise BundleError(f"--precision {precision} needs the exported graph (--backend onnx), not the torch model")
     if backend == "torch":
         from .build.model import TorchScorer
 
@@ -170,14 +172,15 @@ def write_json(result: dict, target: str) -> None:
 
 
 def cli_eval(args) -> int:
-    scorer, backend = load_scorer(args.model, args.backend)
+    scorer, backend = load_scorer(args.model, args.backend, args.precision)
     t0 = time.perf_counter()
     result = evaluate_scorer(scorer, args.data, progress=True, overlays_dir=args.overlays)
     meta = bundle.read_metadata(args.model)
-    result = {"model": str(args.model), "backend": backend,
+    result = {"model": str(args.model), "backend": backend, "precision": args.precision,
               "model_id": bundle.model_id(meta),
               "seconds": round(time.perf_counter() - t0, 3), **result}
-    print(f"{args.data} ({backend}, {result['overall']['n_defect']} defect + {result['overall']['n_good']} good "
+    label = backend if backend == "torch" else f"{backend} {args.precision}"
+    print(f"{args.data} ({label}, {result['overall']['n_defect']} defect + {result['overall']['n_good']} good "
           f"images, PRO to FPR {result['pro_fpr_limit']})\n{format_table(result)}", file=sys.stderr)
     if args.overlays:
         print(f"overlays: {result['overlays']['dir']} (grid: {result['overlays']['grid']})", file=sys.stderr)

@@ -42,17 +42,17 @@ class Model:
         return None if self.calibration is None else int(self.calibration.version)
 
 
-def load_calibration_or_reason(bundle_dir: Path) -> tuple[Any | None, str | None]:
+def load_calibration_or_reason(bundle_dir: Path, precision: str = "fp32") -> tuple[Any | None, str | None]:
     """(calibration, None), or (None, why) when the bundle is not calibrated (results are then ERROR)."""
     if not (bundle_dir / bundle.CALIBRATION).is_file():
         return None, f"uncalibrated: no {bundle.CALIBRATION} in {bundle_dir} (run linewatch calibrate)"
     from .calibration import load_calibration
 
-    return load_calibration(bundle_dir), None
+    return load_calibration(bundle_dir, precision), None
 
 
 def load_model(bundle_dir: Path, providers: tuple[str, ...] = ("auto",), threads: int = 0,
-               fp16: bool = False, max_batch: int = 8, require_calibration: bool = False,
+               precision: str = "fp32", max_batch: int = 8, require_calibration: bool = False,
                warmup: bool = False) -> Model:
     """Load and check a bundle. With require_calibration (reload), a bad calibration raises instead of
     degrading to uncalibrated, so the caller can keep the model it has."""
@@ -60,11 +60,12 @@ def load_model(bundle_dir: Path, providers: tuple[str, ...] = ("auto",), threads
 
     bundle_dir = Path(bundle_dir)
     meta = bundle.read_metadata(bundle_dir)
-    engine = Engine(bundle_dir, providers=list(providers), fp16=fp16, threads=threads or None, max_batch=max_batch)
+    engine = Engine(bundle_dir, providers=list(providers), precision=precision, threads=threads or None,
+                    max_batch=max_batch)
     if warmup:
         warm_up(engine, max_batch)
     try:
-        calibration, reason = load_calibration_or_reason(bundle_dir)
+        calibration, reason = load_calibration_or_reason(bundle_dir, precision)
     except LinewatchError as exc:
         if require_calibration:
             raise

@@ -67,6 +67,8 @@ def test_minimal_config_gets_defaults_and_resolves_relative_paths(workdir):
     ({"cameras": []}, "cameras", "non-empty"),
     ({"model": {"bundle": "missing_bundle"}}, "model.bundle", "does not exist"),
     ({"model": {}}, "model.bundle", "required key missing"),
+    ({"model": {"bundle": "bundle", "precision": "int4"}}, "model.precision", "one of fp32, fp16, int8"),
+    ({"model": {"bundle": "bundle", "fp16": True}}, "model.fp16", "unknown key"),
     ({"security": {"curve": True}}, "security.server_secret_key_file", "required key missing"),
     ({"archive": {"enabled": True}}, "archive.dir", "required key missing"),
 ])

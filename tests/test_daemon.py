@@ -8,10 +8,8 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -25,7 +23,7 @@ from onnx import TensorProto, helper
 
 from linewatch import bundle
 from tests.bundles import make_deviation_bundle
-from tests.test_sd_notify import fill_queue
+from tests.notify_socket import NotifySocket, fill_queue
 from tests.streams import MjpegServer, free_port, grey, with_white_square, write_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,34 +67,6 @@ def write_config(tmp_path: Path, bundle_dir: Path, cameras: list[dict], **sectio
     path = tmp_path / "linewatch.yaml"
     path.write_text(yaml.safe_dump(data))
     return path, endpoint
-
-
-class NotifySocket:
-    """A real sd_notify datagram socket, as systemd gives a Type=notify service: read continuously by a thread
-    (as systemd does), or never read (`reading=False`: a receiver that has stalled, its queue soon full)."""
-
-    def __init__(self, path: Path, reading: bool = True):
-        self.path = str(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.sock.settimeout(0.05)
-        self.messages: list[str] = []
-        if reading:
-            threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        while True:
-            try:
-                self.messages.append(self.sock.recv(4096).decode())
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-
-    def drain(self) -> list[str]:
-        """What was received so far (the reader thread keeps appending)."""
-        time.sleep(0.06)
-        return self.messages
 
 
 def start_daemon(config: Path, tmp_path: Path, notify: NotifySocket | None = None) -> subprocess.Popen:

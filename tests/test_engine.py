@@ -90,9 +90,13 @@ def test_not_exported_bundle(bundle_copy):
         Engine(bundle_copy)
 
 
-def test_missing_fp16_graph(bundle_copy):
-    with pytest.raises(BundleError, match="fp16"):
-        Engine(bundle_copy, fp16=True)
+def test_missing_reduced_precision_graphs_name_the_export_flag(bundle_copy):
+    with pytest.raises(BundleError, match="linewatch export --fp16"):
+        Engine(bundle_copy, precision="fp16")
+    with pytest.raises(BundleError, match="linewatch export --int8"):
+        Engine(bundle_copy, precision="int8")
+    with pytest.raises(ConfigError, match="unknown precision 'int4'"):
+        Engine(bundle_copy, precision="int4")
 
 
 def test_graph_hash_mismatch(bundle_copy):

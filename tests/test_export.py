@@ -10,13 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import onnx
 import pytest
 import torch
 
-from export.cli import FP16_TOLERANCE, FP32_TOLERANCE, relative_map_error
+from export.cli import FP16_TOLERANCE, FP32_TOLERANCE, INT8_MIN_CORRELATION, relative_map_error
 from export.graph import FusedDFR
+from export.quantize import QUANTISED_PREFIXES
 from export.synthetic import make_untrained_bundle
 from linewatch import bundle
 from linewatch.build.model import DFR, DFRConfig, load_model
@@ -37,22 +39,34 @@ def torch_maps(bundle_dir, frames):
     return amap.numpy(), score.numpy()
 
 
+def good_parts(n: int, size: int, seed: int) -> np.ndarray:
+    """Mid-grey parts with noise, as tests.test_evaluate.make_category draws its good images."""
+    rng = np.random.default_rng(seed)
+    grey = np.clip(128 + rng.integers(-20, 21, (n, size, size)), 0, 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=3)
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """64² f_{1:9} (maps down to 8², coarser than the 16² grid) with BatchNorm, exported by the real CLI."""
-    path = make_untrained_bundle(tmp_path_factory.mktemp("export") / "b", "1:9", 64, c_d=24, random_init=True,
-                                 batchnorm=True, seed=3)
-    result = subprocess.run([sys.executable, "-m", "linewatch.cli", "export", str(path), "--fp16"],
-                            capture_output=True, text=True, timeout=300)
+    """64² f_{1:9} (maps down to 8², coarser than the 16² grid) with BatchNorm, exported by the real CLI, with
+    fp16 and int8 graphs (int8 ranges from 8 good images on disk)."""
+    root = tmp_path_factory.mktemp("export")
+    good = root / "good"
+    good.mkdir()
+    for i, img in enumerate(good_parts(8, 64, seed=5)):
+        assert cv2.imwrite(str(good / f"{i:03d}.png"), img)
+    path = make_untrained_bundle(root / "b", "1:9", 64, c_d=24, random_init=True, batchnorm=True, seed=3)
+    result = subprocess.run([sys.executable, "-m", "linewatch.cli", "export", str(path), "--fp16", "--int8",
+                             "--calib-data", str(good)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "exported" in result.stdout
+    assert "exported" in result.stdout and "model_int8.onnx" in result.stdout
     return path
 
 
 def test_graph_contract_and_metadata(exported):
     meta = bundle.read_metadata(exported)
     graph = meta["graph"]
-    for key in ("file", "fp16_file"):
+    for key in ("file", "fp16_file", "int8_file"):
         path = exported / graph[key]
         onnx.checker.check_model(str(path), full_check=True)
         model = onnx.load(str(path))
@@ -65,6 +79,8 @@ def test_graph_contract_and_metadata(exported):
         assert not {n.op_type for n in model.graph.node} & {"BatchNormalization", "Greater", "Less", "Where"}
     assert graph["sha256"] == bundle.sha256_file(exported / graph["file"])
     assert graph["fp16_sha256"] == bundle.sha256_file(exported / graph["fp16_file"])
+    assert graph["int8_sha256"] == bundle.sha256_file(exported / graph["int8_file"])
+    assert graph["int8_calibration_images"] == 6 and graph["int8_check"]["frames"] == 2  # every 4th held out
     assert graph["opset"] == 17 and graph["parity"]["max_rel_map_error"] <= FP32_TOLERANCE
     assert bundle.model_id(meta) == graph["sha256"][:12]
 
@@ -83,12 +99,69 @@ def test_fp32_graph_matches_torch_model_at_any_batch_size(exported):
 
 
 def test_fp16_graph_close_to_torch_model(exported):
-    engine = Engine(exported, providers="cpu", fp16=True)
+    engine = Engine(exported, providers="cpu", precision="fp16")
     frames = frames_for(64, 2, 21)
     ref_map, _ = torch_maps(exported, frames)
     maps, scores = engine.score(frames)
     assert maps.dtype == np.float32 and scores.dtype == np.float32
     assert relative_map_error(ref_map, maps) <= FP16_TOLERANCE
+
+
+def test_int8_graph_quantises_the_heavy_convolutions_and_tracks_the_torch_model(exported):
+    model = onnx.load(str(exported / bundle.GRAPH_INT8))
+    ops = [n.op_type for n in model.graph.node]
+    fp32_convs = [n.name for n in onnx.load(str(exported / bundle.GRAPH)).graph.node if n.op_type == "Conv"]
+    quantised = [n for n in fp32_convs if n.startswith(QUANTISED_PREFIXES)]
+    assert len(quantised) == 2 + 1  # the CAE's first layer (fine + coarse part) and its last layer
+    dequantised = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    weights = {i.name: i for i in model.graph.initializer}
+    vgg = [n for n in model.graph.node if n.op_type == "Conv" and n.name.startswith("/body.")]
+    assert len(vgg) == 9 and all(weights[n.input[1]].data_type == onnx.TensorProto.FLOAT for n in vgg)
+    int8_weights = [w for w in dequantised if w in weights and weights[w].data_type == onnx.TensorProto.INT8]
+    assert len(int8_weights) == len(quantised)  # each quantised conv's weights stored as int8
+    assert ops.count("QuantizeLinear") >= len(quantised)
+    engine = Engine(exported, providers="cpu", precision="int8")
+    frames = good_parts(3, 64, seed=9)  # good parts it was not calibrated on
+    ref_map, _ = torch_maps(exported, frames)
+    maps, scores = engine.score(frames)
+    assert maps.dtype == np.float32 and maps.shape == ref_map.shape
+    assert np.corrcoef(ref_map.ravel(), maps.ravel())[0, 1] >= INT8_MIN_CORRELATION
+    assert 0 < relative_map_error(ref_map, maps) < 0.5  # quantised for real, yet the same map
+    check = bundle.read_metadata(exported)["graph"]["int8_check"]
+    assert check["map_correlation"] >= check["min_correlation"] == INT8_MIN_CORRELATION
+
+
+def test_int8_export_without_good_images_says_how_to_give_them(tmp_path):
+    path = make_untrained_bundle(tmp_path / "b", "1:4", 32, c_d=8, random_init=True)
+    result = subprocess.run([sys.executable, "-m", "linewatch.cli", "export", str(path), "--int8"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "--calib-data" in result.stderr
+    few = tmp_path / "few"
+    few.mkdir()
+    for i, img in enumerate(good_parts(2, 32, seed=1)):
+        cv2.imwrite(str(few / f"{i}.png"), img)
+    result = subprocess.run([sys.executable, "-m", "linewatch.cli", "export", str(path), "--int8", "--calib-data",
+                             str(few)], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "at least 4 good images" in result.stderr and str(few) in result.stderr
+    assert not (path / bundle.GRAPH_INT8).exists()
+
+
+def test_calibration_binds_to_the_graph_precision_it_was_set_with(exported, tmp_path):
+    import shutil
+
+    from linewatch.calibration import load_calibration, write_calibration
+    from linewatch.inference import load_model as load_runtime_model
+
+    model = tmp_path / "m"
+    shutil.copytree(exported, model)
+    cal = write_calibration(model, 0.5, precision="int8")
+    assert cal.model_sha256 == bundle.read_metadata(model)["graph"]["int8_sha256"]
+    assert load_calibration(model, "int8").pixel_threshold == 0.5
+    with pytest.raises(Exception, match=r"set with the bundle's int8 graph.*runs its fp32 graph.*--precision fp32"):
+        load_calibration(model, "fp32")
+    runtime = load_runtime_model(model, ("cpu",), precision="fp32")
+    assert runtime.calibration is None and "int8" in runtime.uncalibrated_reason  # every result ERROR, not OK
+    assert load_runtime_model(model, ("cpu",), precision="int8").calibration.pixel_threshold == 0.5
 
 
 @pytest.mark.parametrize("convention,padding", [("torchvision", "reflect"), ("caffe", "zero")])
@@ -109,13 +182,20 @@ def test_reexport_replaces_stale_fp16_graph_and_trt_cache(tmp_path):
     from export.cli import export_bundle
 
     export_bundle(path, fp16=True)
+    for i, img in enumerate(good_parts(4, 32, seed=2)):
+        cv2.imwrite(str(path / f"good{i}.png"), img)
+    export_bundle(path, int8=True, calib_data=path)
+    assert (path / bundle.GRAPH_INT8).exists() and not (path / bundle.GRAPH_FP16).exists()
     (path / "trt_cache").mkdir()
     (path / "trt_cache" / "old.engine").write_bytes(b"x")
     graph = export_bundle(path, fp16=False)
     assert "fp16_file" not in graph and not (path / bundle.GRAPH_FP16).exists()
+    assert "int8_file" not in graph and not (path / bundle.GRAPH_INT8).exists()
     assert not (path / "trt_cache").exists()
     with pytest.raises(Exception, match="fp16"):
-        Engine(path, fp16=True)
+        Engine(path, precision="fp16")
+    with pytest.raises(Exception, match="linewatch export --int8"):
+        Engine(path, precision="int8")
 
 
 def test_export_without_checkpoint_names_the_file(tmp_path):
@@ -128,17 +208,19 @@ def test_export_without_checkpoint_names_the_file(tmp_path):
     assert "graph" not in json.loads((path / bundle.METADATA).read_text())
 
 
-def test_fp16_metrics_match_fp32_on_a_small_category(exported, tmp_path):
-    """benchmarks/fp16_parity.py end to end: both graphs evaluated on an MVTec-layout set, metrics compared."""
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_reduced_precision_metrics_match_fp32_on_a_small_category(exported, tmp_path, precision):
+    """benchmarks/precision_parity.py end to end: both graphs evaluated on an MVTec-layout set, metrics compared."""
     from tests.test_evaluate import make_category
 
     category = make_category(tmp_path / "cat", size=64, noise=20, defect_offset=60, seed=4)
     out = tmp_path / "parity.json"
-    result = subprocess.run([sys.executable, "benchmarks/fp16_parity.py", str(exported), "--data", str(category),
-                             "--provider", "cpu", "--json", str(out)], capture_output=True, text=True, timeout=300,
-                            cwd=Path(__file__).resolve().parents[1])
+    result = subprocess.run([sys.executable, "benchmarks/precision_parity.py", str(exported), "--data",
+                             str(category), "--precision", precision, "--provider", "cpu", "--json", str(out)],
+                            capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())
+    assert report["precision"] == precision
     scopes = {r["scope"] for r in report["rows"]}
     assert scopes == {"overall", "big", "small"} and len(report["rows"]) == 9
     overall = [r for r in report["rows"] if r["scope"] == "overall"]
@@ -148,7 +230,7 @@ def test_fp16_metrics_match_fp32_on_a_small_category(exported, tmp_path):
 
 def test_parity_tolerance_allows_one_image_pair_per_type_and_nothing_more():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from fp16_parity import compare
+    from precision_parity import compare
 
     def result(pixel, image_type):
         t = {"pixel_roc_auc": pixel, "pro_auc": 0.5, "image_roc_auc": image_type, "n_good": 15, "n_defect": 10}
@@ -157,3 +239,38 @@ def test_parity_tolerance_allows_one_image_pair_per_type_and_nothing_more():
     assert compare(result(0.9, 0.4667), result(0.9, 0.4733))["ok"]  # one of 150 pairs swapped
     assert not compare(result(0.9, 0.4667), result(0.9, 0.4800))["ok"]  # two pairs
     assert not compare(result(0.9000, 0.5), result(0.9025, 0.5))["ok"]  # pixel metric: 0.002 holds
+
+
+def test_calibrate_cli_scores_with_the_precision_it_is_given(exported, tmp_path):
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(exported, model)
+    good = tmp_path / "good"
+    good.mkdir()
+    for i, img in enumerate(good_parts(12, 64, seed=13)):
+        cv2.imwrite(str(good / f"{i:03d}.png"), img)
+    result = subprocess.run([sys.executable, "-m", "linewatch.cli", "calibrate", str(model), "--good", str(good),
+                             "--fpr", "0.05", "--precision", "int8", "--json", "-"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    graph = bundle.read_metadata(model)["graph"]
+    assert report["calibration"]["model_sha256"] == graph["int8_sha256"] != graph["sha256"]
+    assert report["calibration"]["settings"]["precision"] == "int8"
+
+
+def test_eval_cli_scores_with_the_int8_graph_when_asked(exported, tmp_path):
+    from tests.test_evaluate import make_category
+
+    category = make_category(tmp_path / "cat", size=64, noise=20, defect_offset=60, seed=4)
+    result = subprocess.run([sys.executable, "-m", "linewatch.cli", "eval", str(exported), "--data", str(category),
+                             "--precision", "int8", "--json", "-"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["backend"] == "onnx" and report["precision"] == "int8" and "(onnx int8," in result.stderr
+    assert 0.5 < report["overall"]["pixel_roc_auc"] <= 1.0
+    refused = subprocess.run([sys.executable, "-m", "linewatch.cli", "eval", str(exported), "--data", str(category),
+                              "--precision", "int8", "--backend", "torch"], capture_output=True, text=True,
+                             timeout=300)
+    assert refused.returncode != 0 and "--backend onnx" in refused.stderr

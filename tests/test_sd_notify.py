@@ -6,19 +6,7 @@ import socket
 import time
 
 from linewatch.sd_notify import SystemdNotifier
-
-
-def fill_queue(path: str) -> int:
-    """Queue datagrams until the kernel refuses more (max_dgram_qlen differs between machines)."""
-    sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sender.setblocking(False)
-    n = 0
-    try:
-        while True:
-            sender.sendto(b"FILL", path)
-            n += 1
-    except BlockingIOError:
-        return n
+from tests.notify_socket import fill_queue
 
 
 def test_messages_arrive_and_a_full_queue_drops_instead_of_blocking(tmp_path):

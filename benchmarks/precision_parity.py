@@ -1,9 +1,10 @@
-"""fp16 graph vs fp32 graph on the dev benchmark: evaluation metrics must agree within 0.002 (issue 3).
+"""fp16 or int8 graph vs the fp32 graph on the dev benchmark: evaluation metrics must agree within 0.002 (issue 3).
 
-  python benchmarks/fp16_parity.py MODEL_DIR --data data/devset/brick [--provider cpu] [--json out.json]
+  python benchmarks/precision_parity.py MODEL_DIR --data data/devset/brick [--precision fp16|int8]
+                                        [--provider cpu] [--json out.json]
 
-The bundle must be exported with `linewatch export MODEL_DIR --fp16`. Exit 1 when any metric differs by more
-than its tolerance (0.002; per-type image ROC-AUC: one swapped image pair, see `compare`).
+The bundle must be exported with `linewatch export MODEL_DIR --fp16` (or `--int8`). Exit 1 when any metric differs
+by more than its tolerance (0.002; per-type image ROC-AUC: one swapped image pair, see `compare`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ METRICS = ("pixel_roc_auc", "pro_auc", "image_roc_auc")
 TOLERANCE = 0.002
 
 
-def compare(fp32: dict, fp16: dict, tolerance: float = TOLERANCE) -> dict:
+def compare(fp32: dict, other: dict, tolerance: float = TOLERANCE) -> dict:
     """Per metric (overall and per defect type): both values, |difference| and the tolerance it is held to.
 
     `ok` when every difference is within its tolerance. An image ROC-AUC over few images moves in steps of
@@ -33,13 +34,13 @@ def compare(fp32: dict, fp16: dict, tolerance: float = TOLERANCE) -> dict:
     rows = []
     for scope in ["overall", *sorted(fp32["per_type"])]:
         a = fp32["overall"] if scope == "overall" else fp32["per_type"][scope]
-        b = fp16["overall"] if scope == "overall" else fp16["per_type"][scope]
+        b = other["overall"] if scope == "overall" else other["per_type"][scope]
         for name in METRICS:
             tol = tolerance
             if name == "image_roc_auc" and scope != "overall":
                 tol = max(tolerance, 1.0 / (a["n_good"] * a["n_defect"]) + 1e-12)
             diff = abs(a[name] - b[name])
-            rows.append({"scope": scope, "metric": name, "fp32": a[name], "fp16": b[name], "diff": diff,
+            rows.append({"scope": scope, "metric": name, "fp32": a[name], "other": b[name], "diff": diff,
                          "tolerance": tol, "ok": diff <= tol})
     return {"tolerance": tolerance, "rows": rows, "ok": all(r["ok"] for r in rows)}
 
@@ -48,18 +49,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model")
     p.add_argument("--data", required=True, help="MVTec-layout category directory")
+    p.add_argument("--precision", choices=["fp16", "int8"], default="fp16", help="the graph compared with fp32")
     p.add_argument("--provider", default="auto")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--json")
     args = p.parse_args(argv)
     results = {}
-    for precision, fp16 in (("fp32", False), ("fp16", True)):
-        engine = Engine(args.model, providers=args.provider, fp16=fp16)
+    for precision in ("fp32", args.precision):
+        engine = Engine(args.model, providers=args.provider, precision=precision)
         results[precision] = evaluate_scorer(engine, args.data, batch=args.batch)
-    report = compare(results["fp32"], results["fp16"])
-    report["providers"] = engine.providers
+    report = compare(results["fp32"], results[args.precision])
+    report.update(precision=args.precision, providers=engine.providers)
     for r in report["rows"]:
-        print(f"{r['scope']:<12} {r['metric']:<14} fp32 {r['fp32']:.4f}  fp16 {r['fp16']:.4f}  diff {r['diff']:.4f}"
+        print(f"{r['scope']:<12} {r['metric']:<14} fp32 {r['fp32']:.4f}  {args.precision} {r['other']:.4f}  "
+              f"diff {r['diff']:.4f}"
               f"  (<= {r['tolerance']:.4f}{'' if r['ok'] else ' FAIL'})")
     worst = max(report["rows"], key=lambda r: r["diff"] / r["tolerance"])
     print(f"{'OK' if report['ok'] else 'FAIL'}: largest difference {max(r['diff'] for r in report['rows']):.4f}; "
