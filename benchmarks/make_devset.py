@@ -2,8 +2,14 @@
 
 Each category is one 512×512 grey photo (skimage.data.brick / grass / gravel). Training crops come from the top
 rows of the photo and test crops from the bottom rows, so no test pixel was ever seen in training. Defects are
-synthesised with pyimgano 0.9.1 (`pyimgano.synthesis`: scratch, crack, pit and stain presets, and its CutPaste),
-applied at the output size so the ground-truth masks are exact. Deterministic for a given --seed.
+synthesised with pyimgano 0.9.1 (`pyimgano.synthesis`: scratch, crack, pit and stain presets, its CutPaste, and a
+DRAEM-style paste of a foreign texture), applied at the output size so the ground-truth masks are exact.
+Deterministic for a given --seed; defect types are drawn in DEFECT_TYPES order, so adding a type at the end leaves
+every earlier image unchanged.
+
+`draem` follows DRAEM (Zavrtanik et al., ICCV 2021): a Perlin-noise mask (2^k noise scales), a crop of a foreign
+texture (grey skimage photos that are not a category: camera, coins, moon, page, text, clock, cell) blended in with
+opacity β ∈ [0.1, 1]; the whole mask is the ground truth whatever β is, as in DRAEM.
 
   pip install --no-deps pyimgano==0.9.1     # MIT; its other runtime deps are already ours
   python benchmarks/make_devset.py --out data/devset
@@ -21,7 +27,10 @@ import cv2
 import numpy as np
 
 CATEGORIES = ("brick", "grass", "gravel")
-DEFECT_TYPES = ("scratch", "crack", "pit", "stain", "cutpaste")
+DEFECT_TYPES = ("scratch", "crack", "pit", "stain", "cutpaste", "draem")
+FOREIGN_SOURCES = ("camera", "coins", "moon", "page", "text", "clock", "cell")  # DRAEM's anomaly source textures
+DRAEM_OPACITY = (0.1, 1.0)
+DRAEM_THRESHOLD = (0.6, 0.8)  # on pyimgano's [0, 1] fractal Perlin noise: masks of ~5-35 % of the image
 TRAIN_ROWS = (0.0, 0.6)  # fraction of the photo's rows for training crops
 TEST_ROWS = (0.6, 1.0)
 SYNTH_TRIES = 20
@@ -62,14 +71,39 @@ def cut(image: np.ndarray, spec: dict, size: int) -> np.ndarray:
     return cv2.cvtColor(patch, cv2.COLOR_GRAY2BGR)
 
 
-def synthesise(image: np.ndarray, defect: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def foreign_bank():
+    """pyimgano TextureSourceBank of the DRAEM anomaly sources (grey photos shipped with scikit-image)."""
+    from pyimgano.synthesis import TextureSourceBank
+    from skimage import data
+
+    return TextureSourceBank([np.asarray(getattr(data, name)(), dtype=np.uint8) for name in FOREIGN_SOURCES])
+
+
+def draem(image: np.ndarray, rng: np.random.Generator, bank) -> tuple[np.ndarray, np.ndarray]:
+    """DRAEM-style anomaly: foreign texture under a thresholded Perlin mask, blended with opacity β."""
+    from pyimgano.synthesis import fractal_perlin_noise_2d
+    from pyimgano.synthesis.blend import alpha_blend
+
+    h, w = image.shape[:2]
+    res = (2 ** int(rng.integers(1, 5)), 2 ** int(rng.integers(1, 5)))
+    noise = fractal_perlin_noise_2d((h, w), res, rng=rng, octaves=3)
+    mask = np.where(noise >= rng.uniform(*DRAEM_THRESHOLD), 255, 0).astype(np.uint8)
+    overlay = bank.sample_overlay((h, w), rng=rng, color_jitter=0.0)
+    out = alpha_blend(image, overlay, mask, alpha=float(rng.uniform(*DRAEM_OPACITY)))
+    return out, mask
+
+
+def synthesise(image: np.ndarray, defect: str, rng: np.random.Generator,
+               bank=None) -> tuple[np.ndarray, np.ndarray]:
     """(defective BGR image, uint8 mask 0/255) from pyimgano; retried until the mask is non-trivial."""
     from pyimgano.synthesis import AnomalySynthesizer, SynthSpec
     from pyimgano.synthesis.cutpaste import cutpaste
 
-    synth = None if defect == "cutpaste" else AnomalySynthesizer(SynthSpec(preset=defect))
+    synth = None if defect in ("cutpaste", "draem") else AnomalySynthesizer(SynthSpec(preset=defect))
     for _ in range(SYNTH_TRIES):
-        if synth is None:
+        if defect == "draem":
+            out, mask = draem(image, rng, bank if bank is not None else foreign_bank())
+        elif synth is None:
             out, mask = cutpaste(image, rng=rng, variant="3way")
         else:
             result = synth.synthesize(image, rng=rng)
@@ -112,10 +146,11 @@ def make_category(out: Path, category: str, size: int, crop: int, n_train: int, 
     for i in range(n_good):
         spec = crop_spec(rng, source.shape, TEST_ROWS, crop)
         add(f"test/good/{i:03d}.png", spec, cut(source, spec, size))
+    bank = foreign_bank() if "draem" in defects else None
     for defect in defects:
         for i in range(n_defect):
             spec = crop_spec(rng, source.shape, TEST_ROWS, crop)
-            image, mask = synthesise(cut(source, spec, size), defect, rng)
+            image, mask = synthesise(cut(source, spec, size), defect, rng, bank)
             add(f"test/{defect}/{i:03d}.png", spec, image, defect, mask)
     from pyimgano import __version__ as pyimgano_version
 

@@ -118,7 +118,9 @@ class FusedDFR(nn.Module):
         self.last_neg.weight.data.neg_()
         self.last_neg.bias.data.neg_()
         self.channel_mean = nn.Conv2d(cae.c_o, 1, 1, bias=False)
-        self.channel_mean.weight.data.fill_(1.0 / cae.c_o)
+        # the channel mean of squares, with the standardised score's 1/std² folded in (free at run time)
+        weight = model.error_weight if cfg.score != "mean_sq_error" else torch.ones(cae.c_o)
+        self.channel_mean.weight.data = (weight.detach().float() / cae.c_o).view(1, -1, 1, 1).clone()
         if fp16:
             self.half_()
 

@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--align", choices=["nearest", "bilinear"])
     p.add_argument("--epochs", type=int)
     p.add_argument("--latent", type=int, help="override c_d (default: PCA at 90%% variance)")
+    p.add_argument("--score", choices=["standardised_sq_error", "mean_sq_error"],
+                   help="per-region error (default standardised_sq_error; the paper's: mean_sq_error)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")

@@ -17,7 +17,7 @@ from linewatch.evaluate import evaluate_scorer
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
-DEFECTS = ["crack", "cutpaste", "pit", "scratch", "stain"]
+DEFECTS = ["crack", "cutpaste", "draem", "pit", "scratch", "stain"]
 
 
 def make_devset(out: Path, *extra: str) -> None:
@@ -139,3 +139,14 @@ def test_run_devbench_trains_evaluates_and_tabulates(devset, tmp_path):
                            "--out", str(out), "--categories", "nope", "--presets", ""],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "nope" in proc.stderr and "make_devset.py" in proc.stderr
+
+
+def test_adding_the_draem_type_leaves_every_earlier_image_unchanged(devset, tmp_path):
+    """DRAEM-style defects were added after the first dev benchmark: its earlier images must stay the same."""
+    make_devset(tmp_path, "--categories", "brick", "--seed", "3", "--defects", "scratch,crack,pit,stain,cutpaste")
+    old = sorted(p.relative_to(tmp_path / "brick") for p in (tmp_path / "brick").rglob("*.png"))
+    new = sorted(p.relative_to(devset / "brick") for p in (devset / "brick").rglob("*.png"))
+    assert old and set(old) < set(new)
+    assert {p.parts[1] for p in set(new) - set(old) if p.parts[0] == "test"} == {"draem"}
+    for rel in old:
+        assert (tmp_path / "brick" / rel).read_bytes() == (devset / "brick" / rel).read_bytes(), rel

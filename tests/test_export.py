@@ -18,6 +18,7 @@ import torch
 
 from export.cli import FP16_TOLERANCE, FP32_TOLERANCE, INT8_MIN_CORRELATION, relative_map_error
 from export.graph import FusedDFR
+from export.reference import NaiveDFR
 from export.quantize import QUANTISED_PREFIXES
 from export.synthetic import make_untrained_bundle
 from linewatch import bundle
@@ -164,17 +165,25 @@ def test_calibration_binds_to_the_graph_precision_it_was_set_with(exported, tmp_
     assert load_runtime_model(model, ("cpu",), precision="int8").calibration.pixel_threshold == 0.5
 
 
-@pytest.mark.parametrize("convention,padding", [("torchvision", "reflect"), ("caffe", "zero")])
-def test_fused_rewrites_are_exact_for_each_convention_and_padding(convention, padding):
+@pytest.mark.parametrize("convention,padding,score", [("torchvision", "reflect", "mean_sq_error"),
+                                                      ("caffe", "zero", "mean_sq_error"),
+                                                      ("caffe", "reflect", "standardised_sq_error")])
+def test_fused_rewrites_are_exact_for_each_convention_and_padding(convention, padding, score):
     torch.manual_seed(0)
-    config = DFRConfig(layers=[2, 5, 9], height=64, width=64, c_d=16, padding=padding)
+    config = DFRConfig(layers=[2, 5, 9], height=64, width=64, c_d=16, padding=padding, score=score)
     model = DFR(config, WeightsSource("random", None, None, convention)).eval()
+    model.error_weight.uniform_(0.1, 50.0)  # ignored by the plain score, folded into the fused graph otherwise
     frames = torch.from_numpy(frames_for(64, 2, 31))
     with torch.inference_mode():
         model.config.feature_scale = float(model.extract(frames).pow(2).mean().rsqrt())  # as training sets it
         ref, _ = model(frames)
         fused, _ = FusedDFR(model)(frames)
+        naive, _ = NaiveDFR(model)(frames)
+        feats = model.extract(frames)
+        plain, scored = (feats - model.cae(feats)).pow(2).mean(1), model.region_error(feats)
     assert relative_map_error(ref.numpy(), fused.numpy()) <= 1e-5
+    assert relative_map_error(ref.numpy(), naive.numpy()) <= 1e-5
+    assert (score != "mean_sq_error") == (relative_map_error(plain.numpy(), scored.numpy()) > 0.01)
 
 
 def test_reexport_replaces_stale_fp16_graph_and_trt_cache(tmp_path):

@@ -95,6 +95,58 @@ def test_bundle_is_complete_and_valid(workspace):
     model = load_model(out)
     assert model.config.c_d == dfr["c_d"] and model.config.feature_scale == dfr["feature_scale"]
     assert "c_d" in workspace["stdout"]
+    assert dfr["score"] == model.config.score == "standardised_sq_error"  # the default
+
+
+def test_standardised_score_weights_each_channel_by_its_training_variance(workspace):
+    model = load_model(workspace["first"])
+    w = model.error_weight
+    assert w.shape == (model.config.c_o,) and torch.all(w > 0) and torch.all(w <= 1 / 0.05 ** 2 + 1e-3)
+    assert w.std() > 0  # channels really differ
+    # the weights are 1/variance of the good training vectors (min std 0.05): recompute from the images
+    frames = torch.from_numpy(np.stack([cv2.imread(str(p)) for p in sorted(workspace["good"].iterdir())]))
+    frames = torch.nn.functional.interpolate(frames.permute(0, 3, 1, 2).float(), size=(SIZE, SIZE), mode="area")
+    with torch.inference_mode():
+        feats = model.extract(frames.round().to(torch.uint8).permute(0, 2, 3, 1).contiguous())
+    std = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]).double().std(0).clamp_min(0.05)
+    ratio = (w.double() * std.pow(2)).clamp(0.25, 4)
+    assert ratio.median() == pytest.approx(1.0, abs=0.35)  # same statistics, from a sample vs all vectors
+    # and the map is the weighted mean of squared errors
+    with torch.inference_mode():
+        err = model.region_error(feats[:2])
+        manual = ((feats[:2] - model.cae(feats[:2])).pow(2) * w.view(1, -1, 1, 1)).mean(1)
+    torch.testing.assert_close(err, manual)
+
+
+def test_paper_score_is_available_and_plain(workspace, tmp_path):
+    out = tmp_path / "mse"
+    result = run_train("--data", str(workspace["category"]), "--out", str(out), "--config",
+                       str(workspace["config"]), "--epochs", "1", "--score", "mean_sq_error")
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = load_model(out)
+    assert bundle.read_metadata(out)["dfr"]["score"] == "mean_sq_error"
+    frames = torch.zeros(1, SIZE, SIZE, 3, dtype=torch.uint8) + 90
+    with torch.inference_mode():
+        feats = model.extract(frames)
+        torch.testing.assert_close(model.region_error(feats), (feats - model.cae(feats)).pow(2).mean(1))
+
+
+def test_checkpoint_without_error_weight_loads_as_the_paper_score(workspace, tmp_path):
+    import shutil
+
+    out = tmp_path / "old"
+    shutil.copytree(workspace["first"], out)
+    payload = torch.load(out / bundle.CHECKPOINT, map_location="cpu", weights_only=True)
+    del payload["error_weight"]
+    payload["config"]["score"] = "mean_sq_error"
+    payload["config"].pop("score")  # a checkpoint from before the score setting existed
+    torch.save(payload, out / bundle.CHECKPOINT)
+    model = load_model(out)
+    assert model.config.score == "mean_sq_error" and torch.all(model.error_weight == 1)
+    payload["config"]["score"] = "standardised_sq_error"
+    torch.save(payload, out / bundle.CHECKPOINT)
+    with pytest.raises(Exception, match="no error_weight"):
+        load_model(out)
 
 
 def test_same_seed_gives_the_same_model(workspace):

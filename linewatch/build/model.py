@@ -26,6 +26,9 @@ TORCHVISION_MEAN_RGB = (0.485, 0.456, 0.406)
 TORCHVISION_STD_RGB = (0.229, 0.224, 0.225)
 
 
+SCORES = ("mean_sq_error", "standardised_sq_error")
+
+
 @dataclass
 class DFRConfig:
     layers: list[int] = field(default_factory=lambda: list(range(1, 13)))
@@ -40,6 +43,11 @@ class DFRConfig:
     # the paper's relative channel weighting while making the CAE's targets well-conditioned: Caffe-convention
     # VGG features are ~50× larger than torchvision-convention ones.
     feature_scale: float = 1.0
+    # How the per-region error is averaged over channels: the paper's plain mean of squares, or each channel's
+    # squared error divided by that channel's variance over the good training vectors (error_weight = 1/std²).
+    # Plain, the high-energy texture channels drown everything else: a smooth foreign patch on grass scored
+    # *below* grass itself (pixel ROC-AUC 0.39); standardised lifted every dev-benchmark category (docs/BENCHMARKS.md).
+    score: str = "mean_sq_error"
 
     @property
     def c_o(self) -> int:
@@ -63,7 +71,6 @@ class DFRConfig:
         d = asdict(self)
         d["layer_spec"] = layer_spec(self.layers)
         d["c_o"] = self.c_o
-        d["score"] = "mean_sq_error"
         return d
 
 
@@ -93,6 +100,9 @@ class DFR(nn.Module):
         self.backbone = VGG19Features(config.layers, config.padding, weights)
         self.regional = RegionalGenerator(config.map_sizes(), config.height, config.width, config.align, config.pool)
         self.cae = CAE(config.c_o, config.c_d, config.batchnorm) if config.c_d else None
+        if config.score not in SCORES:
+            raise ValueError(f"score must be one of {', '.join(SCORES)}, got {config.score!r}")
+        self.register_buffer("error_weight", torch.ones(config.c_o), persistent=False)  # set by training
 
     def normalise(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 N×H×W×3 BGR -> float N×3×H×W in the weights' convention."""
@@ -107,7 +117,10 @@ class DFR(nn.Module):
         return feats * self.config.feature_scale if self.config.feature_scale != 1.0 else feats
 
     def region_error(self, feats: torch.Tensor) -> torch.Tensor:
-        return (feats - self.cae(feats)).pow(2).mean(dim=1)
+        sq = (feats - self.cae(feats)).pow(2)
+        if self.config.score != "mean_sq_error":
+            sq = sq * self.error_weight.view(1, -1, 1, 1)
+        return sq.mean(dim=1)
 
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 N×H×W×3 BGR -> (anomaly_map N×H×W, image_score N)."""
@@ -129,6 +142,7 @@ def save_checkpoint(model: DFR, bundle_dir: str | Path, extra: dict | None = Non
         "weights": model.weights.as_metadata(),
         "backbone": model.backbone.state_dict(),
         "cae": model.cae.state_dict() if model.cae is not None else None,
+        "error_weight": model.error_weight.detach().cpu().clone(),
         "extra": extra or {},
     }
     tmp = path.with_suffix(".pt.tmp")
@@ -155,6 +169,14 @@ def load_model(bundle_dir: str | Path, device: str | torch.device = "cpu") -> DF
     if model.cae is None or payload["cae"] is None:
         raise BundleError(f"checkpoint {path} has no trained CAE")
     model.cae.load_state_dict(payload["cae"], strict=True)
+    weight = payload.get("error_weight")  # absent in checkpoints from before the standardised score: all ones
+    if weight is not None:
+        if tuple(weight.shape) != (config.c_o,):
+            raise BundleError(f"checkpoint {path}: error_weight has shape {tuple(weight.shape)}, expected "
+                              f"({config.c_o},)")
+        model.error_weight.copy_(weight)
+    elif config.score != "mean_sq_error":
+        raise BundleError(f"checkpoint {path}: score {config.score!r} but no error_weight stored")
     return model.to(device).eval()
 
 

@@ -42,6 +42,9 @@ class TrainSettings:
     extract_batch: int = 16  # images per backbone pass
     cache_ram_mb: int = 4096  # features above this go to an on-disk cache in the output directory
     device: str = ""  # "" = cuda if available, else cpu
+    # per-region error: standardised_sq_error (each channel's squared error over its training variance) or the
+    # paper's plain mean_sq_error; see linewatch/build/model.py DFRConfig.score
+    score: str = "standardised_sq_error"
 
     def layer_list(self) -> list[int]:
         return parse_layers(self.layers)
@@ -57,13 +60,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                  batch_vectors=4096, epochs=8, patience=3, extract_batch=16),
 }
 
-CHOICES = {"preset": tuple(PRESETS), "padding": ("reflect", "zero"), "align": ("bilinear", "nearest")}
+CHOICES = {"preset": tuple(PRESETS), "padding": ("reflect", "zero"), "align": ("bilinear", "nearest"),
+           "score": ("standardised_sq_error", "mean_sq_error")}
 POSITIVE = {"size", "epochs", "batch_vectors", "pca_samples", "extract_batch", "patience"}
 NON_NEGATIVE = {"latent", "weight_decay", "min_delta", "cache_ram_mb", "seed"}
 FIELD_TYPES = {f.name: f.type for f in fields(TrainSettings)}
 # CLI flag -> settings key (flags named as in linewatch/cli.py)
 CLI_KEYS = {"preset": "preset", "size": "size", "layers": "layers", "padding": "padding", "align": "align",
-            "epochs": "epochs", "latent": "latent", "seed": "seed", "device": "device"}
+            "epochs": "epochs", "latent": "latent", "seed": "seed", "device": "device", "score": "score"}
 
 
 def _check_value(key: str, value: Any, where: str) -> Any:

@@ -234,7 +234,8 @@ def pick_device(name: str) -> torch.device:
 
 def model_config(settings: TrainSettings) -> DFRConfig:
     return DFRConfig(layers=settings.layer_list(), height=settings.size, width=settings.size,
-                     padding=settings.padding, align=settings.align, batchnorm=settings.batchnorm)
+                     padding=settings.padding, align=settings.align, batchnorm=settings.batchnorm,
+                     score=settings.score)
 
 
 def versions() -> dict:
@@ -375,6 +376,8 @@ def train(settings: TrainSettings, data: str | Path, out: str | Path, weights_pa
 
     cae.cae.load_state_dict(best_cae)
     model.cae = cae.folded()
+    if config.score != "mean_sq_error":
+        model.error_weight.copy_(1.0 / cae.std.double().pow(2).float().to(model.error_weight.device))
     model = model.cpu().eval()
     training = {
         "data": str(Path(data).resolve()), "dataset_sha256": data_sha, "n_train": len(train_paths),
