@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import BundleError
+from .errors import BundleError, ConfigError
 
 FORMAT = "linewatch-bundle"
 FORMAT_VERSION = 1
@@ -34,6 +34,12 @@ PRECISIONS = {
     "fp16": ("fp16_file", "fp16_sha256", "linewatch export --fp16"),
     "int8": ("int8_file", "int8_sha256", "linewatch export --int8"),
 }
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
+    return precision
 CALIBRATION = "calibration.json"
 CALIBRATION_HISTORY = "calibration_history"
 INPUT_NAME = "frames"

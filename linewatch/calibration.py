@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from . import bundle
-from .errors import BundleError, ConfigError
+from .errors import BundleError
 
 log = logging.getLogger("linewatch.calibration")
 
@@ -363,9 +363,7 @@ def graph_sha256(bundle_dir: str | Path, precision: str = "fp32") -> str:
 
     Thresholds bind to the graph that computed them: an int8 graph's scores differ from fp32's by up to a few
     per cent of the range, enough to move a false-positive rate set at 0.5 %."""
-    if precision not in bundle.PRECISIONS:
-        raise ConfigError(f"unknown precision {precision!r}: use {', '.join(bundle.PRECISIONS)}")
-    _, sha_key, how = bundle.PRECISIONS[precision]
+    _, sha_key, how = bundle.PRECISIONS[bundle.check_precision(precision)]
     meta = bundle.read_metadata(bundle_dir)
     sha = (meta.get("graph") or {}).get(sha_key)
     if not isinstance(sha, str) or not sha:

@@ -55,19 +55,13 @@ def parse_providers(providers: str | Sequence[str]) -> tuple[list[str], bool]:
     return names, True
 
 
-def check_precision(precision: str) -> str:
-    if precision not in bundle.PRECISIONS:
-        raise ConfigError(f"unknown precision {precision!r}: use {', '.join(bundle.PRECISIONS)}")
-    return precision
-
-
 def graph_file(bundle_dir: Path, meta: dict, precision: str = "fp32") -> tuple[Path, str]:
     """(path of the graph to load, its expected sha256) from the bundle metadata."""
     meta_path = bundle_dir / bundle.METADATA
     graph = meta.get("graph")
     if not isinstance(graph, dict):
         raise BundleError(f"{meta_path}: no 'graph' section: the bundle is not exported (run linewatch export)")
-    file_key, sha_key, how = bundle.PRECISIONS[check_precision(precision)]
+    file_key, sha_key, how = bundle.PRECISIONS[bundle.check_precision(precision)]
     if not graph.get(file_key) or not graph.get(sha_key):
         raise BundleError(f"{meta_path}: 'graph' does not name an {precision} graph ({file_key!r}, {sha_key!r}); "
                           f"run {how}")
@@ -151,7 +145,7 @@ class Engine:
         self.bundle_dir = Path(bundle_dir)
         self.metadata = bundle.read_metadata(self.bundle_dir)
         self.model_id = bundle.model_id(self.metadata)
-        self.precision = check_precision(precision)
+        self.precision = bundle.check_precision(precision)
         h, w = int(self.metadata["input"]["height"]), int(self.metadata["input"]["width"])
         self.input_size = (h, w)
         self.graph_path, self.graph_sha256 = graph_file(self.bundle_dir, self.metadata, self.precision)

@@ -46,7 +46,9 @@ class DFRConfig:
     # How the per-region error is averaged over channels: the paper's plain mean of squares, or each channel's
     # squared error divided by that channel's variance over the good training vectors (error_weight = 1/std²).
     # Plain, the high-energy texture channels drown everything else: a smooth foreign patch on grass scored
-    # *below* grass itself (pixel ROC-AUC 0.39); standardised lifted every dev-benchmark category (docs/BENCHMARKS.md).
+    # *below* grass itself (pixel ROC-AUC 0.39); standardised lifted every dev-benchmark category
+    # (docs/BENCHMARKS.md). The default here is what checkpoints without the key were made with; training's
+    # default is in linewatch/build/presets.py.
     score: str = "mean_sq_error"
 
     @property
