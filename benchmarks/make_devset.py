@@ -100,9 +100,11 @@ def synthesise(image: np.ndarray, defect: str, rng: np.random.Generator,
     from pyimgano.synthesis.cutpaste import cutpaste
 
     synth = None if defect in ("cutpaste", "draem") else AnomalySynthesizer(SynthSpec(preset=defect))
+    if defect == "draem" and bank is None:
+        bank = foreign_bank()
     for _ in range(SYNTH_TRIES):
         if defect == "draem":
-            out, mask = draem(image, rng, bank if bank is not None else foreign_bank())
+            out, mask = draem(image, rng, bank)
         elif synth is None:
             out, mask = cutpaste(image, rng=rng, variant="3way")
         else:

@@ -57,10 +57,15 @@ def onnx_maps(path: Path, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return tuple(sess.run([bundle.OUTPUT_MAP, bundle.OUTPUT_SCORE], {bundle.INPUT_NAME: frames}))
 
 
-def check_parity(model: DFR, path: Path, frames: np.ndarray, tolerance: float) -> dict:
+def torch_and_graph(model: DFR, path: Path, frames: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(torch maps, torch scores, graph maps, graph scores) for the same frames."""
     with torch.inference_mode():
         ref_map, ref_score = (t.numpy() for t in model(torch.from_numpy(frames)))
-    maps, scores = onnx_maps(path, frames)
+    return (ref_map, ref_score, *onnx_maps(path, frames))
+
+
+def check_parity(model: DFR, path: Path, frames: np.ndarray, tolerance: float) -> dict:
+    ref_map, ref_score, maps, scores = torch_and_graph(model, path, frames)
     result = {"frames": int(len(frames)), "max_rel_map_error": relative_map_error(ref_map, maps),
               "max_rel_score_error": float(np.abs(ref_score - scores).max() / max(float(np.abs(ref_score).max()),
                                                                                  1e-12)),
@@ -73,9 +78,7 @@ def check_parity(model: DFR, path: Path, frames: np.ndarray, tolerance: float) -
 
 def check_int8(model: DFR, path: Path, frames: np.ndarray) -> dict:
     """Map correlation of the int8 graph with the torch model on good frames it was not calibrated on."""
-    with torch.inference_mode():
-        ref_map, ref_score = (t.numpy() for t in model(torch.from_numpy(frames)))
-    maps, scores = onnx_maps(path, frames)
+    ref_map, _, maps, _ = torch_and_graph(model, path, frames)
     corr = float(np.corrcoef(ref_map.ravel().astype(np.float64), maps.ravel().astype(np.float64))[0, 1])
     result = {"frames": int(len(frames)), "map_correlation": corr,
               "max_rel_map_error": relative_map_error(ref_map, maps), "min_correlation": INT8_MIN_CORRELATION}

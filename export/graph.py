@@ -119,8 +119,8 @@ class FusedDFR(nn.Module):
         self.last_neg.bias.data.neg_()
         self.channel_mean = nn.Conv2d(cae.c_o, 1, 1, bias=False)
         # the channel mean of squares, with the standardised score's 1/std² folded in (free at run time)
-        weight = model.error_weight if cfg.score != "mean_sq_error" else torch.ones(cae.c_o)
-        self.channel_mean.weight.data = (weight.detach().float() / cae.c_o).view(1, -1, 1, 1).clone()
+        weight = model.score_weights().detach().float()
+        self.channel_mean.weight.data = (weight / cae.c_o).view(1, -1, 1, 1).clone()
         if fp16:
             self.half_()
 

@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 
 from linewatch import bundle, datasets, images
+from linewatch.build.features import spread_indices
 from linewatch.errors import BundleError, DataError
 
 from .onnx_graph import check_onnx
@@ -52,8 +53,7 @@ def good_frames(meta: dict, data_dir: str | Path | None, height: int, width: int
     files = images.list_images(folder)
     if len(files) < 4:
         raise DataError(f"{folder}: int8 calibration needs at least 4 good images, found {len(files)}")
-    picks = np.unique(np.linspace(0, len(files) - 1, min(count, len(files))).round().astype(int))
-    return np.stack([images.load_for_model(files[i], height, width) for i in picks])
+    return np.stack([images.load_for_model(files[i], height, width) for i in spread_indices(len(files), count)])
 
 
 class _Frames:

@@ -41,10 +41,7 @@ class NaiveDFR(nn.Module):
                 h = norm(h.view(n, c, gh * gw)).view(n, c, gh, gw)
             if i in self.relu_after:
                 h = torch.relu(h)
-        sq = (feats - h).pow(2)
-        if cfg.score != "mean_sq_error":
-            sq = sq * self.model.error_weight.view(1, -1, 1, 1)
-        err = sq.mean(dim=1, keepdim=True)
+        err = ((feats - h).pow(2) * self.model.score_weights().view(1, -1, 1, 1)).mean(dim=1, keepdim=True)
         amap = F.interpolate(err, size=(cfg.height, cfg.width), mode="bilinear", align_corners=False).squeeze(1)
         return amap, amap.flatten(1).amax(dim=1)
 

@@ -358,18 +358,23 @@ def calibration_from_dict(data: dict, source: str | Path) -> Calibration:
     return Calibration(**values)
 
 
-def graph_sha256(bundle_dir: str | Path, precision: str = "fp32") -> str:
-    """sha256 of the bundle's graph of that precision: the model a calibration belongs to.
+def bundle_graph(bundle_dir: str | Path, precision: str = "fp32") -> tuple[str, dict]:
+    """(sha256 of the bundle's graph of that precision, the metadata's whole 'graph' section).
 
     Thresholds bind to the graph that computed them: an int8 graph's scores differ from fp32's by up to a few
     per cent of the range, enough to move a false-positive rate set at 0.5 %."""
     _, sha_key, how = bundle.PRECISIONS[bundle.check_precision(precision)]
-    meta = bundle.read_metadata(bundle_dir)
-    sha = (meta.get("graph") or {}).get(sha_key)
+    graph = bundle.read_metadata(bundle_dir).get("graph") or {}
+    sha = graph.get(sha_key)
     if not isinstance(sha, str) or not sha:
         raise BundleError(f"{Path(bundle_dir) / bundle.METADATA}: no graph.{sha_key}: the bundle has no {precision} "
                           f"graph (run {how} before calibrating)")
-    return sha
+    return sha, graph
+
+
+def graph_sha256(bundle_dir: str | Path, precision: str = "fp32") -> str:
+    """sha256 of the bundle's graph of that precision: the model a calibration belongs to."""
+    return bundle_graph(bundle_dir, precision)[0]
 
 
 def read_calibration_file(path: str | Path, expected_sha256: str | None, precision: str = "fp32",
@@ -390,8 +395,8 @@ def read_calibration_file(path: str | Path, expected_sha256: str | None, precisi
 def load_calibration(bundle_dir: str | Path, precision: str = "fp32") -> Calibration:
     """The bundle's current calibration, validated against the schema and the hash of the graph that runs."""
     bundle_dir = Path(bundle_dir)
-    return read_calibration_file(bundle_dir / bundle.CALIBRATION, graph_sha256(bundle_dir, precision), precision,
-                                 bundle.read_metadata(bundle_dir).get("graph"))
+    sha, graph = bundle_graph(bundle_dir, precision)
+    return read_calibration_file(bundle_dir / bundle.CALIBRATION, sha, precision, graph)
 
 
 def history_dir(bundle_dir: str | Path) -> Path:
@@ -478,15 +483,15 @@ def rollback(bundle_dir: str | Path, precision: str = "fp32") -> Calibration:
     Its `previous_version` is the restored one's, so repeated rollbacks walk further back in time.
     """
     bundle_dir = Path(bundle_dir)
-    sha = graph_sha256(bundle_dir, precision)
-    current = load_calibration(bundle_dir, precision)
+    sha, graph = bundle_graph(bundle_dir, precision)
+    current = read_calibration_file(bundle_dir / bundle.CALIBRATION, sha, precision, graph)
     if current.previous_version is None:
         raise BundleError(f"{bundle_dir / bundle.CALIBRATION}: version {current.version} has no earlier "
                           "calibration to roll back to")
     source = history_path(bundle_dir, current.previous_version)
     if not source.is_file():
         raise BundleError(f"cannot roll back: {source} (version {current.previous_version}) is missing")
-    old = read_calibration_file(source, sha, precision, bundle.read_metadata(bundle_dir).get("graph"))
+    old = read_calibration_file(source, sha, precision, graph)
     restored = dataclasses.replace(old, version=next_version(bundle_dir), restored_version=old.version,
                                    rolled_back_from=current.version)
     save_calibration(bundle_dir, restored)

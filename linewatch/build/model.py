@@ -118,11 +118,14 @@ class DFR(nn.Module):
         feats = self.regional(self.backbone(self.normalise(frames)))
         return feats * self.config.feature_scale if self.config.feature_scale != 1.0 else feats
 
+    def score_weights(self) -> torch.Tensor:
+        """Per-channel weights of the squared error in the score: ones for the paper's plain mean."""
+        if self.config.score == "mean_sq_error":
+            return torch.ones_like(self.error_weight)
+        return self.error_weight
+
     def region_error(self, feats: torch.Tensor) -> torch.Tensor:
-        sq = (feats - self.cae(feats)).pow(2)
-        if self.config.score != "mean_sq_error":
-            sq = sq * self.error_weight.view(1, -1, 1, 1)
-        return sq.mean(dim=1)
+        return ((feats - self.cae(feats)).pow(2) * self.score_weights().view(1, -1, 1, 1)).mean(dim=1)
 
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 N×H×W×3 BGR -> (anomaly_map N×H×W, image_score N)."""
