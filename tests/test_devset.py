@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 import skimage.data
+from sklearn.metrics import roc_auc_score
 
 from linewatch.datasets import good_image_folder, read_test_set
 from linewatch.evaluate import evaluate_scorer
@@ -135,6 +136,19 @@ def test_run_devbench_trains_evaluates_and_tabulates(devset, tmp_path):
     rows = [line for line in table.splitlines() if line.startswith("| brick")]
     assert len(rows) == 2 and f"{fast['pixel_roc_auc']:.4f}" in rows[1] and f"{base['pro_auc']:.4f}" in rows[0]
 
+    # the feature-separability diagnostic on the same bundle: its DFR numbers are `linewatch eval`'s
+    ceiling_json = tmp_path / "ceiling.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "feature_ceiling.py"), str(out / "brick-fast"),
+                           "--data", str(devset / "brick"), "--bank", "16", "--probe-c", "0.01,1",
+                           "--json", str(ceiling_json)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ceiling = json.loads(ceiling_json.read_text())
+    assert set(ceiling) >= {"dfr", "knn", "probe C=0.01", "probe C=1", "mlp probe"} and ceiling["bank"] == 16
+    for key in ("pixel_roc_auc", "pro_auc", "image_roc_auc"):
+        assert ceiling["dfr"]["overall"][key] == pytest.approx(evaluated["overall"][key], abs=1e-9)
+    assert set(ceiling["knn"]["per_type"]) == set(DEFECTS)
+    assert "brick knn" in proc.stdout and "brick probe C=1" in proc.stdout
+
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_devbench.py"), "--data", str(devset),
                            "--out", str(out), "--categories", "nope", "--presets", ""],
                           capture_output=True, text=True, timeout=60)
@@ -150,3 +164,52 @@ def test_adding_the_draem_type_leaves_every_earlier_image_unchanged(devset, tmp_
     assert {p.parts[1] for p in set(new) - set(old) if p.parts[0] == "test"} == {"draem"}
     for rel in old:
         assert (tmp_path / "brick" / rel).read_bytes() == (devset / "brick" / rel).read_bytes(), rel
+
+
+def load_ceiling_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("feature_ceiling", ROOT / "benchmarks" / "feature_ceiling.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_feature_ceiling_helpers_against_brute_force():
+    import torch
+
+    fc = load_ceiling_module()
+    rng = np.random.default_rng(0)
+    bank = torch.from_numpy(rng.normal(size=(300, 7)).astype(np.float32))
+    queries = torch.from_numpy(rng.normal(size=(5000, 7)).astype(np.float32))  # more than one query chunk
+    brute = np.sqrt(((queries.numpy()[:, None, :] - bank.numpy()[None]) ** 2).sum(-1)).min(1)
+    assert np.allclose(fc.nearest_distance(queries, bank).numpy(), brute, atol=1e-4)
+    assert np.allclose(fc.nearest_distance(bank[:10], bank).numpy(), 0.0, atol=1e-3)  # a bank row is its own nearest
+
+    masks = np.zeros((1, 8, 8), bool)
+    masks[0, :2, :4] = True  # top-left 4×4 region half defect, top-right none
+    masks[0, 4:, 4:] = True  # bottom-right region all defect
+    assert fc.region_fraction(masks, 4).tolist() == [[[0.5, 0.0], [0.0, 1.0]]]
+
+    types = np.array(["good"] * 3 + ["crack"] * 2 + ["pit"] * 1)
+    fold = fc.folds(types)
+    assert fold.tolist() == [0, 1, 0, 0, 1, 0]  # alternating within each type, so both folds hold good and crack
+
+    # the MLP probe is ranked by its pre-sigmoid output: the logit of its own probabilities where they don't saturate
+    x = rng.normal(size=(400, 5))
+    y = (x[:, 0] + 0.5 * rng.normal(size=400) > 0).astype(int)
+    mlp = fc.mlp_probe(0).fit(x, y)
+    prob = mlp.predict_proba(x)[:, 1]
+    assert np.allclose(fc.probe_logit(mlp, x), np.log(prob / (1 - prob)), atol=1e-6)
+
+    # cross-fitted probes find a defect that is in the features, scoring each image with the probe that did not see it
+    types = np.array(["good"] * 4 + ["crack"] * 4)
+    fraction = np.zeros((8, 64, 64))
+    fraction[4:, :32, :32] = 1.0  # enough regions for the MLP's mini-batches
+    features = rng.normal(size=(8, 64 * 64, 6)).astype(np.float32)
+    features[:, :, 0] += 3.0 * fraction.reshape(8, -1)  # 3σ shift in one channel: best possible AUC ≈ 0.98
+    labels = fraction.reshape(-1) > 0
+    for make, balance in ((lambda: fc.linear_probe(0.1), False), (lambda: fc.mlp_probe(0), True)):
+        logits = fc.probe_grid(features, fraction, fc.folds(types), 0, make, balance)
+        assert logits.shape == (8, 64 * 64)
+        assert roc_auc_score(labels, logits.reshape(-1)) > 0.95
