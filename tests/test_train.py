@@ -291,3 +291,61 @@ def test_standardised_training_folds_into_a_plain_cae(batchnorm):
     with torch.no_grad():
         torch.testing.assert_close(plain.forward_vectors(data), wrapped.forward_vectors(data), rtol=1e-4,
                                    atol=1e-4)
+
+
+@pytest.mark.parametrize("name", [bundle.GRAPH, bundle.GRAPH_FP16, bundle.GRAPH_INT8, bundle.CALIBRATION])
+def test_resume_refuses_a_bundle_already_exported_or_calibrated(workspace, tmp_path, name):
+    out = tmp_path / "model"
+    for f in ("metadata.json", bundle.CHECKPOINT, "train_state.pt"):
+        out.mkdir(exist_ok=True)
+        (out / f).write_bytes((workspace["first"] / f).read_bytes())
+    (out / name).write_text("from the old model")
+    settings = TrainSettings(**read_config_file(workspace["config"]), seed=5)
+    with pytest.raises(ConfigError, match=f"already holds {name}"):
+        train(settings, workspace["category"], out, resume=True)
+
+
+def test_interrupted_run_keeps_its_on_disk_features_and_resume_reuses_them(workspace, tmp_path, monkeypatch,
+                                                                            caplog):
+    import linewatch.build.train as train_module
+
+    settings = TrainSettings(size=48, layers="1:2", epochs=3, patience=3, batch_vectors=128, cache_ram_mb=0, seed=2)
+    reference = tmp_path / "uninterrupted"
+    train(settings, workspace["good"], reference)
+
+    real_save = train_module.save_train_state
+
+    def save_then_interrupt(path, **state):  # Ctrl-C right after epoch 1 was saved
+        real_save(path, **state)
+        if state["progress"].epoch == 1:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "interrupted"
+    monkeypatch.setattr(train_module, "save_train_state", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train(settings, workspace["good"], out)
+    monkeypatch.undo()
+    caches = sorted(p.name for p in out.glob("*.f16"))
+    assert caches == ["train.features.f16", "val.features.f16"]
+    assert all((out / (c + ".json")).is_file() for c in caches)
+
+    # the cache is reused only by a run with the same identity (data, weights, feature settings, split)
+    spare = tmp_path / "spare"
+    spare.mkdir()
+    for f in out.glob("train.features.f16*"):
+        (spare / f.name).write_bytes(f.read_bytes())
+    shape = json.loads((spare / "train.features.f16.json").read_text())["shape"]
+    identity = json.loads((spare / "train.features.f16.json").read_text())["identity"]
+    other = train_module.FeatureStore(*shape, 0, spare / "train.features.f16", identity={**identity, "part": "x"})
+    assert not other.reused and not (spare / "train.features.f16.json").exists()
+    other.close(keep=True)  # never marked complete: a partial cache is not kept
+    assert not (spare / "train.features.f16").exists()
+
+    extracted = []
+    monkeypatch.setattr(train_module, "extract_to_store", lambda *a, **k: extracted.append(a[3]))
+    with caplog.at_level("INFO", logger="linewatch.build.features"):
+        meta = train(settings, workspace["good"], out, resume=True)
+    assert extracted == [] and caplog.text.count("reusing the features an interrupted run extracted") == 2
+    assert meta["training"]["epochs"] == 3
+    assert_same_cae(reference, out)  # read from the kept cache, the model is the uninterrupted one
+    assert not list(out.glob("*.f16*"))  # the finished run removed its cache

@@ -8,6 +8,7 @@ exceed the RAM budget it lives in an np.memmap file in the output directory inst
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 from pathlib import Path
@@ -26,20 +27,52 @@ SCALE_SAMPLE_IMAGES = 8
 
 
 class FeatureStore:
-    """fp16 regional vectors of a list of images, in RAM or in an on-disk memmap."""
+    """fp16 regional vectors of a list of images, in RAM or in an on-disk memmap.
+
+    An on-disk store whose extraction finished is marked by a JSON file beside it (`identity`: data, weights,
+    feature settings, split). An interrupted run keeps both, and a resumed run with the same identity reads the
+    features from the file instead of extracting them again, which matters when the set is large enough to live
+    on disk in the first place."""
 
     def __init__(self, n_images: int, positions: int, channels: int, ram_budget_bytes: int,
-                 cache_path: str | Path | None = None):
+                 cache_path: str | Path | None = None, identity: dict | None = None):
         self.shape = (n_images, positions, channels)
         nbytes = n_images * positions * channels * 2
-        self.cache_path = None
+        self.cache_path, self.identity, self.reused = None, identity, False
         if nbytes <= ram_budget_bytes or cache_path is None:
             self.array = np.empty(self.shape, dtype=np.float16)
-        else:
-            self.cache_path = Path(cache_path)
-            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-            self.array = np.memmap(self.cache_path, dtype=np.float16, mode="w+", shape=self.shape)
-            log.info("features (%.1f GB) exceed the RAM budget: on-disk cache %s", nbytes / 1e9, self.cache_path)
+            return
+        self.cache_path = Path(cache_path)
+        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        if self._complete_cache_matches(nbytes):
+            self.array = np.memmap(self.cache_path, dtype=np.float16, mode="c", shape=self.shape)  # never written back
+            self.reused = True
+            log.info("reusing the features an interrupted run extracted: %s", self.cache_path)
+            return
+        self.marker_path.unlink(missing_ok=True)
+        self.array = np.memmap(self.cache_path, dtype=np.float16, mode="w+", shape=self.shape)
+        log.info("features (%.1f GB) exceed the RAM budget: on-disk cache %s", nbytes / 1e9, self.cache_path)
+
+    @property
+    def marker_path(self) -> Path:
+        return self.cache_path.with_name(self.cache_path.name + ".json")
+
+    def _marker(self) -> dict:
+        return {"shape": list(self.shape), "dtype": "float16", "identity": self.identity}
+
+    def _complete_cache_matches(self, nbytes: int) -> bool:
+        if self.identity is None or not self.cache_path.is_file() or not self.marker_path.is_file():
+            return False
+        try:
+            marker = json.loads(self.marker_path.read_text())
+        except (OSError, ValueError):
+            return False
+        return marker == self._marker() and self.cache_path.stat().st_size == nbytes
+
+    def mark_complete(self) -> None:
+        """Record that every image is in the on-disk cache (written last, so a partial cache is never reused)."""
+        if self.on_disk and not self.reused and self.identity is not None:
+            self.marker_path.write_text(json.dumps(self._marker()) + "\n")
 
     @property
     def on_disk(self) -> bool:
@@ -72,11 +105,15 @@ class FeatureStore:
         out[order] = flat[flat_index[order]]
         return out
 
-    def close(self) -> None:
-        """Drop the memmap and delete its file (the cache is rebuilt by a resumed run)."""
+    def close(self, keep: bool = False) -> None:
+        """Drop the memmap and delete its file, unless `keep` and the extraction finished (for --resume)."""
         if self.cache_path is not None:
             self.array = None
+            if keep and self.marker_path.is_file():
+                log.info("kept the extracted features in %s for --resume", self.cache_path)
+                return
             self.cache_path.unlink(missing_ok=True)
+            self.marker_path.unlink(missing_ok=True)
 
 
 def load_frames(paths: list[Path], height: int, width: int) -> np.ndarray:

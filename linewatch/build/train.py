@@ -209,7 +209,8 @@ def check_resumable(state: dict, settings: TrainSettings, data_sha: str, path: P
 def check_output_dir(out: Path, resume: bool) -> None:
     """A fresh run needs an empty --out; a resumed run must not leave a stale exported graph behind."""
     if resume:
-        stale = [n for n in (bundle.GRAPH, bundle.GRAPH_FP16, bundle.CALIBRATION) if (out / n).exists()]
+        stale = [n for n in (bundle.GRAPH, bundle.GRAPH_FP16, bundle.GRAPH_INT8, bundle.CALIBRATION)
+                 if (out / n).exists()]
         if stale:
             raise ConfigError(f"--resume: {out} already holds {', '.join(stale)} made from the old model; "
                               f"train into a new --out instead")
@@ -243,6 +244,13 @@ def versions() -> dict:
 
     return {"linewatch": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "numpy": np.__version__}
+
+
+def features_identity(config: DFRConfig, weights: WeightsSource, data_sha: str, split: dict) -> dict:
+    """What the extracted regional features depend on: a cached store is reused only if all of it matches."""
+    return {"dataset_sha256": data_sha, "weights_sha256": weights.sha256, "split": split,
+            "features": {k: getattr(config, k) for k in ("layers", "height", "width", "padding", "align", "pool",
+                                                         "feature_scale")}}
 
 
 def fit_cae(cae: StandardisedCAE, train: FeatureStore, val: FeatureStore, settings: TrainSettings, device: torch.device,
@@ -325,12 +333,19 @@ def train(settings: TrainSettings, data: str | Path, out: str | Path, weights_pa
         log.info("feature scale %.6g (unit mean square regional features)", scale)
     budget = settings.cache_ram_mb * (1 << 20)
     grid = config.grid[0] * config.grid[1]
-    train_store = FeatureStore(len(train_paths), grid, config.c_o, budget, out / ("train" + CACHE_SUFFIX))
+    split = {"train": [p.name for p in train_paths], "val": [p.name for p in val_paths]}
+    identity = features_identity(config, weights, data_sha, split)
+    train_store = FeatureStore(len(train_paths), grid, config.c_o, budget, out / ("train" + CACHE_SUFFIX),
+                               identity={**identity, "part": "train"})
     val_budget = budget if train_store.on_disk else budget - train_store.array.nbytes
-    val_store = FeatureStore(len(val_paths), grid, config.c_o, val_budget, out / ("val" + CACHE_SUFFIX))
+    val_store = FeatureStore(len(val_paths), grid, config.c_o, val_budget, out / ("val" + CACHE_SUFFIX),
+                             identity={**identity, "part": "val"})
+    finished = False
     try:
-        extract_to_store(model, train_paths, train_store, device, settings.extract_batch, "features (train)")
-        extract_to_store(model, val_paths, val_store, device, settings.extract_batch, "features (val)")
+        for store, part_paths, part in ((train_store, train_paths, "train"), (val_store, val_paths, "val")):
+            if not store.reused:
+                extract_to_store(model, part_paths, store, device, settings.extract_batch, f"features ({part})")
+                store.mark_complete()
         extract_seconds = time.perf_counter() - t0
 
         if state is None:
@@ -359,7 +374,6 @@ def train(settings: TrainSettings, data: str | Path, out: str | Path, weights_pa
             progress.stopped_early = progress.bad_epochs >= settings.patience
             log.info("resuming after epoch %d (best val loss %.5f at epoch %d)", progress.epoch,
                      progress.best_val, progress.best_epoch)
-        split = {"train": [p.name for p in train_paths], "val": [p.name for p in val_paths]}
 
         def save_state(best: dict) -> None:
             save_train_state(state_path, settings=settings, config=config, weights=weights, data_sha=data_sha,
@@ -368,9 +382,10 @@ def train(settings: TrainSettings, data: str | Path, out: str | Path, weights_pa
 
         best_cae = fit_cae(cae, train_store, val_store, settings, device, progress, optimizer, generator,
                            best_cae, save_state)
-    finally:
-        train_store.close()
-        val_store.close()
+        finished = True
+    finally:  # an interrupted run keeps its finished on-disk features for --resume; a finished one cleans up
+        train_store.close(keep=not finished)
+        val_store.close(keep=not finished)
     if progress.epoch == 0:
         raise ConfigError("epochs: no epoch was trained (the budget is 0 or already spent)")
 
