@@ -120,7 +120,7 @@ def test_close_is_bounded_and_later_publishes_are_counted_as_dropped():
         pub.publish_result(make_header("cam1", seq), b"")
     t0 = time.monotonic()
     pub.close()
-    assert time.monotonic() - t0 < 2.0
+    assert time.monotonic() - t0 < 5.0  # linger is bounded: close never hangs on a stalled subscriber
     assert pub.publish_result(make_header("cam1", 500), None) is False
     assert pub.counters() == {"sent": 199, "status_sent": 0, "dropped": 1}
     stalled.close(linger=0)

@@ -155,7 +155,9 @@ def test_two_clients_are_answered_independently(server):
     assert reply_b["ok"] and reply_b["result"]["part_id"] == "B" and reply_b["result"]["camera"] == "cam1"
     assert reply_a["ok"] and reply_a["result"]["part_id"] == "A" and reply_a["result"]["camera"] == "slow"
     assert decode_mask_png(frames_a[2]).shape == (24, 32)
-    assert t_b < 0.4 <= 0.6 <= t_a < 2.0, (t_b, t_a)
+    # B is answered while A's 0.6 s inspection still runs; A only after it (generous upper bound: a loaded CI
+    # machine once took 2.4 s)
+    assert t_b < 0.6 <= t_a < 10.0, (t_b, t_a)
 
 
 def test_timeouts_failures_and_wrong_results_are_error_replies(line):
@@ -165,7 +167,7 @@ def test_timeouts_failures_and_wrong_results_are_error_replies(line):
         with pytest.raises(TriggerError) as err:
             client.inspect("never", "T-1", timeout_s=3)
         assert err.value.code == "timeout" and err.value.part_id == "T-1"
-        assert 0.3 <= time.monotonic() - t0 < 1.5 and server.pending == 0
+        assert 0.3 <= time.monotonic() - t0 < 2.9 and server.pending == 0  # the server's 0.3 s, not the client's 3 s
         line.fail_with = LinewatchError("frame dropped before inspection: inference fell behind")
         with pytest.raises(TriggerError, match="inference fell behind") as err:
             client.inspect("cam1", "F-1", timeout_s=3)
@@ -204,7 +206,7 @@ def test_lazy_pirate_client_times_out_cleanly_and_recovers(line):
         t0 = time.monotonic()
         with pytest.raises(TriggerTimeout, match="no reply"):
             client.inspect("cam1", "L-1", timeout_s=0.3, retries=1)
-        assert 0.6 <= time.monotonic() - t0 < 2.0
+        assert 0.6 <= time.monotonic() - t0 < 5.0  # two 0.3 s tries, then give up (no hang)
         # the daemon is back (curve passed first, as the daemon does): the same client works again
         with TriggerServer(endpoint, None, line).start():
             assert client.inspect("cam1", "L-2", timeout_s=3).part_id == "L-2"
