@@ -149,6 +149,15 @@ def test_run_devbench_trains_evaluates_and_tabulates(devset, tmp_path):
     assert set(ceiling["knn"]["per_type"]) == set(DEFECTS)
     assert "brick knn" in proc.stdout and "brick probe C=1" in proc.stdout
 
+    # eval-only score weightings: the shipped one reproduces `linewatch eval` exactly
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "score_variants.py"), str(out / "brick-fast"),
+                           "--data", str(devset / "brick")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = {line.split("  pixel")[0].split(" ", 1)[1].strip(): line for line in proc.stdout.splitlines()}
+    assert set(lines) == {"standardised", "layer-balanced", "plain", "plain layer-balanced"}
+    assert f"pixel {evaluated['overall']['pixel_roc_auc']:.4f}  PRO {evaluated['overall']['pro_auc']:.4f}" \
+        in lines["standardised"]
+
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_devbench.py"), "--data", str(devset),
                            "--out", str(out), "--categories", "nope", "--presets", ""],
                           capture_output=True, text=True, timeout=60)
