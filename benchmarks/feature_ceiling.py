@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:
 from linewatch import datasets  # noqa: E402
 from linewatch.build.features import load_frames  # noqa: E402
 from linewatch.build.model import TorchScorer, load_model  # noqa: E402
-from linewatch.evaluate import metric_set, score_samples  # noqa: E402
+from linewatch.evaluate import metrics_by_type, score_samples  # noqa: E402
 from linewatch.images import list_images  # noqa: E402
 
 QUERY_CHUNK = 2048
@@ -55,7 +55,8 @@ class FeatureTap(TorchScorer):
         feats = self.model.extract(torch.from_numpy(frames))
         n, c = feats.shape[:2]
         self.features.append(feats.reshape(n, c, -1).transpose(1, 2).numpy().copy())
-        return super().score(frames)
+        amap, score = self.model.maps_from_features(feats)
+        return amap.numpy(), score.numpy()
 
 
 def upsample(grid: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -139,14 +140,9 @@ def probe_grid(features: np.ndarray, fraction: np.ndarray, fold: np.ndarray, see
     return out
 
 
-def summary(maps, masks, types, fpr_limit=0.3) -> dict:
-    anomalous = types != datasets.GOOD
-    scores = maps.reshape(len(maps), -1).max(axis=1)
-    result = {"overall": metric_set(maps, scores, masks, anomalous, fpr_limit), "per_type": {}}
-    for name in sorted(set(types) - {datasets.GOOD}):
-        keep = (types == name) | ~anomalous
-        result["per_type"][name] = metric_set(maps[keep], scores[keep], masks[keep], anomalous[keep], fpr_limit)
-    return result
+def summary(maps: np.ndarray, masks: np.ndarray, types: np.ndarray, data_dir: str) -> dict:
+    """`linewatch eval`'s metric sets for maps, image score = map maximum as DFR's."""
+    return metrics_by_type(maps, maps.reshape(len(maps), -1).max(axis=1), masks, types, data_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     tap = FeatureTap(model)
     maps, _, masks = score_samples(tap, samples, batch=8)
     features = np.concatenate(tap.features)  # (N, positions, c_o), sample order
-    results["dfr"] = summary(maps, masks, types)
+    results["dfr"] = summary(maps, masks, types, args.data)
     print(f"features {features.shape} in {time.time() - t0:.0f} s", file=sys.stderr)
 
     bank_size = 0
@@ -195,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                 bank = bank[torch.randperm(len(bank))[:args.bank]]
             dist = nearest_distance(torch.from_numpy(features.reshape(-1, features.shape[2])), bank)
         bank_size = len(bank)
-        results["knn"] = summary(upsample(dist.numpy().reshape(-1, gh, gw), h, w), masks, types)
+        results["knn"] = summary(upsample(dist.numpy().reshape(-1, gh, gw), h, w), masks, types, args.data)
         print(f"knn (bank {bank_size}) in {time.time() - t0:.0f} s", file=sys.stderr)
 
     fraction, fold = region_fraction(masks, cfg.pool), folds(types)
@@ -208,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, make_probe, balance in probes:
         t0 = time.time()
         logits = probe_grid(features, fraction, fold, args.seed, make_probe, balance)
-        results[label] = summary(upsample(logits.reshape(-1, gh, gw), h, w), masks, types)
+        results[label] = summary(upsample(logits.reshape(-1, gh, gw), h, w), masks, types, args.data)
         print(f"{label} in {time.time() - t0:.0f} s", file=sys.stderr)
 
     name = Path(args.data).name

@@ -17,7 +17,6 @@ Tune on a second dev set built with another seed, confirm on the first:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -31,15 +30,10 @@ if str(ROOT) not in sys.path:
 
 from linewatch import datasets  # noqa: E402
 from linewatch.build.backbone import CHANNELS  # noqa: E402
-from linewatch.build.model import load_model  # noqa: E402
-from linewatch.images import read_image, read_mask, resize_to_model  # noqa: E402
+from linewatch.build.model import TorchScorer, load_model  # noqa: E402
+from linewatch.evaluate import metrics_by_type, score_samples  # noqa: E402
 
-
-def summary_function():
-    spec = importlib.util.spec_from_file_location("feature_ceiling", Path(__file__).with_name("feature_ceiling.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.summary
+SHIPPED = "standardised"
 
 
 def variants(model) -> dict[str, torch.Tensor]:
@@ -48,28 +42,28 @@ def variants(model) -> dict[str, torch.Tensor]:
     layer_share = cfg.c_o / (len(sizes) * torch.cat([torch.full((s,), float(s)) for s in sizes]))
     standardised = model.error_weight.clone()
     plain = torch.ones_like(standardised)
-    return {"standardised": standardised, "layer-balanced": standardised * layer_share, "plain": plain,
+    return {SHIPPED: standardised, "layer-balanced": standardised * layer_share, "plain": plain,
             "plain layer-balanced": plain * layer_share}
 
 
-@torch.inference_mode()
-def variant_maps(model, samples: list[datasets.Sample], weights: dict[str, torch.Tensor], batch: int = 8):
-    h, w = model.config.height, model.config.width
-    maps = {k: np.empty((len(samples), h, w), np.float32) for k in weights}
-    masks = np.zeros((len(samples), h, w), bool)
-    for start in range(0, len(samples), batch):
-        chunk = samples[start:start + batch]
-        frames = torch.from_numpy(np.stack([resize_to_model(read_image(s.path), h, w) for s in chunk]))
-        feats = model.extract(frames)
-        squared = (feats - model.cae(feats)).pow(2)
-        for name, weight in weights.items():
+class VariantScorer(TorchScorer):
+    """Scores with the shipped weighting and keeps every variant's maps of the same reconstruction."""
+
+    def __init__(self, model, weights: dict[str, torch.Tensor]):
+        super().__init__(model, "cpu")
+        self.weights = weights
+        self.maps: dict[str, list[np.ndarray]] = {name: [] for name in weights}
+
+    @torch.inference_mode()
+    def score(self, frames: np.ndarray):
+        h, w = self.input_size
+        feats = self.model.extract(torch.from_numpy(frames))
+        squared = (feats - self.model.cae(feats)).pow(2)
+        for name, weight in self.weights.items():
             err = (squared * weight.view(1, -1, 1, 1)).mean(dim=1, keepdim=True)
-            maps[name][start:start + len(chunk)] = F.interpolate(err, size=(h, w), mode="bilinear",
-                                                                 align_corners=False)[:, 0].numpy()
-        for i, s in enumerate(chunk, start):
-            if s.mask_path is not None:
-                masks[i] = read_mask(s.mask_path, (h, w))
-    return maps, masks
+            self.maps[name].append(F.interpolate(err, size=(h, w), mode="bilinear", align_corners=False)[:, 0].numpy())
+        shipped = self.maps[SHIPPED][-1]
+        return shipped, shipped.reshape(len(shipped), -1).max(axis=1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,10 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{args.bundle} stores no training variances (made before the standardised score)")
     samples = datasets.read_test_set(args.data)
     types = np.array([s.defect_type for s in samples])
-    maps, masks = variant_maps(model, samples, variants(model))
-    summary = summary_function()
-    for name, m in maps.items():
-        r = summary(m, masks, types)
+    scorer = VariantScorer(model, variants(model))
+    _, _, masks = score_samples(scorer, samples)
+    for name, chunks in scorer.maps.items():
+        maps = np.concatenate(chunks)
+        r = metrics_by_type(maps, maps.reshape(len(maps), -1).max(axis=1), masks, types, args.data)
         o = r["overall"]
         per = " ".join(f"{t} {v['pixel_roc_auc']:.3f}" for t, v in r["per_type"].items())
         print(f"{Path(args.data).name} {name:21s} pixel {o['pixel_roc_auc']:.4f}  PRO {o['pro_auc']:.4f}  "

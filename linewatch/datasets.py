@@ -68,10 +68,6 @@ def read_test_set(category_dir: str | Path) -> list[Sample]:
     return samples
 
 
-def defect_types(samples: list[Sample]) -> list[str]:
-    return sorted({s.defect_type for s in samples if s.is_anomalous})
-
-
 def good_image_folder(data_dir: str | Path) -> Path:
     """Folder of good images for training: an MVTec category's train/good, or `data_dir` itself."""
     data_dir = Path(data_dir)

@@ -96,30 +96,36 @@ def metric_set(maps: np.ndarray, scores: np.ndarray, masks: np.ndarray, anomalou
     }
 
 
+def metrics_by_type(maps: np.ndarray, scores: np.ndarray, masks: np.ndarray, types: np.ndarray, data_dir: str | Path,
+                    fpr_limit: float = metrics.PRO_FPR_LIMIT) -> dict:
+    """{"overall", "per_type"} metric sets; each defect type is judged against all good images."""
+    anomalous = types != datasets.GOOD
+    if not masks[anomalous].any():
+        raise DataError(f"all ground-truth masks in {Path(data_dir) / 'ground_truth'} are empty")
+    per_type = {}
+    for name in sorted(set(types[anomalous].tolist())):
+        keep = (types == name) | ~anomalous
+        if not masks[types == name].any():
+            raise DataError(f"all ground-truth masks of defect type {name!r} in {data_dir} are empty")
+        per_type[name] = metric_set(maps[keep], scores[keep], masks[keep], anomalous[keep], fpr_limit)
+    return {"overall": metric_set(maps, scores, masks, anomalous, fpr_limit), "per_type": per_type}
+
+
 def evaluate_scorer(scorer: Scorer, data_dir: str | Path, batch: int = 8, progress: bool = False,
                     overlays_dir: str | Path | None = None, fpr_limit: float = metrics.PRO_FPR_LIMIT) -> dict:
     """Metrics per defect type and overall for `scorer` on the MVTec-layout category `data_dir`."""
     samples = datasets.read_test_set(data_dir)
     maps, scores, masks = score_samples(scorer, samples, batch, progress)
     types = np.array([s.defect_type for s in samples])
-    anomalous = types != datasets.GOOD
-    if not masks[anomalous].any():
-        raise DataError(f"all ground-truth masks in {Path(data_dir) / 'ground_truth'} are empty")
-    per_type = {}
-    for name in datasets.defect_types(samples):
-        keep = (types == name) | ~anomalous
-        if not masks[types == name].any():
-            raise DataError(f"all ground-truth masks of defect type {name!r} in {data_dir} are empty")
-        per_type[name] = metric_set(maps[keep], scores[keep], masks[keep], anomalous[keep], fpr_limit)
+    table = metrics_by_type(maps, scores, masks, types, data_dir, fpr_limit)
     result = {
         "data": str(data_dir),
         "input_size": [int(v) for v in scorer.input_size],
         "pro_fpr_limit": fpr_limit,
-        "overall": metric_set(maps, scores, masks, anomalous, fpr_limit),
-        "per_type": per_type,
+        **table,
     }
     if overlays_dir is not None:
-        result["overlays"] = write_overlays(Path(overlays_dir), samples, maps, masks, anomalous)
+        result["overlays"] = write_overlays(Path(overlays_dir), samples, maps, masks, types != datasets.GOOD)
     return result
 
 

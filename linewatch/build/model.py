@@ -129,9 +129,13 @@ class DFR(nn.Module):
 
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 N×H×W×3 BGR -> (anomaly_map N×H×W, image_score N)."""
+        return self.maps_from_features(self.extract(frames))
+
+    def maps_from_features(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Regional features (from `extract`) -> (anomaly_map N×H×W, image_score N)."""
         if self.cae is None:
             raise RuntimeError("the CAE is not built yet (c_d unknown): train the model first")
-        err = self.region_error(self.extract(frames))
+        err = self.region_error(feats)
         amap = F.interpolate(err.unsqueeze(1), size=(self.config.height, self.config.width), mode="bilinear",
                              align_corners=False).squeeze(1)
         return amap, amap.flatten(1).amax(dim=1)
