@@ -1,7 +1,7 @@
 """Trivial baseline for the dev benchmark: per-pixel z-score against the good training images.
 
 Anomaly map = |x - mean| / (std + eps) per pixel and channel, averaged over the channels; image score = map max.
-It implements the Scorer protocol (docs/DESIGN.md), so `linewatch.evaluate.evaluate_scorer` runs it exactly
+It implements the Scorer protocol (docs/DESIGN.md), so `linewatch.evaluation.evaluate.evaluate_scorer` runs it exactly
 like DFR. A method worth shipping has to beat it by a wide margin.
 """
 

@@ -16,9 +16,7 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from linewatch.bench import measure  # noqa: E402
+from linewatch.evaluation.bench import measure
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@
 
 Without --bundle, an untrained DFR bundle is exported (torch needed for that step only; throughput does not depend
 on the weights' values). Each round, interleaved because this machine is shared:
-  1. `linewatch bench`'s own measurement (linewatch.bench.measure, engine in a fresh process, random frames);
+  1. `linewatch bench`'s own measurement (linewatch.evaluation.bench.measure, engine in a fresh process, random frames);
   2. the daemon (`python -m linewatch.cli run`) on a looped MJPG video, no fps cap, same batch and threads,
      masks on: results/s from its status counters over a window after warm-up (saturated throughput);
   3. the daemon with the camera capped at half the bench rate: end-to-end latency frame capture -> publish from
@@ -31,16 +31,15 @@ import numpy as np
 import yaml
 import zmq
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from linewatch import bundle
+from linewatch.evaluation.bench import measure
 
-from linewatch import bundle  # noqa: E402
-from linewatch.bench import measure  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_bundle(path: Path, layers: str, size: int, c_d: int) -> Path:
-    from export.cli import export_bundle  # build side: torch
-    from export.synthetic import make_untrained_bundle
+    from linewatch.export.cli import export_bundle  # build side: torch
+    from linewatch.export.synthetic import make_untrained_bundle
 
     make_untrained_bundle(path, layers, size, c_d=c_d, random_init=True)
     if not (path / bundle.GRAPH).is_file():
@@ -50,8 +49,9 @@ def make_bundle(path: Path, layers: str, size: int, c_d: int) -> Path:
 
 def calibrate(bundle_dir: Path, frames: np.ndarray, threads: int) -> None:
     """A threshold at the 99th percentile of the benchmark frames' pixels: a realistic mix of OK and NOK."""
-    from linewatch.calibration import write_calibration
-    from linewatch.engine import Engine
+    from linewatch.calibrate.store import write_calibration
+
+    from linewatch.line.engine import Engine
 
     maps, _ = Engine(bundle_dir, "cpu", threads=threads).score(frames[:8])
     write_calibration(bundle_dir, float(np.quantile(maps, 0.99)), min_defect_area=4)

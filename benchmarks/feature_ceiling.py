@@ -29,15 +29,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from linewatch.evaluation import datasets
+from linewatch.evaluation.evaluate import metrics_by_type, score_samples
+from linewatch.images import list_images
+from linewatch.training.features import load_frames
+from linewatch.training.model import TorchScorer, load_model
 
-from linewatch import datasets  # noqa: E402
-from linewatch.build.features import load_frames  # noqa: E402
-from linewatch.build.model import TorchScorer, load_model  # noqa: E402
-from linewatch.evaluate import metrics_by_type, score_samples  # noqa: E402
-from linewatch.images import list_images  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 QUERY_CHUNK = 2048
 PROBE_MAX_NEGATIVES = 60_000  # per fold: all defect regions are kept, good ones subsampled

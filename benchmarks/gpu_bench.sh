@@ -11,7 +11,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 OUT=${1:-${TMPDIR:-/tmp}/linewatch-gpu-bench}
 mkdir -p "$OUT"
@@ -26,7 +25,7 @@ cuda_loads() {
   "$PY" - <<'EOF'
 import sys
 import onnxruntime as ort
-from linewatch.engine import preload_gpu_libraries
+from linewatch.line.engine import preload_gpu_libraries
 preload_gpu_libraries()
 sys.exit(0 if "CUDAExecutionProvider" in ort.get_available_providers() else 1)
 EOF
@@ -57,9 +56,9 @@ BUNDLE="$OUT/bundle"
 rm -rf "$BUNDLE"
 "$PY" - "$BUNDLE" "$LAYERS" "$SIZE" "$CD" <<'EOF'
 import sys
-from linewatch.build.weights import resolve
+from linewatch.training.weights import resolve
 from linewatch.errors import BundleError
-from export.synthetic import make_untrained_bundle
+from linewatch.export.synthetic import make_untrained_bundle
 out, layers, size, c_d = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 try:
     resolve()

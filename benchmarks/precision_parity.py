@@ -14,10 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from linewatch.engine import Engine  # noqa: E402
-from linewatch.evaluate import evaluate_scorer  # noqa: E402
+from linewatch.evaluation.evaluate import evaluate_scorer
+from linewatch.line.engine import Engine
 
 METRICS = ("pixel_roc_auc", "pro_auc", "image_roc_auc")
 TOLERANCE = 0.002

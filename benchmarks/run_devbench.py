@@ -20,17 +20,15 @@ import sys
 import time
 from pathlib import Path
 
+from baseline import ZScoreBaseline  # benchmarks/ is the script's own folder
+
+from linewatch import bundle
+from linewatch.evaluation.datasets import good_image_folder
+from linewatch.evaluation.evaluate import METRICS, evaluate_scorer
+from linewatch.images import read_image
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from baseline import ZScoreBaseline  # noqa: E402  (benchmarks/ is the script's own folder)
-
-from linewatch import bundle  # noqa: E402
-from linewatch.datasets import good_image_folder  # noqa: E402
-from linewatch.evaluate import METRICS, evaluate_scorer  # noqa: E402
-from linewatch.images import read_image  # noqa: E402
 
 BASELINE = "baseline"
 LABELS = {"pixel_roc_auc": "pixel ROC-AUC", "pro_auc": "PRO-AUC (FPR 0.3)", "image_roc_auc": "image ROC-AUC"}

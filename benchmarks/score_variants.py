@@ -24,14 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from linewatch.evaluation import datasets
+from linewatch.evaluation.evaluate import metrics_by_type, score_samples
+from linewatch.training.backbone import CHANNELS
+from linewatch.training.model import TorchScorer, load_model
 
-from linewatch import datasets  # noqa: E402
-from linewatch.build.backbone import CHANNELS  # noqa: E402
-from linewatch.build.model import TorchScorer, load_model  # noqa: E402
-from linewatch.evaluate import metrics_by_type, score_samples  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SHIPPED = "standardised"
 

@@ -11,15 +11,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from linewatch.export.graph import FusedDFR
+from linewatch.export.onnx_graph import convert_fp16, export_onnx
+from linewatch.export.quantize import good_frames, quantise_int8
 
 from linewatch import bundle
-from linewatch.engine import TRT_CACHE_DIR
 from linewatch.errors import BundleError
-from linewatch.build.model import DFR, load_model
-
-from .graph import FusedDFR
-from .onnx_graph import convert_fp16, export_onnx
-from .quantize import good_frames, quantise_int8
+from linewatch.line.engine import TRT_CACHE_DIR
+from linewatch.training.model import DFR, load_model
 
 log = logging.getLogger("linewatch.export")
 

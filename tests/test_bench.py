@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from linewatch.export.cli import export_bundle
+from linewatch.export.synthetic import make_untrained_bundle
 
-from export.cli import export_bundle
-from export.synthetic import make_untrained_bundle
-from linewatch.bench import latency_stats, parse_batches
 from linewatch.errors import ConfigError
+from linewatch.evaluation.bench import latency_stats, parse_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.decomposition import PCA
 
-from linewatch.build.cae import CAE, cae_widths, pca_latent_dim
+from linewatch.training.cae import CAE, cae_widths, pca_latent_dim
 
 
 def test_widths_follow_table_viii():

@@ -13,12 +13,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from linewatch.calibrate.command import cli_calibrate, set_thresholds
+from linewatch.calibrate.store import load_calibration
+from linewatch.calibrate.thresholds import holdout_split
 
 from linewatch import bundle
-from linewatch.calibrate import cli_calibrate, set_thresholds
-from linewatch.calibration import holdout_split, load_calibration
 from linewatch.cli import build_parser
-from linewatch.engine import Engine
+from linewatch.line.engine import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -70,7 +71,7 @@ def model(deviation_bundle, tmp_path):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = dict(os.environ)
     return subprocess.run([sys.executable, "-m", "linewatch.cli", "calibrate", *args], capture_output=True,
                           text=True, env=env, timeout=120)
 
@@ -171,7 +172,7 @@ def test_missed_target_warns_in_log_and_report(model, tmp_path, caplog):
     for i in range(n):  # the held-out parts are much noisier than the rest: a drift the check must catch
         cv2.imwrite(str(folder / f"good_{i:03d}.png"), good_part(rng, 40.0 if i in set(hold) else 10.0))
     args = build_parser().parse_args(["calibrate", str(model), "--good", str(folder), "--fpr", "0.01"])
-    with caplog.at_level(logging.WARNING, logger="linewatch.calibrate"):
+    with caplog.at_level(logging.WARNING, logger="linewatch.calibrate.command"):
         assert cli_calibrate(args) == 0
     report = json.loads((model / "calibration_report" / "report.json").read_text())
     assert len(report["warnings"]) == 1 and "MORE false alarms" in report["warnings"][0]

@@ -15,13 +15,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from linewatch.calibrate.store import (
+    Calibration,
+    history_path,
+    history_versions,
+    load_calibration,
+    rollback,
+    save_calibration,
+    write_calibration,
+)
+from linewatch.calibrate.thresholds import (
+    beta_cdf,
+    check_enough_samples,
+    effective_pixel_count,
+    fpr_confidence_bound,
+    min_samples_for_fpr,
+    pixel_threshold_for_fpr,
+)
 from scipy import stats
 
 from linewatch import bundle
-from linewatch.calibration import (Calibration, beta_cdf, check_enough_samples, effective_pixel_count,
-                                   fpr_confidence_bound, history_path, history_versions, load_calibration,
-                                   min_samples_for_fpr, pixel_threshold_for_fpr, rollback, save_calibration,
-                                   write_calibration)
 from linewatch.errors import BundleError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,7 +229,7 @@ def test_failed_rename_keeps_the_old_calibration(model, monkeypatch):
 
 WRITER = """
 import sys
-from linewatch.calibration import write_calibration
+from linewatch.calibrate.store import write_calibration
 i = 0
 print("ready", flush=True)
 while True:
@@ -227,7 +240,7 @@ while True:
 # Stops inside the write window on purpose: the temp file holds the new data, the rename has not happened.
 FROZEN_WRITER = """
 import os, sys, time
-from linewatch.calibration import write_calibration
+from linewatch.calibrate.store import write_calibration
 real_fsync = os.fsync
 def fsync_then_freeze(fd):
     real_fsync(fd)
@@ -242,7 +255,7 @@ write_calibration(sys.argv[1], 0.7, settings={"pad": "y" * 200000})
 
 def test_sigkill_mid_write_leaves_the_old_calibration_whole(model):
     write_calibration(model, 0.5)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = dict(os.environ)
     proc = subprocess.Popen([sys.executable, "-c", FROZEN_WRITER, str(model)], stdout=subprocess.PIPE, env=env)
     try:
         assert proc.stdout.readline().strip() == b"mid-write"
@@ -259,7 +272,7 @@ def test_sigkill_mid_write_leaves_the_old_calibration_whole(model):
 
 def test_sigkill_at_random_moments_never_leaves_a_partial_file(model):
     write_calibration(model, 0.5)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = dict(os.environ)
     versions = []
     for delay in (0.05, 0.11, 0.17, 0.23, 0.07, 0.13):
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(model)], stdout=subprocess.PIPE, env=env)

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from linewatch.cameras import FINISHED, OFFLINE, ONLINE, Camera, FrameQueue, crop, grab_frames
-from linewatch.config import CameraConfig, ReconnectConfig
 from linewatch.errors import DataError
+from linewatch.line.cameras import FINISHED, OFFLINE, ONLINE, Camera, crop, grab_frames
+from linewatch.line.config import CameraConfig, ReconnectConfig
+from linewatch.line.frames import FrameQueue
 from tests.streams import MjpegServer, free_port, grey, write_video
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from linewatch.config import load_config
 from linewatch.errors import ConfigError
+from linewatch.line.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "config" / "linewatch.yaml"

@@ -34,8 +34,8 @@ PERIOD = 4  # video frame i is NOK when i % PERIOD == 1
 
 
 def write_calibration(bundle_dir: Path, pixel_threshold: float, min_defect_area: int = 4) -> int:
-    """Calibrate with linewatch.calibration's own writer; returns the new calibration version."""
-    from linewatch.calibration import write_calibration as write
+    """Calibrate with linewatch.calibrate.store's own writer; returns the new calibration version."""
+    from linewatch.calibrate.store import write_calibration as write
 
     return write(bundle_dir, pixel_threshold, min_defect_area=min_defect_area).version
 
@@ -70,7 +70,7 @@ def write_config(tmp_path: Path, bundle_dir: Path, cameras: list[dict], **sectio
 
 
 def start_daemon(config: Path, tmp_path: Path, notify: NotifySocket | None = None) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ)
     if notify is not None:
         env.update(NOTIFY_SOCKET=notify.path, WATCHDOG_USEC="400000")
     log = open(tmp_path / "daemon.log", "wb")
@@ -419,7 +419,7 @@ def test_sigterm_inspects_and_publishes_the_frames_already_captured(tmp_path):
 
 
 def test_trigger_returns_the_result_of_a_frame_taken_after_the_request(calibrated, tmp_path):
-    from linewatch.client import TriggerClient, TriggerError
+    from linewatch.protocol.client import TriggerClient, TriggerError
 
     scene = {"frame": grey()}
     port = free_port()
@@ -459,8 +459,8 @@ def test_trigger_returns_the_result_of_a_frame_taken_after_the_request(calibrate
 
 def test_curve_daemon_serves_allowed_keys_and_nothing_to_others(calibrated, tmp_path):
     import zmq.auth
-
-    from linewatch.client import Subscriber as LwSubscriber, TriggerClient, TriggerTimeout
+    from linewatch.protocol.client import Subscriber as LwSubscriber
+    from linewatch.protocol.client import TriggerClient, TriggerTimeout
 
     keys, allowed = tmp_path / "keys", tmp_path / "allowed"
     keys.mkdir()
@@ -510,7 +510,7 @@ def test_bad_config_exits_2_before_starting(tmp_path):
 
 
 def test_archive_keeps_the_newest_under_the_cap_and_survives_write_errors(tmp_path):
-    from linewatch.archive import Archive
+    from linewatch.line.archive import Archive
 
     folder = tmp_path / "archive"
     archive = Archive(folder, max_bytes=6000)

@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from linewatch.datasets import GOOD, good_image_folder, read_test_set
 from linewatch.errors import DataError
+from linewatch.evaluation.datasets import GOOD, good_image_folder, read_test_set
 
 
 def write(path: Path, value: int = 128, size: int = 16) -> Path:

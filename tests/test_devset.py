@@ -13,8 +13,8 @@ import pytest
 import skimage.data
 from sklearn.metrics import roc_auc_score
 
-from linewatch.datasets import good_image_folder, read_test_set
-from linewatch.evaluate import evaluate_scorer
+from linewatch.evaluation.datasets import good_image_folder, read_test_set
+from linewatch.evaluation.evaluate import evaluate_scorer
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64

@@ -10,8 +10,8 @@ import onnx
 import pytest
 
 from linewatch import bundle
-from linewatch.engine import CPU, Engine, parse_providers
 from linewatch.errors import BundleError, ConfigError, DataError
+from linewatch.line.engine import CPU, Engine, parse_providers
 from tests.bundles import deviation_graph, grey_frame
 
 

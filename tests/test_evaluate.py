@@ -15,10 +15,10 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from linewatch import bundle
-from linewatch.engine import Engine
 from linewatch.errors import DataError
-from linewatch.evaluate import evaluate_scorer
-from linewatch.overlay import overlay
+from linewatch.evaluation.evaluate import evaluate_scorer
+from linewatch.evaluation.overlay import overlay
+from linewatch.line.engine import Engine
 from tests.test_metrics import brute_force_pro_auc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def make_category(root: Path, size: int = 64, noise: int = 0, defect_offset: int
 
 
 class RawOnnxScorer:
-    """The Scorer protocol straight on onnxruntime, independent of linewatch.engine."""
+    """The Scorer protocol straight on onnxruntime, independent of linewatch.line.engine."""
 
     def __init__(self, bundle_dir: Path):
         meta = bundle.read_metadata(bundle_dir)

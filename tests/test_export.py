@@ -15,16 +15,21 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from linewatch.export.cli import (
+    FP16_TOLERANCE,
+    FP32_TOLERANCE,
+    INT8_MIN_CORRELATION,
+    relative_map_error,
+)
+from linewatch.export.graph import FusedDFR
+from linewatch.export.quantize import QUANTISED_PREFIXES
+from linewatch.export.reference import NaiveDFR
+from linewatch.export.synthetic import make_untrained_bundle
 
-from export.cli import FP16_TOLERANCE, FP32_TOLERANCE, INT8_MIN_CORRELATION, relative_map_error
-from export.graph import FusedDFR
-from export.reference import NaiveDFR
-from export.quantize import QUANTISED_PREFIXES
-from export.synthetic import make_untrained_bundle
 from linewatch import bundle
-from linewatch.build.model import DFR, DFRConfig, load_model
-from linewatch.build.weights import WeightsSource
-from linewatch.engine import Engine
+from linewatch.line.engine import Engine
+from linewatch.training.model import DFR, DFRConfig, load_model
+from linewatch.training.weights import WeightsSource
 
 
 def frames_for(size: int, n: int, seed: int) -> np.ndarray:
@@ -150,8 +155,9 @@ def test_int8_export_without_good_images_says_how_to_give_them(tmp_path):
 def test_calibration_binds_to_the_graph_precision_it_was_set_with(exported, tmp_path):
     import shutil
 
-    from linewatch.calibration import load_calibration, write_calibration
-    from linewatch.inference import load_model as load_runtime_model
+    from linewatch.calibrate.store import load_calibration, write_calibration
+
+    from linewatch.line.inference import load_model as load_runtime_model
 
     model = tmp_path / "m"
     shutil.copytree(exported, model)
@@ -188,7 +194,7 @@ def test_fused_rewrites_are_exact_for_each_convention_and_padding(convention, pa
 
 def test_reexport_replaces_stale_fp16_graph_and_trt_cache(tmp_path):
     path = make_untrained_bundle(tmp_path / "b", "1:4", 32, c_d=8, random_init=True)
-    from export.cli import export_bundle
+    from linewatch.export.cli import export_bundle
 
     export_bundle(path, fp16=True)
     for i, img in enumerate(good_parts(4, 32, seed=2)):

@@ -10,7 +10,7 @@ from skimage import measure
 from sklearn.metrics import roc_auc_score
 
 from linewatch.errors import DataError
-from linewatch.metrics import image_roc_auc, pixel_roc_auc, pro_auc, roc_auc
+from linewatch.evaluation.metrics import image_roc_auc, pixel_roc_auc, pro_auc, roc_auc
 
 
 def brute_force_pro_auc(maps, masks, fpr_limit=0.3):

@@ -16,8 +16,7 @@ import cv2
 import numpy as np
 import pytest
 import zmq
-
-from linewatch.protocol import (
+from linewatch.protocol.wire import (
     SCHEMA_VERSION,
     ProtocolError,
     camera_prefix,
@@ -29,7 +28,8 @@ from linewatch.protocol import (
     result_topic,
     status_topic,
 )
-from linewatch.publisher import ResultPublisher
+
+from linewatch.line.publisher import ResultPublisher
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,11 +8,11 @@ import time
 import numpy as np
 import pytest
 import zmq
+from linewatch.protocol.client import Subscriber
+from linewatch.protocol.wire import encode_mask_png, result_header
 
-from linewatch.client import Subscriber
 from linewatch.errors import ConfigError
-from linewatch.protocol import encode_mask_png, result_header
-from linewatch.publisher import ResultPublisher
+from linewatch.line.publisher import ResultPublisher
 
 
 def make_header(camera: str, seq: int, mask_size=None) -> dict:

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from linewatch.build.backbone import CHANNELS, STRIDES, VGG19Features, parse_layers
-from linewatch.build.model import DFRConfig
-from linewatch.build.regional import RegionalGenerator, naive_regional
+from linewatch.training.backbone import CHANNELS, STRIDES, VGG19Features, parse_layers
+from linewatch.training.model import DFRConfig
+from linewatch.training.regional import RegionalGenerator, naive_regional
 
 CASES = [  # (height, width, layer spec): non-square, odd multiples, every depth
     (72, 100, "1:4"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import time
 
-from linewatch.sd_notify import SystemdNotifier
+from linewatch.line.systemd_notify import SystemdNotifier
 from tests.notify_socket import fill_queue
 
 

@@ -14,13 +14,19 @@ from pathlib import Path
 import pytest
 import zmq
 import zmq.auth
+from linewatch.protocol.client import Subscriber, TriggerClient, TriggerTimeout
+from linewatch.protocol.curve import (
+    CurveConfig,
+    check_bind_security,
+    is_loopback_endpoint,
+    load_key_pair,
+    load_public_key,
+)
+from linewatch.protocol.wire import result_header
 
-from linewatch.client import Subscriber, TriggerClient, TriggerTimeout
 from linewatch.errors import ConfigError
-from linewatch.protocol import result_header
-from linewatch.publisher import ResultPublisher
-from linewatch.security import CurveConfig, check_bind_security, is_loopback_endpoint, load_key_pair, load_public_key
-from linewatch.trigger import TriggerServer
+from linewatch.line.publisher import ResultPublisher
+from linewatch.line.trigger import TriggerServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,7 +137,7 @@ def test_key_file_errors_name_the_file(keys, tmp_path):
 
 
 def test_keygen_command(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ)
     cmd = [sys.executable, "-m", "linewatch.cli", "keygen", str(tmp_path / "k"), "--name", "plc7"]
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert first.returncode == 0, first.stderr

@@ -10,18 +10,25 @@ import linewatch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# The build side: everything under these packages may import torch; nothing else may.
+BUILD_PACKAGES = ("linewatch.training", "linewatch.export")
+
+
 def runtime_modules() -> list[str]:
     names = []
-    for info in pkgutil.iter_modules(linewatch.__path__, "linewatch."):
-        if info.name != "linewatch.build":
+    for info in pkgutil.walk_packages(linewatch.__path__, "linewatch."):
+        if not info.name.startswith(BUILD_PACKAGES):
             names.append(info.name)
     return names
 
 
 def test_runtime_modules_exist():
     mods = runtime_modules()
-    for required in ("linewatch.cli", "linewatch.images", "linewatch.bundle"):
+    for required in ("linewatch.cli", "linewatch.images", "linewatch.bundle", "linewatch.line.daemon",
+                     "linewatch.protocol.client", "linewatch.calibrate.command", "linewatch.evaluation.evaluate",
+                     "linewatch.demo.run"):
         assert required in mods
+    assert not any(m.startswith(BUILD_PACKAGES) for m in mods)
 
 
 def test_importing_runtime_never_loads_torch():

@@ -15,15 +15,31 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from linewatch.demo.parts import make_parts
 
 from linewatch import bundle
-from linewatch.build.features import FeatureStore, dataset_sha256, extract_to_store, set_feature_scale
-from linewatch.build.model import DFRConfig, TorchScorer, build_model, load_model
-from linewatch.build.presets import PRESETS, TrainSettings, read_config_file, resolve_settings
-from linewatch.build.cae import CAE
-from linewatch.build.train import StandardisedCAE, channel_statistics, good_images, split_train_val, train
-from linewatch.demo_parts import make_parts
 from linewatch.errors import ConfigError, DataError
+from linewatch.training.cae import CAE
+from linewatch.training.features import (
+    FeatureStore,
+    dataset_sha256,
+    extract_to_store,
+    set_feature_scale,
+)
+from linewatch.training.model import DFRConfig, TorchScorer, build_model, load_model
+from linewatch.training.presets import (
+    PRESETS,
+    TrainSettings,
+    read_config_file,
+    resolve_settings,
+)
+from linewatch.training.train import (
+    StandardisedCAE,
+    channel_statistics,
+    good_images,
+    split_train_val,
+    train,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -39,7 +55,7 @@ patience: 3
 
 
 def run_train(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ)
     return subprocess.run([sys.executable, "-m", "linewatch.cli", "train", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -307,7 +323,7 @@ def test_resume_refuses_a_bundle_already_exported_or_calibrated(workspace, tmp_p
 
 def test_interrupted_run_keeps_its_on_disk_features_and_resume_reuses_them(workspace, tmp_path, monkeypatch,
                                                                             caplog):
-    import linewatch.build.train as train_module
+    import linewatch.training.train as train_module
 
     settings = TrainSettings(size=48, layers="1:2", epochs=3, patience=3, batch_vectors=128, cache_ram_mb=0, seed=2)
     reference = tmp_path / "uninterrupted"
@@ -343,7 +359,7 @@ def test_interrupted_run_keeps_its_on_disk_features_and_resume_reuses_them(works
 
     extracted = []
     monkeypatch.setattr(train_module, "extract_to_store", lambda *a, **k: extracted.append(a[3]))
-    with caplog.at_level("INFO", logger="linewatch.build.features"):
+    with caplog.at_level("INFO", logger="linewatch.training.features"):
         meta = train(settings, workspace["good"], out, resume=True)
     assert extracted == [] and caplog.text.count("reusing the features an interrupted run extracted") == 2
     assert meta["training"]["epochs"] == 3

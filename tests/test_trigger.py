@@ -11,11 +11,11 @@ from concurrent.futures import Future
 import numpy as np
 import pytest
 import zmq
+from linewatch.protocol.client import TriggerClient, TriggerError, TriggerTimeout
+from linewatch.protocol.wire import decode_mask_png, encode_mask_png, result_header
 
-from linewatch.client import TriggerClient, TriggerError, TriggerTimeout
 from linewatch.errors import LinewatchError
-from linewatch.protocol import decode_mask_png, encode_mask_png, result_header
-from linewatch.trigger import TriggerServer
+from linewatch.line.trigger import TriggerServer
 
 MASK = np.zeros((24, 32), bool)
 MASK[5:9, 10:20] = True

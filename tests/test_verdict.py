@@ -7,10 +7,14 @@ import time
 
 import numpy as np
 import pytest
+from linewatch.calibrate.store import (
+    Calibration,
+    load_calibration,
+    write_calibration,
+)
 from skimage import measure
 
-from linewatch.calibration import Calibration, load_calibration, write_calibration
-from linewatch.verdict import judge
+from linewatch.line.verdict import judge
 
 
 def cal(pixel=0.5, image=None, area=0):

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import zmq.auth
+from linewatch.protocol.curve import CurveConfig
+from linewatch.protocol.wire import decode_mask_png, encode_mask_png, result_header
 
-from linewatch.protocol import decode_mask_png, encode_mask_png, result_header
-from linewatch.publisher import ResultPublisher
-from linewatch.security import CurveConfig
+from linewatch.line.publisher import ResultPublisher
 
 ROOT = Path(__file__).resolve().parents[1]
 MASK = np.zeros((24, 32), bool)
@@ -24,7 +24,7 @@ MASK[4:10, 6:18] = True
 
 def run_watch(pub: ResultPublisher, args: list[str], timeout_s: float = 20.0) -> subprocess.CompletedProcess:
     """Start `linewatch watch`, publish cam1 and cam10 results until it exits."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ)
     proc = subprocess.Popen([sys.executable, "-m", "linewatch.cli", "watch", "--connect", pub.endpoint, *args],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out: dict[str, str] = {}

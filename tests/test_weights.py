@@ -13,10 +13,18 @@ import torch.nn.functional as F
 import torchvision
 from skimage import data as skdata
 
-from linewatch.build.backbone import VGG19Features
-from linewatch.build.weights import (CONV_INDICES, KERAS_LAYERS, KERAS_SHA256, RANDOM, cache_dir, load_conv_state,
-                                     resolve, verify)
 from linewatch.errors import BundleError
+from linewatch.training.backbone import VGG19Features
+from linewatch.training.weights import (
+    CONV_INDICES,
+    KERAS_LAYERS,
+    KERAS_SHA256,
+    RANDOM,
+    cache_dir,
+    load_conv_state,
+    resolve,
+    verify,
+)
 
 H5 = cache_dir() / "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
 

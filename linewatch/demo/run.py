@@ -1,0 +1,511 @@
+"""`linewatch demo`: the whole product on built-in images, the way a line runs it.
+
+Builds a demo line from the shipped CC0 brick photo (good parts for training and calibration, a lossless video of
+good and defective parts as the camera), then runs the real commands as subprocesses: `train --preset fast`,
+`export`, `calibrate`, and `run` (the daemon) on the video. Verdicts are received over ZeroMQ like a PLC would,
+matched to the known truth by frame index, printed one line per part, and summarised in an HTML report with
+overlays. Runtime only (no torch in this process): training and export run in their own interpreters.
+
+Part i of the line is video frame WARMUP + i: the first frames only give the subscriber time to connect (a ZeroMQ
+subscriber misses what is published before its subscription reaches the publisher), and are not counted.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from linewatch.errors import ConfigError, LinewatchError
+
+log = logging.getLogger("linewatch.demo.run")
+
+CAMERA = "line1"
+SIZE = 128  # part images are made at the fast preset's input size: the daemon's resize is then the identity
+DEFECT_RATE = 0.3
+TILE = 192  # overlay grid tile size in pixels
+MARKER = ".linewatch-demo"  # marks a folder this command made, so a re-run may replace it
+SUBDIRS = ("data", "line", "model", "report", "daemon.yaml", "daemon.log", "calibration.json")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a demo run builds and how the model is set; `quick` is the test-sized run."""
+
+    train_images: int = 60
+    calibrate_images: int = 90  # 63 set the threshold, 27 are held out to check the realised rate
+    epochs: int = 6
+    fpr: float = 0.001  # target pixel false-positive rate on good parts (needs >= 63 calibration images)
+    # pixels a region above the threshold needs to fail a part: ~1 % of the part. The map is coarse (one value per
+    # 4×4 pixels, upsampled), so the demo's smallest painted defect (~50 px) already lights up a region of ~500 px,
+    # while noise on good parts stays in regions of < ~150 px.
+    min_defect_area: int = 200
+    fps: float = 10.0  # camera rate: the line's pace
+    warmup_frames: int = 10  # good frames before the first counted part (1 s at 10 fps)
+
+
+FULL = Settings()
+QUICK = Settings(train_images=24, calibrate_images=30, epochs=2, fpr=0.004, warmup_frames=6, fps=12.0)
+
+
+# --- step 1: the demo line ----------------------------------------------------------------------------------
+
+
+@dataclass
+class LinePart:
+    number: int  # 1-based, as printed
+    frame_index: int  # the daemon's frame counter for this part
+    kind: str  # "good" or the defect kind
+    image: np.ndarray  # BGR, SIZE×SIZE
+    mask: np.ndarray  # bool, True on defect pixels
+
+    @property
+    def defective(self) -> bool:
+        return self.kind != "good"
+
+
+def prepare_out(out: Path) -> None:
+    """A new or empty folder, or one a previous demo made (its demo files are replaced, nothing else)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise ConfigError(f"--out {out} is not empty and not a previous demo folder; choose a new folder")
+        for name in SUBDIRS:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("made by `linewatch demo`; a re-run replaces its contents\n")
+
+
+def write_folder(folder: Path, images: list[np.ndarray]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        if not cv2.imwrite(str(folder / f"{i:04d}.png"), image):
+            raise LinewatchError(f"cannot write {folder / f'{i:04d}.png'}")
+    return folder
+
+
+def write_video(path: Path, frames: list[np.ndarray], fps: float) -> tuple[Path, str, int]:
+    """A lossless FFV1 .avi (MJPG only if this OpenCV cannot write FFV1), then read back and compared:
+    (path, codec, largest pixel difference between what was written and what a camera reads)."""
+    h, w = frames[0].shape[:2]
+    for codec in ("FFV1", "MJPG"):
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*codec), fps, (w, h))
+        if writer.isOpened():
+            break
+        writer.release()
+    else:
+        raise LinewatchError(f"this OpenCV build can write neither FFV1 nor MJPG video ({path})")
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+    cap = cv2.VideoCapture(str(path))
+    decoded = []
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        decoded.append(frame)
+    cap.release()
+    if len(decoded) != len(frames):
+        raise LinewatchError(f"{path}: wrote {len(frames)} frames, OpenCV reads back {len(decoded)}")
+    diff = max(int(np.abs(a.astype(np.int16) - b).max()) for a, b in zip(frames, decoded))
+    return path, codec, diff
+
+
+def build_line(out: Path, n_parts: int, seed: int, s: Settings) -> list[LinePart]:
+    """Training and calibration folders of good parts, the camera video, and the truth beside it."""
+    from linewatch.demo.parts import make_parts
+
+    data = out / "data"
+    write_folder(data / "train", [p.image for p in make_parts(s.train_images, "train", SIZE, 0.0, seed)])
+    write_folder(data / "calibrate", [p.image for p in make_parts(s.calibrate_images, "calibrate", SIZE, 0.0,
+                                                                  seed + 1)])
+    warmup = make_parts(s.warmup_frames, "line", SIZE, 0.0, seed + 2)
+    parts = [LinePart(i + 1, s.warmup_frames + i + 1, p.kind, p.image, p.mask)
+             for i, p in enumerate(make_parts(n_parts, "line", SIZE, DEFECT_RATE, seed + 3))]
+    line = out / "line"
+    (line / "parts").mkdir(parents=True)
+    (line / "masks").mkdir()
+    truth = []
+    for part in parts:
+        cv2.imwrite(str(line / "parts" / f"part_{part.number:03d}.png"), part.image)
+        cv2.imwrite(str(line / "masks" / f"part_{part.number:03d}.png"), part.mask.astype(np.uint8) * 255)
+        truth.append({"part": part.number, "frame_index": part.frame_index, "kind": part.kind,
+                      "defect_area": int(part.mask.sum()), "image": f"parts/part_{part.number:03d}.png",
+                      "mask": f"masks/part_{part.number:03d}.png"})
+    video, codec, diff = write_video(line / "camera.avi", [p.image for p in warmup] + [p.image for p in parts],
+                                     s.fps)
+    (line / "truth.json").write_text(json.dumps(
+        {"video": video.name, "codec": codec, "max_decode_difference": diff, "fps": s.fps,
+         "warmup_frames": s.warmup_frames, "parts": truth}, indent=2) + "\n")
+    n_bad = sum(p.defective for p in parts)
+    log.info("demo line: %d training and %d calibration images of good parts; camera video %s (%s, %d warm-up "
+             "frames + %d parts, %d defective; decoded frames differ by at most %d grey level(s))",
+             s.train_images, s.calibrate_images, video, codec, s.warmup_frames, len(parts), n_bad, diff)
+    return parts
+
+
+# --- step 2: train, export, calibrate (the real commands) ----------------------------------------------------
+
+
+def linewatch_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "linewatch.cli", *args]
+
+
+def run_step(what: str, args: list[str]) -> None:
+    """A linewatch command in its own interpreter; its logs and progress bars go to our stderr."""
+    t0 = time.perf_counter()
+    result = subprocess.run(linewatch_cmd(*args), stdout=sys.stderr, stderr=sys.stderr)
+    if result.returncode != 0:
+        raise LinewatchError(f"demo step '{what}' failed: `linewatch {' '.join(args)}` exited with "
+                             f"{result.returncode} (its messages are above)")
+    log.info("%s done in %.1f s", what, time.perf_counter() - t0)
+
+
+def build_model(out: Path, seed: int, s: Settings) -> dict:
+    model = out / "model"
+    run_step("training", ["train", "--data", str(out / "data" / "train"), "--out", str(model), "--preset", "fast",
+                          "--epochs", str(s.epochs), "--seed", str(seed)])
+    run_step("export", ["export", str(model)])
+    cal_json = out / "calibration.json"
+    run_step("calibration", ["calibrate", str(model), "--good", str(out / "data" / "calibrate"), "--fpr",
+                             str(s.fpr), "--min-defect-area", str(s.min_defect_area), "--json", str(cal_json)])
+    result = json.loads(cal_json.read_text())
+    held = result["calibration"].get("holdout_pixel_fpr") or {}
+    log.info("calibration: pixel threshold %.5g for a target pixel FPR of %g; realised on %d held-out good "
+             "images: %s; a part fails on a region of >= %d px", result["calibration"]["pixel_threshold"], s.fpr,
+             result["calibration"]["n_holdout"],
+             f"{held['rate']:.4g} [{held['lower']:.3g}, {held['upper']:.3g}]" if held else "n/a",
+             s.min_defect_area)
+    return result
+
+
+# --- step 3: the daemon on the simulated camera ---------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_daemon_config(out: Path, n_frames: int, endpoint: str, s: Settings) -> Path:
+    """One video camera, read once at the line's pace, a queue that holds every frame (none dropped)."""
+    import yaml
+
+    config = {
+        "model": {"bundle": str((out / "model").resolve())},
+        "engine": {"providers": ["auto"], "max_batch": 4, "max_wait_ms": 5},
+        "cameras": [{"name": CAMERA, "kind": "video", "source": str((out / "line" / "camera.avi").resolve()),
+                     "loop": False, "fps": s.fps, "queue_size": n_frames + 1}],
+        "publish": {"endpoint": endpoint, "status_interval_s": 0.5},
+        "trigger": {"enabled": False},
+        "metrics": {"enabled": False},
+        "health": {"drain_timeout_s": 10.0},
+    }
+    path = out / "daemon.yaml"
+    path.write_text("# written by `linewatch demo`\n" + yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def format_line(part: LinePart, header: dict, defect_area: int) -> str:
+    verdict = header["verdict"]
+    outcome = outcome_of(part.defective, verdict)
+    return (f"part {part.number:3d}  truth {part.kind:7s}  {verdict:5s}  "
+            f"score {_number(header['image_score'], '6.4f')}  defect area {defect_area:5d} px  {outcome}")
+
+
+def outcome_of(defective: bool, verdict: str) -> str:
+    if verdict == "ERROR":
+        return "error"
+    if defective:
+        return "detected" if verdict == "NOK" else "MISSED"
+    return "FALSE ALARM" if verdict == "NOK" else "correct pass"
+
+
+def defect_area(header: dict, min_defect_area: int) -> int:
+    """Pixels in the regions that fail a part (at least the calibration's min area; the smaller ones are noise)."""
+    return int(sum(r["area"] for r in header["regions"] if r["area"] >= max(1, min_defect_area)))
+
+
+def inspect_line(out: Path, parts: list[LinePart], s: Settings) -> dict[int, dict]:
+    """Start the daemon, receive one result per part over ZeroMQ, print it, stop the daemon with SIGTERM.
+    Returns {part number: {"header", "mask", "area", "above_threshold"}}."""
+    from linewatch.protocol.client import Subscriber
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    n_frames = s.warmup_frames + len(parts)
+    config = write_daemon_config(out, n_frames, endpoint, s)
+    by_frame = {p.frame_index: p for p in parts}
+    results: dict[int, dict] = {}
+    log_path = out / "daemon.log"
+    sub = Subscriber(endpoint, camera=CAMERA)  # connects before the daemon binds: no start-up results lost
+    with open(log_path, "w") as daemon_log:
+        daemon = subprocess.Popen(linewatch_cmd("run", "--config", str(config)), stdout=daemon_log,
+                                  stderr=subprocess.STDOUT)
+    log.info("daemon started (pid %d, results on %s, log %s); %d frames at %g fps", daemon.pid, endpoint,
+             log_path, n_frames, s.fps)
+    deadline = time.monotonic() + 90.0 + 3 * n_frames / s.fps
+    try:
+        while len(results) < len(parts):
+            if daemon.poll() is not None:
+                raise LinewatchError(f"the daemon exited with {daemon.returncode} before all parts were "
+                                     f"inspected ({len(results)} of {len(parts)}); its log {log_path} ends:\n"
+                                     + _tail(log_path))
+            if time.monotonic() > deadline:
+                missing = [p.number for p in parts if p.number not in results]
+                raise LinewatchError(f"timed out: no result for part(s) {missing} (see {log_path})")
+            msg = sub.recv(timeout_s=0.5)
+            if msg is None:
+                continue
+            if msg.kind != "result":
+                dropped = msg.header.get("dropped", 0) + msg.header.get("publish_dropped", 0)
+                if dropped:
+                    raise LinewatchError(f"the daemon dropped {dropped} frame(s) of the demo video (status: "
+                                         f"{msg.header}); see {log_path}")
+                continue
+            index = msg.header.get("frame_index")
+            part = by_frame.get(index)
+            if part is None:
+                continue  # a warm-up frame
+            lost = [p.number for p in parts if p.frame_index < index and p.number not in results]
+            if lost:  # a PUB socket keeps order: an earlier part that did not arrive never will
+                raise LinewatchError(f"results for part(s) {lost} were never received (the subscriber joined "
+                                     f"late or messages were dropped); see {log_path}")
+            area = defect_area(msg.header, s.min_defect_area)
+            mask = msg.mask_array() if msg.mask else None
+            results[part.number] = {"header": msg.header, "mask": mask, "area": area,
+                                    "above_threshold": None if mask is None else int(np.count_nonzero(mask))}
+            print(format_line(part, msg.header, area), flush=True)
+    finally:
+        sub.close()
+        if daemon.poll() is None:
+            daemon.send_signal(signal.SIGTERM)
+        try:
+            code = daemon.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+            code = None
+    if code != 0:
+        raise LinewatchError(f"the daemon did not exit cleanly after SIGTERM (exit code {code}); its log "
+                             f"{log_path} ends:\n" + _tail(log_path))
+    log.info("daemon stopped with exit code 0 after SIGTERM")
+    return results
+
+
+# --- step 4: report ---------------------------------------------------------------------------------------------
+
+
+def count_outcomes(parts: list[LinePart], results: dict[int, dict]) -> dict:
+    outcomes = [outcome_of(p.defective, results[p.number]["header"]["verdict"]) for p in parts]
+    n_bad = sum(p.defective for p in parts)
+    n_good = len(parts) - n_bad
+    counts = {"parts": len(parts), "defective": n_bad, "good": n_good,
+              "detected": outcomes.count("detected"), "missed": outcomes.count("MISSED"),
+              "false_alarms": outcomes.count("FALSE ALARM"), "correct_passes": outcomes.count("correct pass"),
+              "errors": outcomes.count("error")}
+    counts["detection_rate"] = counts["detected"] / n_bad if n_bad else None
+    counts["false_alarm_rate"] = counts["false_alarms"] / n_good if n_good else None
+    return counts
+
+
+def score_images(engine, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    maps, scores = [], []
+    for start in range(0, len(images), 8):
+        m, sc = engine.score(np.stack(images[start:start + 8]))
+        maps.append(m)
+        scores.append(sc)
+    return np.concatenate(maps), np.concatenate(scores)
+
+
+def _outline(image: np.ndarray, region: np.ndarray, colour: tuple[int, int, int]) -> None:
+    contours, _ = cv2.findContours(region.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(image, contours, -1, colour, 1)
+
+
+def overlay_grid(parts: list[LinePart], results: dict[int, dict], maps: np.ndarray, threshold: float,
+                 calibrate_maps: np.ndarray) -> np.ndarray:
+    """Per part: the camera image, then the heat map with the published mask (magenta) and the truth (green)."""
+    from linewatch.evaluation.overlay import (
+        THRESHOLD_COLOUR,
+        TRUTH_COLOUR,
+        display_range,
+        grid,
+        overlay,
+    )
+
+    vmin, vmax = display_range(calibrate_maps, np.concatenate([maps.ravel(), [threshold * 1.5]]))
+    tiles, labels = [], []
+    for part, amap in zip(parts, maps):
+        header = results[part.number]["header"]
+        tile = overlay(part.image, amap, vmin, vmax)
+        published = results[part.number]["mask"]
+        if published is not None:
+            if published.shape != amap.shape:
+                published = cv2.resize(published, amap.shape[::-1], interpolation=cv2.INTER_NEAREST)
+            _outline(tile, published > 127, THRESHOLD_COLOUR)
+        _outline(tile, part.mask, TRUTH_COLOUR)
+        tiles += [part.image, tile]
+        verdict = header["verdict"]
+        labels += [f"#{part.number} {part.kind}", f"{verdict} {outcome_of(part.defective, verdict)}"]
+    return grid(tiles, labels, tile=TILE, columns=8)
+
+
+def _data_uri(jpeg: bytes) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+
+
+def write_report(out: Path, parts: list[LinePart], results: dict[int, dict], calibration: dict, s: Settings,
+                 timings: dict) -> tuple[Path, dict]:
+    report = out / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    from linewatch.images import list_images, read_image
+    from linewatch.line.engine import Engine
+
+    # The daemon publishes masks, not maps: the maps for the overlays come from the same exported graph, and its
+    # scores of the part images double-check that each result was matched to the right part.
+    engine = Engine(out / "model")
+    maps, scores = score_images(engine, [p.image for p in parts])
+    published = np.array([np.nan if (v := results[p.number]["header"]["image_score"]) is None else v
+                          for p in parts])
+    score_diff = float(np.nanmax(np.abs(published - scores) / np.maximum(np.abs(scores), 1e-12)))
+    if score_diff > 1e-3:
+        log.warning("published image scores differ from the graph's scores of the part images by up to %.2g "
+                    "(relative): the video frames are not the parts bit for bit", score_diff)
+    cal_maps, _ = score_images(engine, [read_image(p) for p in list_images(out / "data" / "calibrate")[:16]])
+    threshold = calibration["calibration"]["pixel_threshold"]
+    sheet = overlay_grid(parts, results, maps, threshold, cal_maps)
+    ok, png = cv2.imencode(".png", sheet)
+    ok_jpeg, jpeg = cv2.imencode(".jpg", sheet, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    if not (ok and ok_jpeg):
+        raise LinewatchError("cannot encode the overlay grid")
+    (report / "overlays.png").write_bytes(png.tobytes())  # lossless, beside the report
+
+    counts = count_outcomes(parts, results)
+    rows = [{"part": p.number, "frame_index": p.frame_index, "truth": p.kind, "true_area": int(p.mask.sum()),
+             "verdict": results[p.number]["header"]["verdict"],
+             "image_score": results[p.number]["header"]["image_score"], "defect_area": results[p.number]["area"],
+             "pixels_above_threshold": results[p.number]["above_threshold"],
+             "outcome": outcome_of(p.defective, results[p.number]["header"]["verdict"])} for p in parts]
+    held = calibration["calibration"].get("holdout_pixel_fpr") or {}
+    summary = {"counts": counts, "parts": rows, "score_max_relative_difference": score_diff,
+               "calibration": {"pixel_threshold": threshold, "fpr_target": s.fpr,
+                               "holdout_pixel_fpr": held or None, "min_defect_area": s.min_defect_area,
+                               "version": calibration["calibration"]["version"]},
+               "settings": s.__dict__, "timings_s": timings}
+    (report / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (report / "report.html").write_text(report_html(summary, jpeg.tobytes()))  # self-contained: a JPEG inside
+    return report / "report.html", counts
+
+
+def _number(value: float | None, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def report_html(summary: dict, grid_jpeg: bytes) -> str:
+    c = summary["counts"]
+    cal = summary["calibration"]
+    held_rate = _number((cal["holdout_pixel_fpr"] or {}).get("rate"), ".4g")
+    rate = lambda v: "n/a" if v is None else f"{100 * v:.1f} %"  # noqa: E731
+    rows = "\n".join(
+        f"<tr class='{'bad' if r['outcome'] in ('MISSED', 'FALSE ALARM', 'error') else ''}'><td>{r['part']}</td>"
+        f"<td>{html.escape(r['truth'])}</td><td>{r['true_area']}</td><td>{r['verdict']}</td>"
+        f"<td>{_number(r['image_score'], '.4f')}</td><td>{r['defect_area']}</td>"
+        f"<td>{r['outcome']}</td></tr>" for r in summary["parts"])
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>linewatch demo report</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:75em}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}} tr.bad{{background:#fdd}}
+img{{max-width:100%}}</style></head><body>
+<h1>linewatch demo: {c['parts']} parts on the simulated line</h1>
+<p>Verdicts as published by the daemon over ZeroMQ, against the known truth of each part.</p>
+<table><tr><th></th><th>verdict NOK</th><th>verdict OK</th><th>ERROR</th></tr>
+<tr><th>defective ({c['defective']})</th><td>{c['detected']} detected</td><td>{c['missed']} missed</td>
+<td rowspan=2>{c['errors']}</td></tr>
+<tr><th>good ({c['good']})</th><td>{c['false_alarms']} false alarms</td>
+<td>{c['correct_passes']} correct passes</td></tr>
+</table>
+<p><b>Detection rate {rate(c['detection_rate'])}</b>, <b>false-alarm rate {rate(c['false_alarm_rate'])}</b>.</p>
+<p>Calibration v{cal['version']}: pixel threshold {cal['pixel_threshold']:.5g} at a target pixel false-positive rate
+of {cal['fpr_target']:g} (realised on held-out good images: {held_rate});
+a part is NOK when a region of at least {cal['min_defect_area']} px is above the threshold.</p>
+<h2>Overlays</h2>
+<p>Per part: the camera frame, then the anomaly map (colour from the good parts' noise level up), the published
+defect mask outlined in magenta and the true defect outlined in green.</p>
+<img src="{_data_uri(grid_jpeg)}" alt="overlays"> (lossless: <a href="overlays.png">overlays.png</a>)
+<h2>Parts</h2>
+<p>Defect area: pixels of the regions above the threshold that are large enough to fail the part.</p>
+<table><tr><th>part</th><th>truth</th><th>true area px</th><th>verdict</th><th>image score</th>
+<th>defect area px</th><th>outcome</th></tr>
+{rows}
+</table>
+<p>Timings (s): {html.escape(json.dumps(summary['timings_s']))}</p>
+</body></html>
+"""
+
+
+# --- the command -------------------------------------------------------------------------------------------------
+
+
+def cli_demo(args) -> int:
+    s = QUICK if getattr(args, "quick", False) else FULL
+    if not 1 <= args.parts <= 5000:
+        raise ConfigError(f"--parts must be between 1 and 5000, got {args.parts}")
+    out = Path(args.out)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def step(name: str, t0: float) -> None:
+        timings[name] = round(time.perf_counter() - t0, 1)
+
+    prepare_out(out)
+    t0 = time.perf_counter()
+    log.info("[1/5] building the demo line in %s", out)
+    parts = build_line(out, args.parts, args.seed, s)
+    step("line", t0)
+    t0 = time.perf_counter()
+    log.info("[2/5] training the fast preset (%d epochs), exporting, calibrating", s.epochs)
+    calibration = build_model(out, args.seed, s)
+    step("model", t0)
+    t0 = time.perf_counter()
+    log.info("[3/5] running the daemon on the simulated camera")
+    results = inspect_line(out, parts, s)
+    step("inspection", t0)
+    t0 = time.perf_counter()
+    log.info("[4/5] writing the report")
+    report, counts = write_report(out, parts, results, calibration, s, timings)
+    step("report", t0)
+    total = time.perf_counter() - started
+    rate = lambda v: "n/a" if v is None else f"{100 * v:.0f} %"  # noqa: E731
+    log.info("[5/5] done in %.0f s", total)
+    print(f"summary: {counts['parts']} parts ({counts['defective']} defective): {counts['detected']} detected, "
+          f"{counts['missed']} missed, {counts['false_alarms']} false alarms, {counts['correct_passes']} correct "
+          f"passes, {counts['errors']} errors; detection rate {rate(counts['detection_rate'])}, false-alarm rate "
+          f"{rate(counts['false_alarm_rate'])}")
+    print(f"report: {report.resolve()}")
+    return 0

@@ -1,0 +1,83 @@
+"""MVTec AD folder layout (torch-free).
+
+  CATEGORY/train/good/*.png                  good training images
+  CATEGORY/test/good/*.png                   good test images (no masks)
+  CATEGORY/test/<type>/<stem>.png            defect images, one folder per defect type
+  CATEGORY/ground_truth/<type>/<stem>_mask.png
+
+Every defect image must have its mask: a missing one would silently turn defect pixels into "normal" ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from linewatch.errors import DataError
+from linewatch.images import IMAGE_SUFFIXES, list_images
+
+GOOD = "good"
+MASK_SUFFIX = "_mask"
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    defect_type: str  # "good" for defect-free images
+    mask_path: Path | None  # None for good images
+
+    @property
+    def is_anomalous(self) -> bool:
+        return self.defect_type != GOOD
+
+
+def find_mask(ground_truth: Path, defect_type: str, image: Path) -> Path:
+    """The mask of a defect image: ground_truth/<type>/<stem>_mask.<ext> (png first, as MVTec ships)."""
+    folder = ground_truth / defect_type
+    candidates = [folder / f"{image.stem}{MASK_SUFFIX}.png"]
+    candidates += [folder / f"{image.stem}{MASK_SUFFIX}{s}" for s in IMAGE_SUFFIXES if s != ".png"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise DataError(f"defect image {image} has no ground-truth mask (expected {candidates[0]})")
+
+
+def read_test_set(category_dir: str | Path) -> list[Sample]:
+    """Good and defect test samples of an MVTec-layout category, good first, then defect types alphabetically."""
+    category = Path(category_dir)
+    if not category.is_dir():
+        raise DataError(f"dataset category not found: {category}")
+    test_dir = category / "test"
+    if not test_dir.is_dir():
+        raise DataError(f"{category} is not an MVTec-layout category: no test/ folder "
+                        f"(expected test/good and test/<defect type>)")
+    type_dirs = sorted(p for p in test_dir.iterdir() if p.is_dir())
+    if not any(p.name == GOOD for p in type_dirs):
+        raise DataError(f"no good test images: {test_dir / GOOD} is missing")
+    defect_dirs = [p for p in type_dirs if p.name != GOOD]
+    if not defect_dirs:
+        raise DataError(f"no defect types in {test_dir} (expected test/<type>/ folders besides good/)")
+    ground_truth = category / "ground_truth"
+    if not ground_truth.is_dir():
+        raise DataError(f"ground-truth folder not found: {ground_truth}")
+
+    samples = [Sample(p, GOOD, None) for p in list_images(test_dir / GOOD)]
+    for folder in defect_dirs:
+        for image in list_images(folder):
+            samples.append(Sample(image, folder.name, find_mask(ground_truth, folder.name, image)))
+    return samples
+
+
+def good_image_folder(data_dir: str | Path) -> Path:
+    """Folder of good images for training: an MVTec category's train/good, or `data_dir` itself."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"training data folder not found: {data_dir}")
+    train_good = data_dir / "train" / GOOD
+    if train_good.is_dir():
+        list_images(train_good)  # empty train/good is an error, not a fall-back to the category folder
+        return train_good
+    if (data_dir / "train").is_dir() or (data_dir / "test").is_dir():
+        raise DataError(f"{data_dir} looks like an MVTec category but has no {train_good}")
+    list_images(data_dir)
+    return data_dir

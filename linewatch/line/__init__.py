@@ -1,0 +1,1 @@
+"""The inspection daemon that runs on the line PC (torch-free): config, cameras, engine, verdicts, publishing."""

@@ -1,0 +1,354 @@
+"""Camera capture via OpenCV: one thread per camera feeding a bounded, drop-oldest queue (torch-free).
+
+A dead or stalled camera must never stall inspection: every capture call that can block has a timeout where
+OpenCV offers one (FFmpeg open/read), the thread reconnects with exponential backoff, and the queue drops the
+oldest frame (counted) when inference falls behind, so results stay fresh. Frames that cannot be used (corrupt
+image in a folder, ROI outside the frame) travel on as frames with an `error`, so they become ERROR results
+instead of disappearing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from linewatch.errors import ConfigError, DataError
+from linewatch.images import as_bgr, list_images, read_image
+from linewatch.line.config import CameraConfig, load_config
+from linewatch.line.frames import Frame, FrameQueue, fail_future
+
+log = logging.getLogger("linewatch.line.cameras")
+
+ONLINE, OFFLINE, RECONNECTING, FINISHED = "online", "offline", "reconnecting", "finished"
+LIVE_KINDS = ("device", "url", "gstreamer")
+
+
+class SourceEnded(Exception):
+    """A video file or folder without looping reached its end."""
+
+
+class SourceFailed(Exception):
+    """Opening or reading failed; the camera thread reconnects."""
+
+
+# --- sources --------------------------------------------------------------------------------------------
+
+
+class CaptureSource:
+    """cv2.VideoCapture for device, video file, URL (FFmpeg with timeouts) and GStreamer pipelines."""
+
+    def __init__(self, cfg: CameraConfig):
+        self.cfg = cfg
+        self.cap = _open_capture(cfg)
+
+    def grab(self) -> bool:
+        if self.cap.grab():
+            return True
+        if self.cfg.kind == "video":
+            if not self.cfg.loop:
+                raise SourceEnded(self.cfg.source)
+            self.cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
+            if self.cap.grab():
+                return True
+        raise SourceFailed(f"no frame from {self.cfg.kind} {self.cfg.source}")
+
+    def retrieve(self) -> np.ndarray | str:
+        ok, image = self.cap.retrieve()
+        if not ok or image is None:
+            raise SourceFailed(f"cannot decode frame from {self.cfg.kind} {self.cfg.source}")
+        return image
+
+    def close(self) -> None:
+        self.cap.release()
+
+
+def _open_capture(cfg: CameraConfig) -> cv2.VideoCapture:
+    if cfg.kind == "url":
+        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, cfg.open_timeout_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC,
+                  cfg.read_timeout_ms]
+        cap = cv2.VideoCapture(cfg.source, cv2.CAP_FFMPEG, params)
+    elif cfg.kind == "gstreamer":
+        cap = cv2.VideoCapture(cfg.source, cv2.CAP_GSTREAMER)
+    elif cfg.kind == "device" and isinstance(cfg.source, str):
+        cap = cv2.VideoCapture(cfg.source, cv2.CAP_V4L2)
+    else:
+        cap = cv2.VideoCapture(cfg.source)
+    if not cap.isOpened():
+        cap.release()
+        raise SourceFailed(f"cannot open {cfg.kind} {cfg.source}")
+    return cap
+
+
+class FolderSource:
+    """Images of a folder in name order, as if they were a video; an unreadable image is a frame error."""
+
+    def __init__(self, cfg: CameraConfig):
+        self.cfg = cfg
+        try:
+            self.files = list_images(cfg.source)
+        except DataError as exc:
+            raise SourceFailed(str(exc)) from exc
+        self.pos = -1
+
+    def grab(self) -> bool:
+        self.pos += 1
+        if self.pos >= len(self.files):
+            if not self.cfg.loop:
+                raise SourceEnded(self.cfg.source)
+            self.pos = 0
+        return True
+
+    def retrieve(self) -> np.ndarray | str:
+        try:
+            return read_image(self.files[self.pos])
+        except DataError as exc:
+            return str(exc)
+
+    def close(self) -> None:
+        pass
+
+
+def open_source(cfg: CameraConfig) -> CaptureSource | FolderSource:
+    return FolderSource(cfg) if cfg.kind == "folder" else CaptureSource(cfg)
+
+
+def check_backend(cfg: CameraConfig) -> None:
+    """Refuse at start-up what this OpenCV build can never open, instead of reconnecting forever."""
+    if cfg.kind == "gstreamer" and not cv2.videoio_registry.hasBackend(cv2.CAP_GSTREAMER):
+        raise ConfigError(f"camera {cfg.name!r}: this OpenCV build has no GStreamer backend "
+                          f"(install an OpenCV built with GStreamer, or use kind 'url')")
+    if cfg.kind == "url" and not cv2.videoio_registry.hasBackend(cv2.CAP_FFMPEG):
+        raise ConfigError(f"camera {cfg.name!r}: this OpenCV build has no FFmpeg backend for URLs")
+
+
+def crop(image: np.ndarray, roi: tuple[int, ...] | None) -> np.ndarray | str:
+    """The ROI of a frame, or an error message when it does not fit (the frame size can change on reconnect)."""
+    if roi is None:
+        return image
+    x, y, w, h = roi
+    height, width = image.shape[:2]
+    if x + w > width or y + h > height:
+        return f"roi {list(roi)} does not fit in the {width}x{height} frame"
+    return image[y:y + h, x:x + w]
+
+
+# --- camera thread --------------------------------------------------------------------------------------
+
+
+class Camera:
+    """One capture thread: open, read (paced by the fps cap), crop, queue; reconnect with backoff."""
+
+    def __init__(self, cfg: CameraConfig, queue: FrameQueue):
+        check_backend(cfg)
+        self.cfg = cfg
+        self.name = cfg.name
+        self.queue = queue
+        queue.add_camera(cfg.name, cfg.queue_size)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._state = OFFLINE
+        self._blocking_since: float | None = None
+        self._triggers: deque[tuple[str, Future, float]] = deque()
+        self.captured = 0
+        self.skipped = 0  # triggered mode: frames nobody asked for
+        self.frame_errors = 0
+        self.reconnects = 0
+        self.last_frame_mono: float | None = None
+        self.last_error: str | None = None
+        self._thread = threading.Thread(target=self._run, name=f"camera-{cfg.name}", daemon=True)
+
+    # public ------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: float) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def state(self) -> str:
+        """online/offline/reconnecting/finished; a read blocked longer than stall_s counts as offline."""
+        blocked = self.blocked_for()
+        if self._state == ONLINE and blocked > self.cfg.stall_s:
+            return OFFLINE
+        return self._state
+
+    def blocked_for(self, now: float | None = None) -> float:
+        since = self._blocking_since
+        return 0.0 if since is None else (now or time.monotonic()) - since
+
+    def request_trigger(self, part_id: str, future: Future) -> None:
+        """Attach this request to the next frame captured from now on."""
+        with self._lock:
+            self._triggers.append((part_id, future, time.monotonic()))
+
+    def expire_triggers(self, timeout_s: float) -> int:
+        now, expired = time.monotonic(), []
+        with self._lock:
+            while self._triggers and now - self._triggers[0][2] > timeout_s:
+                expired.append(self._triggers.popleft())
+        for part_id, future, _ in expired:
+            fail_future(future, f"camera {self.name!r} delivered no frame for part {part_id!r} within "
+                                f"{timeout_s:g} s (camera {self.state})")
+        return len(expired)
+
+    def fail_pending_triggers(self, reason: str) -> None:
+        with self._lock:
+            pending, self._triggers = list(self._triggers), deque()
+        for _, future, _ in pending:
+            fail_future(future, reason)
+
+    # thread ------------------------------------------------------------------------------------------
+    def _set_state(self, state: str) -> None:
+        if state != self._state:
+            level = logging.WARNING if state == OFFLINE and not self._stop.is_set() else logging.INFO
+            log.log(level, "camera %s: %s -> %s%s", self.name, self._state, state,
+                    f" ({self.last_error})" if state == OFFLINE and self.last_error else "")
+            self._state = state
+
+    def _blocking(self, fn):
+        self._blocking_since = time.monotonic()
+        try:
+            return fn()
+        finally:
+            self._blocking_since = None
+
+    def _run(self) -> None:
+        delay = self.cfg.reconnect.initial_s
+        first = True
+        while not self._stop.is_set():
+            self._set_state(RECONNECTING)
+            if not first:
+                self.reconnects += 1
+            first = False
+            try:
+                source = self._blocking(lambda: open_source(self.cfg))
+            except Exception as exc:  # SourceFailed, or cv2.error from an odd backend
+                self.last_error = str(exc)
+                self._set_state(OFFLINE)
+                self._stop.wait(delay)
+                delay = min(delay * 2, self.cfg.reconnect.max_s)
+                continue
+            delivered_before = self.captured
+            try:
+                self._pump(source)
+            except SourceEnded:
+                self._set_state(FINISHED)
+                log.info("camera %s: %s ended after %d frames", self.name, self.cfg.source, self.captured)
+                return
+            except SourceFailed as exc:
+                self.last_error = str(exc)
+            except Exception as exc:  # an OpenCV surprise must not kill the thread silently
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("camera %s: capture error", self.name)
+            finally:
+                self._blocking_since = None
+                source.close()
+            if self._stop.is_set():
+                break
+            if self.captured > delivered_before:
+                delay = self.cfg.reconnect.initial_s
+            self._set_state(OFFLINE)
+            self._stop.wait(delay)
+            delay = min(delay * 2, self.cfg.reconnect.max_s)
+        if self._state != FINISHED:
+            self._set_state(OFFLINE)
+
+    def _pump(self, source) -> None:
+        period = 1.0 / self.cfg.fps if self.cfg.fps > 0 else 0.0
+        live = self.cfg.kind in LIVE_KINDS
+        next_slot = time.monotonic()
+        while not self._stop.is_set():
+            if period and not live:
+                wait = next_slot - time.monotonic()
+                if wait > 0 and self._stop.wait(wait):
+                    return
+            self._blocking(source.grab)
+            now = time.monotonic()
+            if period and live and now < next_slot:
+                continue  # live source: keep draining so frames stay fresh, but inspect at the capped rate
+            if period:
+                next_slot = max(next_slot + period, now - period)
+            image = self._blocking(source.retrieve)
+            self._deliver(image)
+
+    def _deliver(self, image: np.ndarray | str) -> None:
+        now_mono, now_wall = time.monotonic(), time.time()
+        error = None
+        if isinstance(image, str):
+            error, image = image, None
+        else:
+            try:
+                image = as_bgr(image)
+            except DataError as exc:
+                error, image = str(exc), None
+            if image is not None:
+                cropped = crop(image, self.cfg.roi)
+                if isinstance(cropped, str):
+                    error, image = cropped, None
+                else:
+                    image = cropped
+        self.captured += 1
+        self.last_frame_mono = now_mono
+        self._set_state(ONLINE)
+        frame = Frame(self.name, self.captured, now_wall, now_mono, image, error)
+        if error is not None:
+            self.frame_errors += 1
+        with self._lock:
+            while self._triggers:
+                part_id, future, _ = self._triggers.popleft()
+                if not future.done():  # a request that timed out meanwhile is not attached to a later frame
+                    frame.part_id, frame.future = part_id, future
+                    break
+        if self.cfg.mode == "triggered" and frame.future is None:
+            self.skipped += 1
+            return
+        paced = self.cfg.kind in LIVE_KINDS or self.cfg.fps > 0
+        self.queue.put(frame, wait_for_room=None if paced else self._stop)
+
+
+def grab_frames(config_path: str | Path, camera_name: str, n: int, timeout_s: float = 60.0) -> list[np.ndarray]:
+    """N consecutive frames (after ROI) from a configured camera, for `linewatch calibrate --camera`."""
+    if n < 1:
+        raise ConfigError(f"frames to grab must be >= 1, got {n}")
+    cfg = load_config(config_path).camera(camera_name)
+    from dataclasses import replace
+
+    queue = FrameQueue()
+    camera = Camera(replace(cfg, mode="continuous", queue_size=n), queue)
+    camera.start()
+    frames: list[np.ndarray] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(frames) < n:
+            batch = queue.take(n - len(frames), 0.0, 0.1)
+            for frame in batch:
+                if frame.error is not None:
+                    raise DataError(f"camera {camera_name!r}: {frame.error}")
+                frames.append(frame.image)
+            if not batch and camera.state == FINISHED and queue.pending() == 0:
+                raise DataError(f"camera {camera_name!r}: source ended after {len(frames)} of {n} frames "
+                                f"({cfg.source}); ask for fewer frames or set loop: true")
+            if time.monotonic() > deadline:
+                raise DataError(f"camera {camera_name!r}: only {len(frames)} of {n} frames within {timeout_s:g} s "
+                                f"(state {camera.state}{', ' + camera.last_error if camera.last_error else ''})")
+    finally:
+        camera.stop()
+        camera.join(5.0)
+    if queue.dropped[camera_name]:
+        log.info("camera %s: %d frames dropped while grabbing", camera_name, queue.dropped[camera_name])
+    return frames

@@ -1,0 +1,505 @@
+"""`linewatch run`: cameras -> inference -> ZeroMQ results, trigger replies, status, metrics, archive (torch-free).
+
+Threads: one per camera (capture), one inference worker, the publisher's and trigger server's own, and the main
+thread, which owns signals, reloads, the per-camera status (the life bit) and the systemd notifications.
+
+Watchdog policy: WATCHDOG=1 is sent only while the pipeline is healthy: the inference thread is alive and either
+finishing batches or idle with nothing queued, and no capture call is hung. Cameras that are offline but
+reconnecting are healthy (a restart would not bring the camera back; the status topic reports them). A stuck
+engine or a hung capture call stops the pings, so systemd's WatchdogSec restarts the service.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, InvalidStateError
+from typing import Any, Callable
+
+import numpy as np
+
+from linewatch.errors import LinewatchError
+from linewatch.line.cameras import FINISHED, Camera
+from linewatch.line.config import Config, load_config
+from linewatch.line.frames import FrameQueue
+from linewatch.line.inference import ERROR, InferenceWorker, Model, Result, load_model
+from linewatch.line.systemd_notify import SystemdNotifier
+
+log = logging.getLogger("linewatch.line.daemon")
+
+LATENCY_WINDOW = 2000  # results kept per camera for p50/p99
+FPS_WINDOW_S = 5.0
+TICK_S = 0.05
+
+
+class CameraStats:
+    """What the status topic reports per camera, beyond the capture thread's own counters."""
+
+    def __init__(self) -> None:
+        self.seq = 0  # results made (published or dropped by the publisher)
+        self.publish_dropped = 0
+        self.shutdown_dropped = 0
+        self.verdicts = {"OK": 0, "NOK": 0, "ERROR": 0}
+        self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self.done_times: deque[float] = deque()
+        self.lock = threading.Lock()
+
+    def record(self, latency_s: float, now: float) -> None:
+        with self.lock:
+            self.latencies.append(latency_s)
+            self.done_times.append(now)
+
+    def fps_and_latency(self, now: float) -> tuple[float, float | None, float | None]:
+        with self.lock:
+            while self.done_times and now - self.done_times[0] > FPS_WINDOW_S:
+                self.done_times.popleft()
+            fps = len(self.done_times) / FPS_WINDOW_S
+            lat = np.asarray(self.latencies, dtype=np.float64)
+        if lat.size == 0:
+            return fps, None, None
+        p50, p99 = np.percentile(lat, [50, 99])
+        return fps, float(p50) * 1000, float(p99) * 1000
+
+
+def binary_mask(result: Result) -> np.ndarray | None:
+    """Pixels above the calibrated threshold (uint8 0/255 at model size); none without a calibration."""
+    cal = result.model.calibration
+    if result.anomaly_map is None or cal is None:
+        return None
+    return np.where(result.anomaly_map > cal.pixel_threshold, 255, 0).astype(np.uint8)
+
+
+class PublishThread:
+    """Mask encoding, publishing, trigger replies and archiving off the inference thread, so the engine only
+    scores. Bounded: when publishing falls behind, the inference thread waits and the camera queues drop (counted).
+    """
+
+    def __init__(self, publish: Callable[[list[Result]], None], max_batches: int = 4):
+        self._publish = publish
+        self._queue: queue.Queue = queue.Queue(maxsize=max_batches)
+        self.busy = False
+        self.last_progress = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="publish", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, results: list[Result]) -> None:
+        self._queue.put(results)
+
+    def close(self) -> None:
+        """No more results will come: finish the queued ones and stop."""
+        self._queue.put(None)
+
+    def join(self, timeout: float) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def abandon(self) -> list[Result]:
+        """Results still waiting (drain timeout): the caller fails their triggers."""
+        left = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return left
+            if item is not None:
+                left.extend(item)
+
+    def _run(self) -> None:
+        while True:
+            results = self._queue.get()
+            if results is None:
+                return
+            self.busy = True
+            try:
+                self._publish(results)
+            except Exception:
+                log.exception("publishing %d results failed", len(results))
+                for result in results:
+                    result.frame.fail_trigger("result could not be published")
+            finally:
+                self.busy = False
+                self.last_progress = time.monotonic()
+
+
+class Daemon:
+    def __init__(self, cfg: Config):
+        from linewatch.line.publisher import ResultPublisher
+
+        self.cfg = cfg
+        self.queue = FrameQueue()
+        self.cameras = {c.name: Camera(c, self.queue) for c in cfg.cameras}
+        self.stats = {name: CameraStats() for name in self.cameras}
+        self.model: Model = load_model(cfg.model.bundle, cfg.engine.providers, cfg.engine.threads, cfg.model.precision,
+                                       cfg.engine.max_batch, warmup=cfg.engine.warmup)
+        self.curve = self._curve_config()
+        self.publisher = ResultPublisher(cfg.publish.endpoint, cfg.publish.hwm, self.curve,
+                                         allow_insecure_bind=cfg.security.allow_insecure_bind)
+        self.trigger = None
+        self.metrics = None
+        self.archive = None
+        self.outbox = PublishThread(self.publish_results)
+        self.worker = InferenceWorker(self.queue, self.model, self.outbox.submit, cfg.engine.max_batch,
+                                      cfg.engine.max_wait_ms / 1000.0)
+        self.stop_requested = threading.Event()
+        self.reload_requested = threading.Event()
+        self.stopping = False
+        self.publish_lock = threading.Lock()
+        self.abandoned = False  # drain timed out: late results are not published (already counted as dropped)
+        self.unhealthy_reason: str | None = None
+        self.notifier = SystemdNotifier()
+
+    # --- wiring -----------------------------------------------------------------------------------------
+    def _curve_config(self):
+        sec = self.cfg.security
+        if not sec.curve:
+            return None
+        from linewatch.protocol.curve import CurveConfig
+
+        return CurveConfig.from_files(sec.server_secret_key_file, sec.authorized_keys_dir)
+
+    def start(self) -> None:
+        cfg = self.cfg
+        if cfg.metrics.enabled:
+            from linewatch.line.prometheus import DaemonMetrics
+
+            self.metrics = DaemonMetrics()
+            self.metrics.watch_cameras(self._camera_totals)
+            self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
+        if cfg.archive.enabled:
+            from linewatch.line.archive import Archive
+
+            self.archive = Archive(cfg.archive.dir, int(cfg.archive.max_mb * 1024 * 1024), cfg.archive.queue_size)
+            self.archive.start()
+        if cfg.trigger.enabled:
+            from linewatch.line.trigger import TriggerServer
+
+            self.trigger = TriggerServer(cfg.trigger.endpoint, self.handle_trigger, self.curve,
+                                         timeout_s=cfg.trigger.timeout_s,
+                                         allow_insecure_bind=cfg.security.allow_insecure_bind)
+            self.trigger.start()
+        self.outbox.start()
+        self.worker.start()
+        for cam in self.cameras.values():
+            cam.start()
+        log.info("running: model %s (calibration %s), %d camera(s), results on %s", self.model.model_id,
+                 self.model.calibration_version, len(self.cameras), cfg.publish.endpoint)
+
+    # --- results ----------------------------------------------------------------------------------------
+    def publish_results(self, results: list[Result]) -> None:
+        """Publishing thread: header + mask out, trigger replies, archive, counters."""
+        from linewatch.protocol.wire import encode_mask_png, result_header
+
+        mask_cfg = self.cfg.publish.mask
+        if self.metrics:
+            self.metrics.batch_size.observe(len(results))
+        for result in results:
+            with self.publish_lock:
+                if self.abandoned:
+                    return
+                self._publish_one(result, mask_cfg, encode_mask_png, result_header)
+
+    def _publish_one(self, result: Result, mask_cfg, encode_mask_png, result_header) -> None:
+        frame = result.frame
+        stats = self.stats[frame.camera]
+        stats.seq += 1
+        mask_png = None
+        mask = binary_mask(result) if mask_cfg.enabled else None
+        if mask is not None:
+            size = (mask_cfg.width or mask.shape[1], mask_cfg.height or mask.shape[0])
+            mask_png = encode_mask_png(mask, size)
+        model = result.model
+        cal = model.calibration
+        header = result_header(
+            camera=frame.camera, seq=stats.seq, frame_time=frame.captured_wall, part_id=frame.part_id,
+            verdict=result.verdict, score=result.score,
+            pixel_threshold=None if cal is None else cal.pixel_threshold,
+            image_threshold=None if cal is None else cal.image_threshold,
+            calibration_version=model.calibration_version, model_id=model.model_id,
+            regions=[_region_dict(r) for r in result.regions], reason=result.reason,
+            frame_index=frame.index, mask_size=None if mask_png is None else size,
+        )
+        sent = self.publisher.publish_result(header, mask_png)
+        now = time.monotonic()
+        latency = now - frame.captured_mono
+        stats.record(latency, now)
+        stats.verdicts[result.verdict] = stats.verdicts.get(result.verdict, 0) + 1
+        if not sent:
+            stats.publish_dropped += 1
+        if frame.future is not None:
+            _resolve(frame.future, {"header": header, "mask": mask_png})
+        if self.archive is not None and result.verdict in self.cfg.archive.verdicts:
+            if not self.archive.submit(frame.camera, stats.seq, result.verdict, frame.image, mask_png):
+                if self.metrics:
+                    self.metrics.archive_errors.inc()
+        if self.metrics:
+            self.metrics.verdicts.labels(frame.camera, result.verdict).inc()
+            self.metrics.latency.labels(frame.camera).observe(latency)
+            if not sent:
+                self.metrics.publish_drops.labels(frame.camera).inc()
+        if result.verdict == ERROR:
+            log.debug("camera %s seq %d: ERROR: %s", frame.camera, stats.seq, result.reason)
+
+    def handle_trigger(self, camera: str, part_id: str) -> Future:
+        """Trigger server callback: the next frame captured from `camera` is inspected for `part_id`."""
+        if self.stopping:
+            raise LinewatchError("daemon is stopping")
+        cam = self.cameras.get(camera)
+        if cam is None:
+            raise LinewatchError(f"unknown camera {camera!r} (known: {', '.join(self.cameras)})")
+        if cam.state == FINISHED:
+            raise LinewatchError(f"camera {camera!r} has finished its source")
+        future: Future = Future()
+        cam.request_trigger(part_id, future)
+        return future
+
+    # --- status, health, systemd ------------------------------------------------------------------------
+    def camera_status(self, name: str, now: float) -> dict[str, Any]:
+        cam, stats = self.cameras[name], self.stats[name]
+        fps, p50, p99 = stats.fps_and_latency(now)
+        return {
+            "state": cam.state, "fps": round(fps, 2), "captured": cam.captured, "results": stats.seq,
+            "dropped": self.queue.dropped[name] + stats.shutdown_dropped, "publish_dropped": stats.publish_dropped,
+            "skipped": cam.skipped, "frame_errors": cam.frame_errors, "reconnects": cam.reconnects,
+            "verdicts": dict(stats.verdicts), "latency_ms": {"p50": _round(p50), "p99": _round(p99)},
+            "last_error": cam.last_error, "model_id": self.model.model_id,
+            "calibration_version": self.model.calibration_version, "healthy": self.unhealthy_reason is None,
+            "stopping": self.stopping,
+        }
+
+    def _camera_totals(self) -> dict[str, dict]:
+        return {name: {"captured": cam.captured, "reconnects": cam.reconnects,
+                       "dropped": self.queue.dropped[name] + self.stats[name].shutdown_dropped}
+                for name, cam in self.cameras.items()}
+
+    def publish_status(self) -> None:
+        now = time.monotonic()
+        for name, cam in self.cameras.items():
+            status = self.camera_status(name, now)
+            try:
+                with self.publish_lock:  # one thread at a time on the ZeroMQ socket
+                    self.publisher.publish_status(name, status)
+            except Exception:
+                log.exception("status for camera %s not published", name)
+            if self.metrics:
+                self.metrics.set_camera_state(name, status["state"])
+        if self.metrics:
+            version = self.model.calibration_version
+            self.metrics.calibration_version.set(-1 if version is None else version)
+
+    def health(self) -> str | None:
+        """None when the pipeline moves; otherwise why systemd should restart us."""
+        h = self.cfg.health
+        if not self.worker.alive:
+            return "inference thread has died"
+        if not self.outbox.alive:
+            return "publishing thread has died"
+        stalled = self.worker.stalled_for()
+        if stalled > h.inference_stall_s:
+            return f"inference stalled: no batch finished for {stalled:.1f} s ({self.queue.pending()} frames waiting)"
+        for cam in self.cameras.values():
+            if not cam.alive and cam.state != FINISHED:
+                return f"capture thread of camera {cam.name} has died"
+            blocked = cam.blocked_for()
+            if blocked > h.camera_hang_s:
+                return f"camera {cam.name}: capture call blocked for {blocked:.0f} s"
+        return None
+
+    def _systemd_status(self) -> str:
+        states = {}
+        for cam in self.cameras.values():
+            states.setdefault(cam.state, []).append(cam.name)
+        parts = [f"{k}: {','.join(v)}" for k, v in sorted(states.items())]
+        cal = self.model.calibration_version
+        text = f"model {self.model.model_id} cal {cal if cal is not None else 'NONE'}; " + "; ".join(parts)
+        return text if self.unhealthy_reason is None else f"UNHEALTHY ({self.unhealthy_reason}); {text}"
+
+    # --- reload -----------------------------------------------------------------------------------------
+    def reload(self) -> bool:
+        """SIGHUP: re-read the config's model settings, load bundle + calibration, swap only if all is valid."""
+        self.notifier.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            new_cfg = load_config(self.cfg.path)
+            changed = [f.name for f in dataclasses.fields(Config)
+                       if f.name not in ("model", "path") and getattr(new_cfg, f.name) != getattr(self.cfg, f.name)]
+            if changed:
+                log.warning("reload: changes to %s need a restart; only the model section is reloaded",
+                            ", ".join(changed))
+            model = load_model(new_cfg.model.bundle, self.cfg.engine.providers, self.cfg.engine.threads,
+                               new_cfg.model.precision, self.cfg.engine.max_batch, require_calibration=True,
+                               warmup=self.cfg.engine.warmup)
+        except Exception as exc:
+            log.error("reload refused, keeping model %s calibration %s: %s", self.model.model_id,
+                      self.model.calibration_version, exc)
+            if self.metrics:
+                self.metrics.reloads.labels("refused").inc()
+            self.notifier.notify("READY=1")
+            return False
+        old = self.model
+        self.model = model
+        self.worker.model = model
+        self.cfg = dataclasses.replace(self.cfg, model=new_cfg.model)
+        log.info("reloaded: model %s -> %s, calibration %s -> %s", old.model_id, model.model_id,
+                 old.calibration_version, model.calibration_version)
+        if self.metrics:
+            self.metrics.reloads.labels("ok").inc()
+        self.notifier.notify("READY=1")
+        return True
+
+    # --- main loop and shutdown -------------------------------------------------------------------------
+    def run(self) -> int:
+        try:
+            self.start()
+        except BaseException:
+            self.stopping = True
+            for cam in self.cameras.values():
+                cam.stop()
+            self._close_sockets()
+            raise
+        self.notifier.notify("READY=1")
+        interval = self.cfg.publish.status_interval_s
+        ping_every = _watchdog_interval(interval)
+        next_status = next_ping = time.monotonic()
+        while not self.stop_requested.wait(TICK_S):
+            now = time.monotonic()
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                self.reload()
+            for cam in self.cameras.values():
+                cam.expire_triggers(self.cfg.trigger.timeout_s)
+            if now >= next_ping:
+                next_ping = now + ping_every
+                reason = self.health()
+                if (reason is None) != (self.unhealthy_reason is None):
+                    if reason:
+                        log.error("unhealthy, watchdog pings stopped: %s", reason)
+                    else:
+                        log.info("healthy again, watchdog pings resumed")
+                self.unhealthy_reason = reason
+                if reason is None:
+                    self.notifier.notify("WATCHDOG=1")
+            if now >= next_status:
+                next_status = now + interval
+                self.publish_status()
+                self.notifier.notify("STATUS=" + self._systemd_status())
+            if self.cfg.health.exit_when_sources_end and self._all_finished():
+                log.info("all sources finished; stopping")
+                break
+        return self.shutdown()
+
+    def _all_finished(self) -> bool:
+        return all(c.state == FINISHED for c in self.cameras.values()) and self.queue.pending() == 0
+
+    def shutdown(self) -> int:
+        """Stop capture, inspect and publish what was captured (bounded), report final counts, exit 0."""
+        self.stopping = True
+        self.notifier.notify("STOPPING=1")
+        t0 = time.monotonic()
+        deadline = t0 + self.cfg.health.drain_timeout_s
+        for cam in self.cameras.values():
+            cam.stop()
+        for cam in self.cameras.values():
+            if not cam.join(max(0.1, deadline - time.monotonic())):
+                log.warning("camera %s: capture call still blocked at shutdown", cam.name)
+            cam.fail_pending_triggers("daemon stopping: no frame was taken for this request")
+        self.worker.drain()
+        drained = self.worker.join(max(0.1, deadline - time.monotonic()))
+        if drained:
+            self.outbox.close()
+            drained = self.outbox.join(max(0.1, deadline - time.monotonic()))
+        if not drained:
+            with self.publish_lock:
+                self.abandoned = True
+            for frame in list(self.worker.in_flight) + [r.frame for r in self.outbox.abandon()]:
+                frame.fail_trigger("daemon stopping: frame not inspected and published in time")
+            lost = 0
+            with self.publish_lock:
+                for name, stats in self.stats.items():  # taken by inference but never published
+                    gone = self.queue.taken[name] - stats.seq
+                    stats.shutdown_dropped += gone
+                    lost += gone
+            log.error("drain timeout (%.1f s): %d frames in inference or publishing are dropped",
+                      self.cfg.health.drain_timeout_s, lost)
+        for frame in self.queue.take(10**9, 0.0, 0.0):
+            self.stats[frame.camera].shutdown_dropped += 1
+            frame.fail_trigger("daemon stopping: frame not inspected in time")
+        self.publish_status()  # final counts: captured == results + dropped + skipped
+        totals = {n: self.camera_status(n, time.monotonic()) for n in self.cameras}
+        for name, st in totals.items():
+            log.info("camera %s: captured %d, results %d (publish dropped %d), dropped %d, skipped %d", name,
+                     st["captured"], st["results"], st["publish_dropped"], st["dropped"], st["skipped"])
+        self._close_sockets()
+        log.info("stopped in %.2f s", time.monotonic() - t0)
+        return 0
+
+    def _close_sockets(self) -> None:
+        if self.trigger is not None:
+            self.trigger.close()
+        self.publisher.close()
+        if self.archive is not None:
+            self.archive.close()
+        if self.metrics is not None:
+            self.metrics.close()
+        self.notifier.close()
+
+
+def _watchdog_interval(status_interval: float) -> float:
+    usec = os.environ.get("WATCHDOG_USEC")
+    try:
+        half = int(usec) / 2e6 if usec else None
+    except ValueError:
+        half = None
+    return min(status_interval, half) if half else status_interval
+
+
+def _resolve(future: Future, value: Any) -> None:
+    """Hand a result to a trigger request, unless it was cancelled meanwhile (trigger timeout)."""
+    try:
+        future.set_result(value)
+    except InvalidStateError:
+        pass
+
+
+def _region_dict(region) -> dict:
+    x, y, w, h = (int(v) for v in region.bbox)
+    return {"bbox": [x, y, w, h], "area": int(region.area), "peak": float(region.peak)}
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def cli_run(args) -> int:
+    cfg = load_config(args.config)
+    logging.getLogger().setLevel(getattr(logging, cfg.logging.level))
+    if getattr(args, "verbose", False):
+        logging.getLogger().setLevel(logging.DEBUG)
+    daemon = Daemon(cfg)
+
+    def on_term(signum, _frame):
+        log.info("%s received: stopping", signal.Signals(signum).name)
+        daemon.stop_requested.set()
+
+    def on_hup(_signum, _frame):
+        daemon.reload_requested.set()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    signal.signal(signal.SIGHUP, on_hup)
+    code = daemon.run()
+    if daemon.worker.alive or daemon.outbox.alive:
+        # The engine is stuck in native code: a normal interpreter exit would wait on (or abort in) it.
+        logging.shutdown()
+        os._exit(code)
+    return code

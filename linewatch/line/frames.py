@@ -1,0 +1,135 @@
+"""Frames on their way from capture to inference, and the bounded queue between them (torch-free).
+
+A frame that was captured either becomes a result or is counted as dropped here: the queue drops the oldest frame
+of a camera when inference falls behind (counted per camera), so results stay fresh.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from linewatch.errors import LinewatchError
+
+
+@dataclass
+class Frame:
+    """One captured image on its way to inference. `error` set: publish ERROR, never inspect."""
+
+    camera: str
+    index: int
+    captured_wall: float
+    captured_mono: float
+    image: np.ndarray | None
+    error: str | None = None
+    part_id: str | None = None
+    future: Future | None = None
+    extra: dict = field(default_factory=dict)
+
+    def fail_trigger(self, reason: str) -> None:
+        if self.future is not None:
+            fail_future(self.future, reason)
+
+
+def fail_future(future: Future, reason: str) -> None:
+    """Fail a trigger request, unless it was answered or cancelled (timed out) meanwhile."""
+    try:
+        future.set_exception(LinewatchError(reason))
+    except InvalidStateError:
+        pass
+
+
+# --- queue ----------------------------------------------------------------------------------------------
+
+
+class FrameQueue:
+    """Per-camera bounded queues behind one condition, so one worker can batch frames across cameras.
+
+    A full camera queue drops its oldest frame (counted per camera): inference then works on fresh frames.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queues: dict[str, deque[Frame]] = {}
+        self._sizes: dict[str, int] = {}
+        self.dropped: dict[str, int] = {}
+        self.taken: dict[str, int] = {}  # frames handed to inference
+        self._closed = False
+
+    def add_camera(self, name: str, size: int) -> None:
+        with self._cond:
+            self._queues[name] = deque()
+            self._sizes[name] = size
+            self.dropped[name] = 0
+            self.taken[name] = 0
+
+    def put(self, frame: Frame, wait_for_room: threading.Event | None = None) -> Frame | None:
+        """Queue a frame; returns the frame dropped to make room, if any.
+
+        With `wait_for_room` (a stop event), a full queue makes the caller wait instead of dropping: for files,
+        which have no real time to keep up with, so every frame is inspected and none is decoded for nothing.
+        """
+        dropped = None
+        with self._cond:
+            q = self._queues[frame.camera]
+            if wait_for_room is not None:
+                while len(q) >= self._sizes[frame.camera] and not self._closed and not wait_for_room.is_set():
+                    self._cond.wait(0.05)
+            if len(q) >= self._sizes[frame.camera] and wait_for_room is None:
+                dropped = q.popleft()
+                self.dropped[frame.camera] += 1
+            q.append(frame)
+            self._cond.notify()
+        if dropped is not None:
+            dropped.fail_trigger("frame dropped before inspection: inference fell behind")
+        return dropped
+
+    def pending(self) -> int:
+        with self._cond:
+            return sum(len(q) for q in self._queues.values())
+
+    def _pop_oldest(self) -> Frame | None:
+        best = None
+        for q in self._queues.values():
+            if q and (best is None or q[0].captured_mono < best[0].captured_mono):
+                best = q
+        return best.popleft() if best is not None else None
+
+    def take(self, max_n: int, max_wait_s: float, idle_timeout_s: float) -> list[Frame]:
+        """Up to max_n frames, oldest first across cameras. Waits up to idle_timeout_s for the first frame,
+        then at most max_wait_s for the batch to fill."""
+        batch: list[Frame] = []
+        with self._cond:
+            end_idle = time.monotonic() + idle_timeout_s
+            while self.pending_locked() == 0 and not self._closed:
+                left = end_idle - time.monotonic()
+                if left <= 0:
+                    return batch
+                self._cond.wait(left)
+            end_fill = time.monotonic() + max_wait_s
+            while len(batch) < max_n:
+                frame = self._pop_oldest()
+                if frame is not None:
+                    self.taken[frame.camera] += 1
+                    batch.append(frame)
+                    self._cond.notify_all()  # room for a file source waiting in put()
+                    continue
+                left = end_fill - time.monotonic()
+                if left <= 0 or self._closed:
+                    break
+                self._cond.wait(left)
+        return batch
+
+    def pending_locked(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def close(self) -> None:
+        """Wake the worker: no more frames will come, take() returns what is left without waiting."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()

@@ -1,0 +1,216 @@
+"""Inference worker: batches frames across cameras through one engine and turns maps into verdicts (torch-free).
+
+The rule that matters on a line: a frame that was captured either becomes a result or is counted as dropped.
+Anything that goes wrong on the way (bad frame, engine failure, non-finite score, missing calibration) gives an
+ERROR result with the reason; nothing here can produce OK without a calibrated judgement.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from linewatch import bundle
+from linewatch.errors import BundleError, LinewatchError
+from linewatch.images import resize_to_model
+from linewatch.line.frames import Frame, FrameQueue
+
+log = logging.getLogger("linewatch.line.inference")
+
+OK, NOK, ERROR = "OK", "NOK", "ERROR"
+
+
+@dataclass(frozen=True)
+class Model:
+    """Everything a reload swaps in one assignment: engine, calibration and their identities."""
+
+    bundle_dir: Path
+    engine: Any
+    calibration: Any | None
+    uncalibrated_reason: str | None
+    model_id: str
+    input_size: tuple[int, int]
+
+    @property
+    def calibration_version(self) -> int | None:
+        return None if self.calibration is None else int(self.calibration.version)
+
+
+def load_calibration_or_reason(bundle_dir: Path, precision: str = "fp32") -> tuple[Any | None, str | None]:
+    """(calibration, None), or (None, why) when the bundle is not calibrated (results are then ERROR)."""
+    if not (bundle_dir / bundle.CALIBRATION).is_file():
+        return None, f"uncalibrated: no {bundle.CALIBRATION} in {bundle_dir} (run linewatch calibrate)"
+    from linewatch.calibrate.store import load_calibration
+
+    return load_calibration(bundle_dir, precision), None
+
+
+def load_model(bundle_dir: Path, providers: tuple[str, ...] = ("auto",), threads: int = 0,
+               precision: str = "fp32", max_batch: int = 8, require_calibration: bool = False,
+               warmup: bool = False) -> Model:
+    """Load and check a bundle. With require_calibration (reload), a bad calibration raises instead of
+    degrading to uncalibrated, so the caller can keep the model it has."""
+    from linewatch.line.engine import Engine
+
+    bundle_dir = Path(bundle_dir)
+    meta = bundle.read_metadata(bundle_dir)
+    engine = Engine(bundle_dir, providers=list(providers), precision=precision, threads=threads or None,
+                    max_batch=max_batch)
+    if warmup:
+        warm_up(engine, max_batch)
+    try:
+        calibration, reason = load_calibration_or_reason(bundle_dir, precision)
+    except LinewatchError as exc:
+        if require_calibration:
+            raise
+        calibration, reason = None, f"uncalibrated: invalid calibration: {exc}"
+    if calibration is None and require_calibration:
+        raise BundleError(reason)
+    if reason:
+        log.error("%s: every result will be ERROR", reason)
+    return Model(bundle_dir, engine, calibration, reason, bundle.model_id(meta), tuple(engine.input_size))
+
+
+def warm_up(engine, max_batch: int) -> float:
+    """Run the batch sizes the worker will use first, so lazy provider set-up (TensorRT engine builds, CUDA
+    allocations) happens before READY=1 and not while the watchdog is counting."""
+    t0 = time.monotonic()
+    height, width = engine.input_size
+    batches = sorted({1, max_batch})
+    for n in batches:
+        engine.score(np.full((n, height, width, 3), 128, np.uint8))
+    seconds = time.monotonic() - t0
+    log.info("engine warm-up (batch %s) took %.2f s", batches, seconds)
+    return seconds
+
+
+@dataclass
+class Result:
+    frame: Frame
+    verdict: str
+    model: Model
+    score: float | None = None
+    anomaly_map: np.ndarray | None = None
+    regions: list = field(default_factory=list)
+    reason: str | None = None
+    inspected_mono: float = 0.0
+
+
+def judge_frames(model: Model, frames: list[Frame]) -> list[Result]:
+    """Score a batch and judge each frame; every frame in gives exactly one result out, in order."""
+    results: list[Result | None] = [None] * len(frames)
+    height, width = model.input_size
+    batch, slots = [], []
+    for i, frame in enumerate(frames):
+        if frame.error is not None or frame.image is None:
+            results[i] = Result(frame, ERROR, model, reason=frame.error or "no image")
+            continue
+        try:
+            batch.append(resize_to_model(frame.image, height, width))
+            slots.append(i)
+        except Exception as exc:
+            results[i] = Result(frame, ERROR, model, reason=f"cannot prepare frame: {exc}")
+    if batch:
+        try:
+            maps, scores = model.engine.score(np.stack(batch))
+            maps, scores = np.asarray(maps), np.asarray(scores)
+            if maps.shape != (len(batch), height, width) or scores.shape != (len(batch),):
+                raise LinewatchError(f"engine returned maps {maps.shape} and scores {scores.shape} "
+                                     f"for {len(batch)} frames of {height}x{width}")
+        except Exception as exc:
+            log.error("inference failed for %d frames: %s", len(batch), exc)
+            for i in slots:
+                results[i] = Result(frames[i], ERROR, model, reason=f"inference failed: {exc}")
+        else:
+            for k, i in enumerate(slots):
+                results[i] = _judge_one(model, frames[i], maps[k], float(scores[k]))
+    now = time.monotonic()
+    for result in results:
+        result.inspected_mono = now
+    return results  # type: ignore[return-value]
+
+
+def _judge_one(model: Model, frame: Frame, amap: np.ndarray, score: float) -> Result:
+    if not np.isfinite(score) or not np.all(np.isfinite(amap)):
+        return Result(frame, ERROR, model, reason="non-finite anomaly score")
+    if model.calibration is None:
+        return Result(frame, ERROR, model, score=score, anomaly_map=amap, reason=model.uncalibrated_reason)
+    from linewatch.line.verdict import judge
+
+    try:
+        judgement = judge(amap, score, model.calibration)
+    except Exception as exc:
+        return Result(frame, ERROR, model, score=score, anomaly_map=amap, reason=f"cannot judge: {exc}")
+    if judgement.verdict not in (OK, NOK):
+        return Result(frame, ERROR, model, score=score, anomaly_map=amap,
+                      reason=f"unexpected verdict {judgement.verdict!r}")
+    return Result(frame, judgement.verdict, model, score=score, anomaly_map=amap,
+                  regions=list(judgement.regions))
+
+
+class InferenceWorker:
+    """The one thread that runs the engine. `model` may be replaced at any time (reload); each batch uses
+    the model it started with."""
+
+    def __init__(self, queue: FrameQueue, model: Model, on_results: Callable[[list[Result]], None],
+                 max_batch: int, max_wait_s: float, idle_wake_s: float = 0.2):
+        self.queue = queue
+        self.model = model
+        self.on_results = on_results
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.idle_wake_s = idle_wake_s
+        self.last_progress = time.monotonic()  # updated after each batch and each idle wake
+        self.frames_done = 0
+        self.batches = 0
+        self.callback_errors = 0
+        self.in_flight: list[Frame] = []  # the batch being scored/published, for accounting at shutdown
+        self._draining = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stalled_for(self, now: float | None = None) -> float:
+        return (now or time.monotonic()) - self.last_progress
+
+    def drain(self) -> None:
+        """Finish every queued frame, then stop (capture must be stopped first)."""
+        self._draining.set()
+        self.queue.close()
+
+    def join(self, timeout: float) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        while True:
+            batch = self.queue.take(self.max_batch, self.max_wait_s, self.idle_wake_s)
+            if not batch:
+                self.last_progress = time.monotonic()
+                if self._draining.is_set() and self.queue.pending() == 0:
+                    return
+                continue
+            self.in_flight = batch
+            results = judge_frames(self.model, batch)
+            try:
+                self.on_results(results)
+            except Exception:
+                self.callback_errors += 1
+                log.exception("publishing %d results failed", len(results))
+                for result in results:
+                    result.frame.fail_trigger("result could not be published")
+            self.in_flight = []
+            self.frames_done += len(batch)
+            self.batches += 1
+            self.last_progress = time.monotonic()

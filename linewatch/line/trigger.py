@@ -1,0 +1,341 @@
+"""Trigger requests for PLC/MES: `{camera, part_id}` in, the result of the frame taken for it out, same part_id.
+
+One ROUTER socket in its own thread. Requests are handed to the daemon's `handler(camera, part_id) -> Future`
+and answered when the future resolves, so any number of clients can have requests outstanding and a slow
+inspection never holds up the others. The loop polls the socket and a wake-up pipe written by the futures'
+done-callbacks, so replies leave as soon as a result exists. Every malformed request gets an error reply; nothing
+a client sends can stop the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import zmq
+from linewatch.protocol.curve import (
+    CurveConfig,
+    apply_server_curve,
+    check_bind_security,
+    start_authenticator,
+)
+from linewatch.protocol.wire import (
+    SCHEMA_VERSION,
+    ProtocolError,
+    check_mask_frame,
+    check_result_header,
+    encode_json,
+    json_object,
+    jsonable,
+)
+
+from linewatch.errors import ConfigError, LinewatchError
+
+log = logging.getLogger("linewatch.line.trigger")
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5556"
+REPLY = "trigger_reply"
+MAX_REQUEST_BYTES = 4096
+MAX_PART_ID_CHARS = 200
+MAX_PENDING = 1024
+
+# error codes of error replies (docs/PROTOCOL.md)
+BAD_REQUEST = "bad_request"        # not one JSON object in one frame, missing/mistyped fields
+UNKNOWN_CAMERA = "unknown_camera"
+REJECTED = "rejected"              # the daemon refused (stopping, camera finished, ...)
+BUSY = "busy"                      # too many requests outstanding
+TIMEOUT = "timeout"                # no result within timeout_s
+FAILED = "failed"                  # the request was accepted but no result came (frame dropped, shutdown, ...)
+INTERNAL = "internal"
+
+Handler = Callable[[str, str], Future]
+
+
+@dataclass
+class _Pending:
+    envelope: list[bytes]
+    request: dict
+    future: Future
+    deadline: float
+
+
+class TriggerServer:
+    """ROUTER on `endpoint`; `handler(camera, part_id)` returns a Future resolving to `(header, mask_png)` or
+    `{"header": ..., "mask": ...}`, or raising (its text goes back as the error). The handler runs in this
+    server's thread and must return at once. A KeyError from it, or an error whose text starts with
+    "unknown camera", is answered with code unknown_camera.
+
+    `handler` and `curve` may be passed in either order (the daemon passes `curve` first). Call `start()`,
+    then `close()`.
+    """
+
+    def __init__(self, endpoint: str, handler: Handler | CurveConfig | None = None,
+                 curve: CurveConfig | Handler | None = None, *, timeout_s: float = 10.0,
+                 allow_insecure_bind: bool = False, max_pending: int = MAX_PENDING):
+        if not callable(handler) and callable(curve):
+            handler, curve = curve, handler
+        if not callable(handler):
+            raise TypeError("TriggerServer needs a handler(camera, part_id) -> Future")
+        check_bind_security(endpoint, curve is not None, allow_insecure_bind, "trigger endpoint")
+        self.handler = handler
+        self.timeout_s = float(timeout_s)
+        self.max_pending = int(max_pending)
+        self.requests = 0
+        self.replies = 0
+        self.errors: dict[str, int] = {}
+        self._pending: list[_Pending] = []
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = socket.socketpair()  # closed sockets refuse writes; a closed fd could be reused
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._context = zmq.Context()
+        self._auth = None
+        self._socket = self._context.socket(zmq.ROUTER)
+        try:
+            self._socket.setsockopt(zmq.LINGER, 500)
+            self._socket.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a reply to a vanished client is dropped
+            self._socket.setsockopt(zmq.SNDHWM, 10_000)
+            self._socket.setsockopt(zmq.MAXMSGSIZE, 64 * 1024)  # garbage floods are cut at the transport
+            if curve is not None:
+                self._auth = start_authenticator(self._context, curve)
+                apply_server_curve(self._socket, curve)
+            self._socket.bind(endpoint)
+        except zmq.ZMQError as exc:
+            self._teardown()
+            raise ConfigError(f"trigger endpoint {endpoint!r}: cannot bind: {exc}") from None
+        except BaseException:
+            self._teardown()
+            raise
+        self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._thread = threading.Thread(target=self._run, name="trigger-server", daemon=True)
+        log.info("trigger requests on %s%s", self.endpoint, " (CURVE)" if curve else "")
+
+    # --- lifecycle ----------------------------------------------------------------------------------------
+    def start(self) -> "TriggerServer":
+        """Start the server thread (again: no-op)."""
+        if not self._thread.is_alive() and not self._stop.is_set():
+            self._thread.start()
+        return self
+
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Answer what is outstanding with an error ("server stopping"), stop the thread, close the socket."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._wake()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+        else:
+            self._teardown()
+
+    def __enter__(self) -> "TriggerServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def _teardown(self) -> None:
+        self._socket.close(linger=500)
+        if self._auth is not None:
+            self._auth.stop()
+        self._context.term()
+        self._wake_w.close()
+        self._wake_r.close()
+
+    def _wake(self, _future: Future | None = None) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass  # full (a wake-up is already waiting) or closed
+
+    # --- the loop -----------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                wait_ms = self._next_deadline_ms()
+                events = dict(poller.poll(wait_ms))
+                if self._wake_r in events:
+                    self._drain_wake_pipe()
+                if self._socket in events:
+                    for _ in range(100):  # bounded, so replies are not starved by a flood
+                        try:
+                            frames = self._socket.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._on_request(frames)
+                self._answer_ready()
+            for item in self._pending:
+                item.future.cancel()
+                self._reply_error(item.envelope, item.request, FAILED, "server stopping")
+            self._pending.clear()
+        except Exception:  # never expected; logged so a dead trigger thread is visible
+            log.exception("trigger server loop failed")
+        finally:
+            self._teardown()
+
+    def _next_deadline_ms(self) -> int:
+        if not self._pending:
+            return 1000
+        soonest = min(p.deadline for p in self._pending)
+        return max(0, min(1000, int((soonest - time.monotonic()) * 1000) + 1))
+
+    def _drain_wake_pipe(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def _on_request(self, frames: list[bytes]) -> None:
+        self.requests += 1
+        envelope, body = split_envelope(frames)
+        if envelope is None:
+            log.debug("trigger: unroutable message of %d frames ignored", len(frames))
+            return
+        request: dict = {}
+        try:
+            request = parse_request(body)
+        except RequestError as exc:
+            self._reply_error(envelope, exc.request, BAD_REQUEST, str(exc))
+            return
+        if len(self._pending) >= self.max_pending:
+            self._reply_error(envelope, request, BUSY, f"{len(self._pending)} requests outstanding; try again")
+            return
+        try:
+            future = self.handler(request["camera"], request["part_id"])
+        except KeyError:
+            self._reply_error(envelope, request, UNKNOWN_CAMERA, f"unknown camera {request['camera']!r}")
+            return
+        except LinewatchError as exc:
+            code = UNKNOWN_CAMERA if str(exc).startswith("unknown camera") else REJECTED
+            self._reply_error(envelope, request, code, str(exc))
+            return
+        except Exception as exc:
+            log.exception("trigger handler failed for %r", request)
+            self._reply_error(envelope, request, INTERNAL, f"handler failed: {exc}")
+            return
+        if not isinstance(future, Future):
+            self._reply_error(envelope, request, INTERNAL, "handler did not return a Future")
+            return
+        self._pending.append(_Pending(envelope, request, future, time.monotonic() + self.timeout_s))
+        future.add_done_callback(self._wake)
+
+    def _answer_ready(self) -> None:
+        if not self._pending:
+            return
+        now = time.monotonic()
+        done, expired, waiting = [], [], []
+        for item in self._pending:  # one pass: a future finishing meanwhile is seen in the next round
+            (done if item.future.done() else expired if now >= item.deadline else waiting).append(item)
+        if not done and not expired:
+            return
+        self._pending = waiting  # before replying: `pending` is read from other threads
+        for item in done:
+            self._reply_result(item)
+        for item in expired:
+            item.future.cancel()
+            self._reply_error(item.envelope, item.request, TIMEOUT, f"no result within {self.timeout_s:g} s")
+
+    def _reply_result(self, item: _Pending) -> None:
+        request = item.request
+        try:
+            value = item.future.result()
+        except Exception as exc:  # accepted, but no result: frame dropped, daemon stopping, ...
+            self._reply_error(item.envelope, request, FAILED, str(exc) or exc.__class__.__name__)
+            return
+        try:
+            header, mask = unpack_result(value)
+            check_result_header(header, "result")
+            if header.get("camera") != request["camera"] or header.get("part_id") != request["part_id"]:
+                raise ValueError(f"result is for camera {header.get('camera')!r} part {header.get('part_id')!r}")
+            mask = check_mask_frame(header, mask or b"", "result")
+        except (ProtocolError, TypeError, ValueError) as exc:  # a daemon bug: never hand out a doubtful result
+            log.error("trigger result for %r is malformed: %s", request, exc)
+            self._reply_error(item.envelope, request, INTERNAL, f"malformed result: {exc}")
+            return
+        reply = _reply_base(request) | {"ok": True, "result": header}
+        self._send(item.envelope, [encode_json(reply), mask or b""])
+
+    def _reply_error(self, envelope: list[bytes], request: dict, code: str, message: str) -> None:
+        self.errors[code] = self.errors.get(code, 0) + 1
+        reply = _reply_base(request) | {"ok": False, "code": code, "error": message}
+        self._send(envelope, [encode_json(reply), b""])
+
+    def _send(self, envelope: list[bytes], body: list[bytes]) -> None:
+        try:
+            self._socket.send_multipart(envelope + body, flags=zmq.NOBLOCK)
+            self.replies += 1
+        except zmq.ZMQError as exc:  # the client's queue is full or it is gone: it will time out and retry
+            log.warning("trigger reply not sent: %s", exc)
+
+
+# --- pure helpers ------------------------------------------------------------------------------------------
+class RequestError(ValueError):
+    def __init__(self, message: str, request: dict | None = None):
+        super().__init__(message)
+        self.request = request or {}
+
+
+def split_envelope(frames: list[bytes]) -> tuple[list[bytes] | None, list[bytes]]:
+    """ROUTER frames -> (routing envelope to echo, body). REQ clients add an empty delimiter, DEALERs may not."""
+    if not frames:
+        return None, []
+    if len(frames) >= 2 and frames[1] == b"":
+        return frames[:2], frames[2:]
+    return frames[:1], frames[1:]
+
+
+def parse_request(body: list[bytes]) -> dict:
+    """The request object of a body `[JSON]`; RequestError (with whatever ids could be read) otherwise."""
+    if len(body) != 1:
+        raise RequestError(f"expected one frame with a JSON object, got {len(body)} frames")
+    data = body[0]
+    if len(data) > MAX_REQUEST_BYTES:
+        raise RequestError(f"request of {len(data)} bytes: at most {MAX_REQUEST_BYTES}")
+    request = json_object(data, RequestError)
+    ids = {k: request[k] for k in ("request_id", "part_id", "camera") if _echoable(request.get(k))}
+    for key in ("camera", "part_id"):
+        value = request.get(key)
+        if value is None:
+            raise RequestError(f"field {key!r} is missing", ids)
+        if not isinstance(value, str) or not value or len(value) > MAX_PART_ID_CHARS:
+            raise RequestError(f"field {key!r} = {value!r:.80}: expected a non-empty string of at most "
+                               f"{MAX_PART_ID_CHARS} characters", ids)
+    if "request_id" in request and not _echoable(request["request_id"]):
+        raise RequestError("field 'request_id': expected a string or integer", ids)
+    return request
+
+
+def _echoable(value: Any) -> bool:
+    return (isinstance(value, str) and len(value) <= MAX_PART_ID_CHARS) or (
+        isinstance(value, int) and not isinstance(value, bool))
+
+
+def _reply_base(request: dict) -> dict:
+    return {"schema_version": SCHEMA_VERSION, "kind": REPLY, "request_id": request.get("request_id"),
+            "camera": request.get("camera"), "part_id": request.get("part_id")}
+
+
+def unpack_result(value: Any) -> tuple[dict, bytes | None]:
+    """A handler future's value: `(header, mask_png)` or `{"header": ..., "mask": ...}`."""
+    if isinstance(value, dict) and "header" in value:
+        header, mask = value["header"], value.get("mask")
+    elif isinstance(value, (tuple, list)) and len(value) == 2:
+        header, mask = value
+    else:
+        raise TypeError(f"handler future gave {type(value).__name__}: expected (header, mask_png)")
+    if not isinstance(header, dict) or not (mask is None or isinstance(mask, (bytes, bytearray, memoryview))):
+        raise TypeError("handler future gave a header that is not a dict or a mask that is not bytes")
+    return jsonable(header), None if mask is None else bytes(mask)

@@ -1,0 +1,157 @@
+"""ZeroMQ CURVE for the result and trigger sockets, and the rule that keeps a keyless daemon on loopback.
+
+Key files are pyzmq's certificate format (`zmq.auth.create_certificates`): `NAME.key` holds the public key,
+`NAME.key_secret` the pair. The server loads its pair; clients' public `.key` files in one folder are the allow
+list, enforced by a ZAP authenticator thread per server context, so a client with another key (or none) gets
+nothing at all: the handshake is refused before any message is sent.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+
+from linewatch.errors import ConfigError
+
+LOCAL_TRANSPORTS = ("ipc", "inproc")
+LOOPBACK_NAMES = ("localhost", "lo")
+
+
+@dataclass(frozen=True)
+class CurveConfig:
+    """The server side of CURVE: its key pair and the folder of allowed client public keys."""
+
+    server_public: bytes
+    server_secret: bytes
+    authorized_keys_dir: Path
+
+    @classmethod
+    def from_files(cls, server_secret_key_file: str | os.PathLike, authorized_keys_dir: str | os.PathLike
+                   ) -> "CurveConfig":
+        public, secret = load_key_pair(server_secret_key_file)
+        keys_dir = Path(authorized_keys_dir)
+        if not keys_dir.is_dir():
+            raise ConfigError(f"authorized keys folder {keys_dir}: not found")
+        if not authorized_public_keys(keys_dir):
+            raise ConfigError(f"authorized keys folder {keys_dir}: no client public keys (*.key): "
+                              "no client could connect")
+        return cls(public, secret, keys_dir)
+
+
+def load_key_pair(path: str | os.PathLike) -> tuple[bytes, bytes]:
+    """(public, secret) z85 keys from a `.key_secret` file; ConfigError naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"CURVE key pair file {path}: not found")
+    public, secret = _certificate(path, "CURVE key pair file")
+    if not secret:
+        raise ConfigError(f"CURVE key pair file {path}: holds only a public key; expected the .key_secret file")
+    return public, secret
+
+
+def load_public_key(value: str | os.PathLike) -> bytes:
+    """A public key given as 40 z85 characters or as a `.key`/`.key_secret` certificate file."""
+    from zmq.utils import z85
+
+    text = str(value)
+    if len(text) == 40 and not Path(text).exists():
+        try:
+            z85.decode(text.encode("ascii"))
+        except (ValueError, KeyError, UnicodeEncodeError):
+            raise ConfigError(f"public key {text!r}: not a z85 key") from None
+        return text.encode("ascii")
+    path = Path(text)
+    if not path.is_file():
+        raise ConfigError(f"public key {text!r}: neither 40 z85 characters nor a key file")
+    return _certificate(path, "public key file")[0]
+
+
+def _certificate(path: Path, what: str) -> tuple[bytes, bytes | None]:
+    import zmq.auth
+
+    try:
+        return zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{what} {path}: not a zmq certificate ({exc})") from None
+
+
+def authorized_public_keys(keys_dir: Path) -> list[Path]:
+    return sorted(p for p in Path(keys_dir).glob("*.key") if p.is_file())
+
+
+def start_authenticator(context: zmq.Context, curve: CurveConfig):
+    """ZAP handler for `context` that admits only the allowed client keys. Stop it with `.stop()`."""
+    from zmq.auth.thread import ThreadAuthenticator
+
+    auth = ThreadAuthenticator(context)
+    auth.start()
+    auth.configure_curve(domain="*", location=str(curve.authorized_keys_dir))
+    return auth
+
+
+def apply_server_curve(socket: zmq.Socket, curve: CurveConfig) -> None:
+    """Make `socket` a CURVE server (call before bind; start_authenticator on its context restricts clients)."""
+    socket.curve_secretkey = curve.server_secret
+    socket.curve_publickey = curve.server_public
+    socket.curve_server = True
+
+
+def apply_client_curve(socket: zmq.Socket, server_public: bytes, client_keys: tuple[bytes, bytes]) -> None:
+    """Make `socket` a CURVE client of the server with `server_public`, as (public, secret) `client_keys`."""
+    public, secret = client_keys
+    socket.curve_serverkey = server_public
+    socket.curve_publickey = public
+    socket.curve_secretkey = secret
+
+
+def is_loopback_endpoint(endpoint: str) -> bool:
+    """True for ipc://, inproc:// and tcp:// (or ws://) on 127.0.0.0/8, ::1, localhost or the lo interface."""
+    transport, sep, address = endpoint.partition("://")
+    if not sep:
+        return False
+    if transport in LOCAL_TRANSPORTS:
+        return True
+    host = address.rsplit(":", 1)[0] if ":" in address else address
+    host = host.split("/", 1)[0].strip("[]")
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind_security(endpoint: str, curve_enabled: bool, allow_insecure: bool = False, key: str = "endpoint"
+                        ) -> None:
+    """Refuse to bind a non-loopback endpoint in the clear: results and triggers would be open to the network.
+
+    Config validation calls it with the config key for the message; the publisher and trigger server call it
+    again before binding, so the rule also holds for code that skips the config.
+    """
+    if curve_enabled or allow_insecure or is_loopback_endpoint(endpoint):
+        return
+    raise ConfigError(f"{key} {endpoint!r}: binding beyond loopback needs CURVE (security.curve with keys) or "
+                      "an explicit security.allow_insecure_bind: true")
+
+
+def cli_keygen(args) -> int:
+    """`linewatch keygen DIR [--name NAME]`: a CURVE key pair, secret file readable by its owner only."""
+    import zmq.auth
+
+    out = Path(args.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    public_file, secret_file = out / f"{args.name}.key", out / f"{args.name}.key_secret"
+    existing = [str(p) for p in (public_file, secret_file) if p.exists()]
+    if existing and not args.force:
+        raise ConfigError(f"{', '.join(existing)} already exist(s); use --force to replace")
+    public_path, secret_path = zmq.auth.create_certificates(out, args.name)
+    os.chmod(secret_path, 0o600)
+    public, _ = zmq.auth.load_certificate(public_path)
+    print(f"public key  {public.decode()}")
+    print(f"public file {public_path}   (give to the other side / put in authorized_keys_dir)")
+    print(f"secret file {secret_path}   (keep private)")
+    return 0

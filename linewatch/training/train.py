@@ -1,0 +1,435 @@
+"""`linewatch train`: fit DFR's CAE on the frozen regional features of good images.
+
+The CAE is a per-position MLP (1×1 convs), so every regional vector is an independent training sample:
+features are extracted once, and training draws shuffled batches of vectors across all images and positions.
+A share of the good images is held out; its reconstruction loss drives early stopping (never a test set).
+The run is deterministic for a seed and resumable from `train_state.pt` after every epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from linewatch import __version__, bundle
+from linewatch.errors import BundleError, ConfigError, DataError
+from linewatch.evaluation.datasets import good_image_folder
+from linewatch.images import list_images
+from linewatch.training.cae import CAE, pca_latent_dim
+from linewatch.training.features import (
+    CACHE_SUFFIX,
+    FeatureStore,
+    dataset_sha256,
+    extract_to_store,
+    sample_vectors,
+    set_feature_scale,
+)
+from linewatch.training.model import DFR, DFRConfig, save_checkpoint
+from linewatch.training.presets import TrainSettings, describe, resolve_settings
+from linewatch.training.weights import WeightsSource, resolve
+
+log = logging.getLogger(__name__)
+
+TRAIN_STATE = "train_state.pt"
+STATE_VERSION = 1
+# Settings a resumed run may change; every other one must match the interrupted run.
+RESUMABLE_CHANGES = {"epochs", "patience", "device", "extract_batch", "cache_ram_mb", "min_delta"}
+VAL_BATCH = 16384
+MIN_STD = 0.05
+
+
+# ---- data ----------------------------------------------------------------------------------------------------
+
+def good_images(data_dir: str | Path) -> list[Path]:
+    """Good training images: an MVTec category's train/good, or the folder itself."""
+    return list_images(good_image_folder(data_dir))
+
+
+def split_train_val(paths: list[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
+    """Seeded split of good images; the validation share is at least one image."""
+    if len(paths) < 2:
+        raise DataError(f"training needs at least 2 good images (one is held out for validation), "
+                        f"got {len(paths)}")
+    n_val = min(len(paths) - 1, max(1, round(fraction * len(paths))))
+    perm = np.random.default_rng(seed).permutation(len(paths))
+    val = sorted(paths[i] for i in perm[:n_val])
+    train = sorted(paths[i] for i in perm[n_val:])
+    return train, val
+
+
+# ---- batches of regional vectors -----------------------------------------------------------------------------
+
+def steps_per_epoch(store: FeatureStore, batch: int, block_images: int) -> int:
+    if block_images >= store.n_images:
+        return math.ceil(store.n_vectors / batch)
+    full, rest = divmod(store.n_images, block_images)
+    per_block = lambda n: math.ceil(n * store.positions / batch)  # noqa: E731
+    return full * per_block(block_images) + (per_block(rest) if rest else 0)
+
+
+def epoch_batches(store: FeatureStore, batch: int, generator: torch.Generator, block_images: int):
+    """Shuffled float32 batches of regional vectors covering the store once.
+
+    In RAM: one permutation of all vectors. On disk: images in shuffled blocks that fit the budget, vectors
+    shuffled within each block (contiguous reads instead of random ones).
+    """
+    channels = store.shape[2]
+    if block_images >= store.n_images:
+        perm = torch.randperm(store.n_vectors, generator=generator).numpy()
+        flat = store.array.reshape(-1, channels)
+        for i in range(0, len(perm), batch):
+            yield torch.from_numpy(flat[perm[i:i + batch]])
+        return
+    order = torch.randperm(store.n_images, generator=generator).numpy()
+    for b in range(0, len(order), block_images):
+        images = np.sort(order[b:b + block_images])
+        block = np.asarray(store.array[images]).reshape(-1, channels)
+        perm = torch.randperm(len(block), generator=generator).numpy()
+        for i in range(0, len(perm), batch):
+            yield torch.from_numpy(block[perm[i:i + batch]])
+
+
+class StandardisedCAE(nn.Module):
+    """The CAE trained on per-channel standardised vectors: an exact reparametrisation, folded away at the end.
+
+    Regional ReLU features are far from centred and their channels' spreads differ by orders of magnitude;
+    plain training sits for many epochs on a plateau where it reconstructs little more than the mean vector.
+    Standardising inside the module ((x - mean) / std in, * std + mean out) keeps the loss in the original
+    feature space (the paper's error) and folds into the first and last Linear, so the bundle holds the plain
+    Table VIII network.
+    """
+
+    def __init__(self, cae: CAE, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.cae = cae
+        self.register_buffer("mean", mean.float().clone())
+        self.register_buffer("std", std.float().clone())
+
+    def forward_vectors(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cae.forward_vectors((x - self.mean) / self.std) * self.std + self.mean
+
+    def folded(self) -> CAE:
+        cae = copy.deepcopy(self.cae)
+        first, last = cae.linears[0], cae.linears[-1]
+        with torch.no_grad():
+            first.bias -= first.weight @ (self.mean / self.std)
+            first.weight /= self.std[None, :]
+            last.weight *= self.std[:, None]
+            last.bias.mul_(self.std).add_(self.mean)
+        return cae
+
+
+def channel_statistics(sample: np.ndarray, min_std: float = MIN_STD) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of regional vectors; near-dead channels get `min_std` (features are unit-scale)."""
+    x = torch.from_numpy(sample).double()
+    return x.mean(0).float(), x.std(0).clamp_min(min_std).float()
+
+
+@torch.no_grad()
+def reconstruction_loss(cae: nn.Module, store: FeatureStore, device: torch.device) -> float:
+    """Mean squared reconstruction error over every vector of `store` (eval mode)."""
+    was_training = cae.training
+    cae.eval()
+    flat = store.array.reshape(-1, store.shape[2])
+    total, count = 0.0, 0
+    for i in range(0, len(flat), VAL_BATCH):
+        x = torch.from_numpy(np.asarray(flat[i:i + VAL_BATCH])).to(device).float()
+        total += float(F.mse_loss(cae.forward_vectors(x), x, reduction="sum"))
+        count += x.numel()
+    cae.train(was_training)
+    return total / count
+
+
+# ---- training state (resume) ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Progress:
+    epoch: int = 0  # epochs completed
+    best_val: float = math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    stopped_early: bool = False
+    fit_seconds: float = 0.0
+    history: list = dataclasses.field(default_factory=list)  # [{epoch, train_loss, val_loss}]
+
+
+def save_train_state(path: Path, *, settings: TrainSettings, config: DFRConfig, weights: WeightsSource,
+                     data_sha: str, split: dict, progress: Progress, cae: StandardisedCAE, best_cae: dict,
+                     optimizer: torch.optim.Optimizer, generator: torch.Generator) -> None:
+    payload = {
+        "version": STATE_VERSION,
+        "settings": dataclasses.asdict(settings),
+        "config": dataclasses.asdict(config),
+        "weights": weights.as_metadata(),
+        "dataset_sha256": data_sha,
+        "split": split,
+        "progress": dataclasses.asdict(progress),
+        "cae": cae.cae.state_dict(),
+        "input_norm": {"mean": cae.mean.cpu(), "std": cae.std.cpu()},
+        "best_cae": best_cae,
+        "optimizer": optimizer.state_dict(),
+        "generator": generator.get_state(),
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def load_train_state(path: Path) -> dict:
+    if not path.is_file():
+        raise BundleError(f"--resume: no training state at {path} (start without --resume)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BundleError(f"--resume: cannot read training state {path}: {exc}") from exc
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        raise BundleError(f"--resume: {path} is not a linewatch training state (version {STATE_VERSION})")
+    return state
+
+
+def check_resumable(state: dict, settings: TrainSettings, data_sha: str, path: Path) -> None:
+    old = state["settings"]
+    new = dataclasses.asdict(settings)
+    changed = sorted(k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k])
+    if changed:
+        diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
+        raise ConfigError(f"--resume: settings differ from the run saved in {path} ({diffs}); "
+                          f"only {', '.join(sorted(RESUMABLE_CHANGES))} may change")
+    if state["dataset_sha256"] != data_sha:
+        raise DataError(f"--resume: the training images changed since the run saved in {path} "
+                        f"(dataset sha256 {state['dataset_sha256'][:12]} -> {data_sha[:12]})")
+
+
+def check_output_dir(out: Path, resume: bool) -> None:
+    """A fresh run needs an empty --out; a resumed run must not leave a stale exported graph behind."""
+    if resume:
+        stale = [n for n in (bundle.GRAPH, bundle.GRAPH_FP16, bundle.GRAPH_INT8, bundle.CALIBRATION)
+                 if (out / n).exists()]
+        if stale:
+            raise ConfigError(f"--resume: {out} already holds {', '.join(stale)} made from the old model; "
+                              f"train into a new --out instead")
+    elif out.exists() and any(out.iterdir()):
+        hint = " (an interrupted run: add --resume)" if (out / TRAIN_STATE).exists() else ""
+        raise ConfigError(f"--out {out} is not empty{hint}; choose a new directory or remove it")
+
+
+# ---- the run -------------------------------------------------------------------------------------------------
+
+def pick_device(name: str) -> torch.device:
+    if name:
+        try:
+            device = torch.device(name)
+        except RuntimeError as exc:
+            raise ConfigError(f"--device {name!r}: {exc}") from exc
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: CUDA is not available here")
+        return device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def model_config(settings: TrainSettings) -> DFRConfig:
+    return DFRConfig(layers=settings.layer_list(), height=settings.size, width=settings.size,
+                     padding=settings.padding, align=settings.align, batchnorm=settings.batchnorm,
+                     score=settings.score)
+
+
+def versions() -> dict:
+    import torchvision
+
+    return {"linewatch": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "numpy": np.__version__}
+
+
+def features_identity(config: DFRConfig, weights: WeightsSource, data_sha: str, split: dict) -> dict:
+    """What the extracted regional features depend on: a cached store is reused only if all of it matches."""
+    return {"dataset_sha256": data_sha, "weights_sha256": weights.sha256, "split": split,
+            "features": {k: getattr(config, k) for k in ("layers", "height", "width", "padding", "align", "pool",
+                                                         "feature_scale")}}
+
+
+def fit_cae(cae: StandardisedCAE, train: FeatureStore, val: FeatureStore, settings: TrainSettings, device: torch.device,
+            progress: Progress, optimizer: torch.optim.Optimizer, generator: torch.Generator, best_cae: dict,
+            save_state) -> dict:
+    """Epochs of shuffled vector batches until the budget or the patience runs out; returns the best weights."""
+    block_images = train.images_per_block(settings.cache_ram_mb * (1 << 20) // 4)
+    steps = steps_per_epoch(train, settings.batch_vectors, block_images)
+    remaining = settings.epochs - progress.epoch
+    cae.train()
+    with tqdm(total=max(0, remaining) * steps, desc="train CAE", unit="step", mininterval=1.0,
+              dynamic_ncols=True) as bar:
+        while progress.epoch < settings.epochs and not progress.stopped_early:
+            started = time.perf_counter()
+            total, count = 0.0, 0
+            for x in epoch_batches(train, settings.batch_vectors, generator, block_images):
+                x = x.to(device).float()
+                optimizer.zero_grad(set_to_none=True)
+                loss = F.mse_loss(cae.forward_vectors(x), x)
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach()) * len(x)
+                count += len(x)
+                bar.update(1)
+                bar.set_postfix(epoch=progress.epoch + 1, loss=f"{float(loss.detach()):.4f}",
+                                best_val=f"{progress.best_val:.4f}")
+            train_loss = total / count
+            val_loss = reconstruction_loss(cae, val, device)
+            if not math.isfinite(val_loss):
+                raise ValueError(f"validation loss is {val_loss} at epoch {progress.epoch + 1}: training diverged "
+                                 f"(try a lower lr)")
+            progress.epoch += 1
+            progress.history.append({"epoch": progress.epoch, "train_loss": train_loss, "val_loss": val_loss})
+            if val_loss < progress.best_val * (1.0 - settings.min_delta):
+                progress.best_val, progress.best_epoch, progress.bad_epochs = val_loss, progress.epoch, 0
+                best_cae = copy.deepcopy(cae.cae.state_dict())
+            else:
+                progress.bad_epochs += 1
+                progress.stopped_early = progress.bad_epochs >= settings.patience
+            progress.fit_seconds += time.perf_counter() - started
+            save_state(best_cae)
+            log.info("epoch %d/%d: train loss %.5f, val loss %.5f (best %.5f at epoch %d)%s", progress.epoch,
+                     settings.epochs, train_loss, val_loss, progress.best_val, progress.best_epoch,
+                     ", stopping early" if progress.stopped_early else "")
+    return best_cae
+
+
+def train(settings: TrainSettings, data: str | Path, out: str | Path, weights_path: str | None = None,
+          random_init: bool = False, resume: bool = False) -> dict:
+    """Train a bundle in `out`; returns its metadata."""
+    started = time.perf_counter()
+    out = Path(out)
+    check_output_dir(out, resume)
+    device = pick_device(settings.device)
+    paths = good_images(data)
+    data_sha = dataset_sha256(paths)
+    state_path = out / TRAIN_STATE
+    state = load_train_state(state_path) if resume else None
+    if state is not None:
+        check_resumable(state, settings, data_sha, state_path)
+    weights = resolve(weights_path, random_init=random_init)
+    if state is not None and state["weights"]["sha256"] != weights.sha256:
+        raise ConfigError(f"--resume: VGG19 weights differ from the run saved in {state_path} "
+                          f"({state['weights']['sha256']} -> {weights.sha256})")
+    train_paths, val_paths = split_train_val(paths, settings.val_fraction, settings.seed)
+    log.info("training on %d good images, validating on %d (from %s); device %s", len(train_paths),
+             len(val_paths), data, device)
+    log.info("settings: %s", describe(settings))
+
+    torch.manual_seed(settings.seed)
+    config = DFRConfig(**state["config"]) if state else model_config(settings)
+    if state is None:
+        config.c_d = 0
+    model = DFR(config, weights).to(device).eval()
+    out.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    if state is None:
+        scale = set_feature_scale(model, train_paths, device, settings.extract_batch)
+        log.info("feature scale %.6g (unit mean square regional features)", scale)
+    budget = settings.cache_ram_mb * (1 << 20)
+    grid = config.grid[0] * config.grid[1]
+    split = {"train": [p.name for p in train_paths], "val": [p.name for p in val_paths]}
+    identity = features_identity(config, weights, data_sha, split)
+    train_store = FeatureStore(len(train_paths), grid, config.c_o, budget, out / ("train" + CACHE_SUFFIX),
+                               identity={**identity, "part": "train"})
+    val_budget = budget if train_store.on_disk else budget - train_store.array.nbytes
+    val_store = FeatureStore(len(val_paths), grid, config.c_o, val_budget, out / ("val" + CACHE_SUFFIX),
+                             identity={**identity, "part": "val"})
+    finished = False
+    try:
+        for store, part_paths, part in ((train_store, train_paths, "train"), (val_store, val_paths, "val")):
+            if not store.reused:
+                extract_to_store(model, part_paths, store, device, settings.extract_batch, f"features ({part})")
+                store.mark_complete()
+        extract_seconds = time.perf_counter() - t0
+
+        if state is None:
+            sample = sample_vectors(train_store, settings.pca_samples, np.random.default_rng(settings.seed))
+            mean, std = channel_statistics(sample)
+            if settings.latent:
+                config.c_d = settings.latent
+            else:
+                config.c_d = pca_latent_dim(torch.from_numpy(sample), settings.pca_variance)
+                log.info("c_d = %d (PCA, %.0f %% variance of %d regional vectors from %d images)", config.c_d,
+                         100 * settings.pca_variance, len(sample), len(train_paths))
+        else:
+            mean, std = state["input_norm"]["mean"], state["input_norm"]["std"]
+        try:
+            cae = StandardisedCAE(CAE(config.c_o, config.c_d, config.batchnorm), mean, std).to(device)
+        except ValueError as exc:
+            raise ConfigError(f"latent: {exc}") from exc
+        optimizer = torch.optim.Adam(cae.cae.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        generator = torch.Generator().manual_seed(settings.seed)
+        progress, best_cae = Progress(), copy.deepcopy(cae.cae.state_dict())
+        if state is not None:
+            cae.cae.load_state_dict(state["cae"])
+            optimizer.load_state_dict(state["optimizer"])
+            generator.set_state(state["generator"])
+            progress, best_cae = Progress(**state["progress"]), state["best_cae"]
+            progress.stopped_early = progress.bad_epochs >= settings.patience
+            log.info("resuming after epoch %d (best val loss %.5f at epoch %d)", progress.epoch,
+                     progress.best_val, progress.best_epoch)
+
+        def save_state(best: dict) -> None:
+            save_train_state(state_path, settings=settings, config=config, weights=weights, data_sha=data_sha,
+                             split=split, progress=progress, cae=cae, best_cae=best, optimizer=optimizer,
+                             generator=generator)
+
+        best_cae = fit_cae(cae, train_store, val_store, settings, device, progress, optimizer, generator,
+                           best_cae, save_state)
+        finished = True
+    finally:  # an interrupted run keeps its finished on-disk features for --resume; a finished one cleans up
+        train_store.close(keep=not finished)
+        val_store.close(keep=not finished)
+    if progress.epoch == 0:
+        raise ConfigError("epochs: no epoch was trained (the budget is 0 or already spent)")
+
+    cae.cae.load_state_dict(best_cae)
+    model.cae = cae.folded()
+    if config.score != "mean_sq_error":
+        model.error_weight.copy_(1.0 / cae.std.double().pow(2).float().to(model.error_weight.device))
+    model = model.cpu().eval()
+    training = {
+        "data": str(Path(data).resolve()), "dataset_sha256": data_sha, "n_train": len(train_paths),
+        "n_val": len(val_paths), "epochs": progress.epoch, "best_epoch": progress.best_epoch,
+        "stopped_early": progress.stopped_early, "seed": settings.seed, "preset": settings.preset,
+        "best_val_loss": progress.best_val, "train_seconds": round(time.perf_counter() - started, 2),
+        "extract_seconds": round(extract_seconds, 2), "fit_seconds": round(progress.fit_seconds, 2),
+        "device": str(device), "settings": dataclasses.asdict(settings), "history": progress.history,
+    }
+    checkpoint = save_checkpoint(model, out, extra={"training": {k: v for k, v in training.items()
+                                                                 if k != "history"}})
+    training["checkpoint_sha256"] = bundle.sha256_file(checkpoint)
+    meta = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "input": {"height": config.height, "width": config.width, "layout": "NHWC", "dtype": "uint8",
+                  "color": "BGR"},
+        "dfr": config.as_metadata(),
+        "weights": weights.as_metadata(),
+        "training": training,
+        "versions": versions(),
+    }
+    bundle.write_metadata(out, meta)
+    return meta
+
+
+def cli_train(args) -> int:
+    settings = resolve_settings(args)
+    meta = train(settings, args.data, args.out, weights_path=args.weights, random_init=args.random_init,
+                 resume=args.resume)
+    t, d = meta["training"], meta["dfr"]
+    print(f"trained {args.out}: {d['height']}x{d['width']}, layers {d['layer_spec']}, c_o {d['c_o']}, "
+          f"c_d {d['c_d']}; {t['epochs']} epochs (best {t['best_epoch']}, val loss {t['best_val_loss']:.5f}); "
+          f"{t['n_train']} train / {t['n_val']} val images; {t['train_seconds']:.1f} s")
+    return 0

@@ -1,0 +1,165 @@
+"""One way to validate structured input: pydantic models, and one adapter from pydantic's errors to ours.
+
+Every file or message linewatch reads (daemon config, training settings, calibration file, wire headers, trigger
+requests) is a pydantic model, and every refusal reads the same way, naming the source and the key:
+`FILE: key.path: expected …, got …`. Two bases say how strict a schema is:
+
+- `StrictModel` for files that are ours to write (daemon config, training settings): an unknown key is refused,
+  because a typo in a key would otherwise silently leave a default in force on an unattended line.
+- `TolerantModel` for formats whose documents promise additive fields (calibration file, wire headers): unknown
+  keys are ignored, so a newer writer never breaks an older reader.
+
+Schemas declare scalars with pydantic's strict types (`StrictInt`, `StrictFloat`, `StrictBool`, `StrictStr`, or
+`Field(strict=True)`): no "5" for 5 and no 1 for true, because a config that only works because a string was
+coerced will be misread by a person. Containers stay lax (a YAML/JSON list fills a tuple; a string fills a Path).
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from linewatch.errors import ConfigError, LinewatchError
+
+M = TypeVar("M", bound=BaseModel)
+
+# pydantic error types -> what we say was expected (the rest fall back to pydantic's own message)
+_EXPECTED = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "finite_number": "a finite number",
+    "bool_type": "true/false",
+    "bool_parsing": "true/false",
+    "string_type": "a string",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+    "list_type": "a list",
+    "tuple_type": "a list",
+    "path_type": "a path",
+    "none_required": "null",
+}
+
+
+class StrictModel(BaseModel):
+    """A schema for a file we write: unknown keys refused, values frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TolerantModel(BaseModel):
+    """A schema for a format with additive fields: unknown keys ignored, values frozen."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+def validate(model: type[M], data: Any, source: object, error: type[LinewatchError] = ConfigError,
+             context: dict[str, Any] | None = None) -> M:
+    """`model` built from `data`, or `error` with the first problem as `SOURCE: key.path: expected …, got …`."""
+    try:
+        return model.model_validate(data, context=context)
+    except ValidationError as exc:
+        raise error(describe_error(exc, source, model)) from None
+    except RecursionError:
+        raise error(f"{source}: nested too deeply to be a valid document") from None
+
+
+def describe_error(exc: ValidationError, source: object, model: type[BaseModel] | None = None) -> str:
+    """The first of pydantic's errors in our words (one problem at a time is what a person fixes)."""
+    errors = exc.errors(include_url=False)
+    err = errors[0]
+    loc = [part for part in err["loc"] if not _is_union_tag(part)]
+    # a union's members fail one by one at the same place: say what any of them would have accepted
+    alike = [e for e in errors if [p for p in e["loc"] if not _is_union_tag(p)] == loc and e["type"] in _EXPECTED]
+    where = key_path(loc) or "<top level>"
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        known = _known_keys(model, loc[:-1]) if model is not None else []
+        hint = f" (known keys here: {', '.join(known)})" if known else ""
+        return f"{source}: {where}: unknown key{hint}"
+    if kind == "missing":
+        return f"{source}: {where}: required key missing"
+    if kind in ("value_error", "assertion_error"):
+        return f"{source}: {where}: {ctx.get('error', err['msg'])}"
+    if len(alike) > 1:
+        expected = " or ".join(dict.fromkeys(_EXPECTED[e["type"]] for e in alike))
+    else:
+        expected = _expected(kind, ctx, err["msg"])
+    return f"{source}: {where}: expected {expected}, got {show_value(err.get('input'))}"
+
+
+def key_path(loc: list[Any] | tuple[Any, ...]) -> str:
+    """`cameras[0].reconnect.max_s` from pydantic's location tuple."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def show_value(value: Any) -> str:
+    """A value as a person would recognise it in their file: type and a short repr."""
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) < 60 else text[:57] + '...'}"
+
+
+def _expected(kind: str, ctx: dict[str, Any], msg: str) -> str:
+    if kind in _EXPECTED:
+        return _EXPECTED[kind]
+    if kind == "literal_error":
+        return "one of " + str(ctx.get("expected", "")).replace(" or ", ", ")
+    if kind == "enum":
+        return "one of " + str(ctx.get("expected", "")).replace(" or ", ", ")
+    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[kind]
+        bound = next(iter(ctx.values()))
+        return f"a value {op} {bound}"
+    if kind == "too_short":
+        return f"at least {ctx.get('min_length')} item(s)"
+    if kind == "too_long":
+        return f"at most {ctx.get('max_length')} item(s)"
+    if kind == "string_too_short":
+        return "a non-empty string" if ctx.get("min_length") == 1 else f"at least {ctx.get('min_length')} characters"
+    if kind == "string_too_long":
+        return f"at most {ctx.get('max_length')} characters"
+    if kind == "string_pattern_mismatch":
+        return f"text matching {ctx.get('pattern')}"
+    return msg[0].lower() + msg[1:] if msg else kind
+
+
+def _is_union_tag(part: Any) -> bool:
+    """pydantic puts the tried union member's type name into the location; a person's file has no such key."""
+    return isinstance(part, str) and (part.endswith("]") or part in ("int", "str", "float", "bool", "none",
+                                                                     "function-after", "function-before",
+                                                                     "function-plain", "function-wrap",
+                                                                     "lax-or-strict", "is-instance[Path]"))
+
+
+def _known_keys(model: type[BaseModel], loc: list[Any]) -> list[str]:
+    """Field names of the (nested) model at `loc`, for the unknown-key message."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        current = _model_in(field.annotation)
+        if current is None:
+            return []
+    return list(getattr(current, "model_fields", {}))
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation such as `Model`, `tuple[Model, ...]` or `Model | None`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
