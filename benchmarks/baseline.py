@@ -37,8 +37,10 @@ class ZScoreBaseline:
     def score(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         frames = np.asarray(frames)
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (*self.input_size, 3):
-            raise ValueError(f"expected uint8 frames N×{self.input_size[0]}×{self.input_size[1]}×3, "
-                             f"got {frames.dtype} {frames.shape}")
+            raise ValueError(
+                f"expected uint8 frames N×{self.input_size[0]}×{self.input_size[1]}×3, "
+                f"got {frames.dtype} {frames.shape}"
+            )
         z = np.abs(frames.astype(np.float32) - self.mean) / (self.std + self.eps)
         maps = z.mean(axis=3)
         return maps, maps.max(axis=(1, 2))

@@ -33,29 +33,47 @@ def main(argv: list[str] | None = None) -> int:
     base = {"bundle": args.model, "iters": args.iters, "threads": args.threads, "max_seconds": 120}
     rounds = []
     for i in range(args.rounds):
-        engines = {prec: measure({**base, "kind": "engine", "provider": "cpu", "batch": args.batch,
-                                  "precision": prec}) for prec in precisions}
+        engines = {
+            prec: measure({**base, "kind": "engine", "provider": "cpu", "batch": args.batch, "precision": prec})
+            for prec in precisions
+        }
         ref = measure({**base, "kind": "reference", "batch": 1})
-        row = {"reference_images_per_s": ref["images_per_s"], "reference_peak_mb": ref["peak_rss_mb"],
-               "reference_p50_ms": ref["p50_ms"], "reference_cpu_s": ref["cpu_s_per_image"], "engines": {}}
+        row = {
+            "reference_images_per_s": ref["images_per_s"],
+            "reference_peak_mb": ref["peak_rss_mb"],
+            "reference_p50_ms": ref["p50_ms"],
+            "reference_cpu_s": ref["cpu_s_per_image"],
+            "engines": {},
+        }
         for prec, eng in engines.items():
             row["engines"][prec] = e = {
-                "images_per_s": eng["images_per_s"], "peak_mb": eng["peak_rss_mb"], "p50_ms": eng["p50_ms"],
-                "cpu_s": eng["cpu_s_per_image"], "speedup": eng["images_per_s"] / ref["images_per_s"],
+                "images_per_s": eng["images_per_s"],
+                "peak_mb": eng["peak_rss_mb"],
+                "p50_ms": eng["p50_ms"],
+                "cpu_s": eng["cpu_s_per_image"],
+                "speedup": eng["images_per_s"] / ref["images_per_s"],
                 "cpu_time_ratio": ref["cpu_s_per_image"] / eng["cpu_s_per_image"],
-                "memory_ratio": ref["peak_rss_mb"] / eng["peak_rss_mb"]}
-            print(f"round {i + 1} {prec}: engine {e['images_per_s']:.3f} img/s ({e['peak_mb']:.0f} MB), "
-                  f"reference {ref['images_per_s']:.3f} img/s ({ref['peak_rss_mb']:.0f} MB): "
-                  f"{e['speedup']:.2f}x faster (CPU time {e['cpu_time_ratio']:.2f}x), "
-                  f"{e['memory_ratio']:.2f}x less memory", flush=True)
+                "memory_ratio": ref["peak_rss_mb"] / eng["peak_rss_mb"],
+            }
+            print(
+                f"round {i + 1} {prec}: engine {e['images_per_s']:.3f} img/s ({e['peak_mb']:.0f} MB), "
+                f"reference {ref['images_per_s']:.3f} img/s ({ref['peak_rss_mb']:.0f} MB): "
+                f"{e['speedup']:.2f}x faster (CPU time {e['cpu_time_ratio']:.2f}x), "
+                f"{e['memory_ratio']:.2f}x less memory",
+                flush=True,
+            )
         rounds.append(row)
     summary = {"engine_batch": args.batch, "threads": args.threads, "rounds": rounds, "median": {}}
     for prec in precisions:
-        med = {key: statistics.median(r["engines"][prec][key] for r in rounds)
-               for key in ("speedup", "cpu_time_ratio", "memory_ratio")}
+        med = {
+            key: statistics.median(r["engines"][prec][key] for r in rounds)
+            for key in ("speedup", "cpu_time_ratio", "memory_ratio")
+        }
         summary["median"][prec] = med
-        print(f"median {prec}: {med['speedup']:.2f}x faster per image (CPU time {med['cpu_time_ratio']:.2f}x), "
-              f"{med['memory_ratio']:.2f}x less peak memory")
+        print(
+            f"median {prec}: {med['speedup']:.2f}x faster per image (CPU time {med['cpu_time_ratio']:.2f}x), "
+            f"{med['memory_ratio']:.2f}x less peak memory"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
     return 0

@@ -50,7 +50,6 @@ def make_bundle(path: Path, layers: str, size: int, c_d: int) -> Path:
 def calibrate(bundle_dir: Path, frames: np.ndarray, threads: int) -> None:
     """A threshold at the 99th percentile of the benchmark frames' pixels: a realistic mix of OK and NOK."""
     from linewatch.calibrate.store import write_calibration
-
     from linewatch.line.engine import Engine
 
     maps, _ = Engine(bundle_dir, "cpu", threads=threads).score(frames[:8])
@@ -59,8 +58,9 @@ def calibrate(bundle_dir: Path, frames: np.ndarray, threads: int) -> None:
 
 def texture_frames(n: int, size: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    base = cv2.GaussianBlur(rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8).reshape(n * size, size, 3),
-                            (5, 5), 0).reshape(n, size, size, 3)
+    base = cv2.GaussianBlur(
+        rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8).reshape(n * size, size, 3), (5, 5), 0
+    ).reshape(n, size, size, 3)
     return base
 
 
@@ -81,13 +81,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_daemon(workdir: Path, bundle_dir: Path, video: Path, batch: int, threads: int, fps: float,
-               seconds: float) -> dict:
+def run_daemon(
+    workdir: Path, bundle_dir: Path, video: Path, batch: int, threads: int, fps: float, seconds: float
+) -> dict:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     config = {
         "model": {"bundle": str(bundle_dir)},
-        "cameras": [{"name": "cam1", "kind": "video", "source": str(video), "loop": True, "fps": fps,
-                     "queue_size": 4 * batch}],
+        "cameras": [
+            {"name": "cam1", "kind": "video", "source": str(video), "loop": True, "fps": fps, "queue_size": 4 * batch}
+        ],
         "engine": {"providers": ["cpu"], "threads": threads, "max_batch": batch, "max_wait_ms": 20},
         "publish": {"endpoint": endpoint, "status_interval_s": 0.25, "hwm": 10000},
         "logging": {"level": "WARNING"},
@@ -95,8 +97,13 @@ def run_daemon(workdir: Path, bundle_dir: Path, video: Path, batch: int, threads
     path = workdir / f"daemon_{time.monotonic_ns()}.yaml"
     path.write_text(yaml.safe_dump(config))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "linewatch.cli", "run", "--config", str(path)], cwd=ROOT, env=env,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "linewatch.cli", "run", "--config", str(path)],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     sub = zmq.Context.instance().socket(zmq.SUB)
     sub.setsockopt(zmq.RCVHWM, 100_000)
     sub.setsockopt_string(zmq.SUBSCRIBE, "linewatch/cam1/")
@@ -129,11 +136,14 @@ def run_daemon(workdir: Path, bundle_dir: Path, video: Path, batch: int, threads
         raise RuntimeError("daemon produced no results")
     (t0, s0), (t1, s1) = window, statuses[-1]
     lat = np.asarray(latencies) * 1e3
-    return {"images_per_s": (s1["results"] - s0["results"]) / (t1 - t0),
-            "dropped": s1["dropped"] - s0["dropped"], "captured": s1["captured"] - s0["captured"],
-            "latency_p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
-            "latency_p99_ms": float(np.percentile(lat, 99)) if lat.size else None,
-            "results_in_window": s1["results"] - s0["results"]}
+    return {
+        "images_per_s": (s1["results"] - s0["results"]) / (t1 - t0),
+        "dropped": s1["dropped"] - s0["dropped"],
+        "captured": s1["captured"] - s0["captured"],
+        "latency_p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
+        "latency_p99_ms": float(np.percentile(lat, 99)) if lat.size else None,
+        "results_in_window": s1["results"] - s0["results"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,8 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="daemon_bench_") as tmp:
         workdir = Path(tmp)
-        bundle_dir = Path(args.bundle) if args.bundle else make_bundle(workdir / "bundle", args.layers, args.size,
-                                                                        args.c_d)
+        bundle_dir = (
+            Path(args.bundle) if args.bundle else make_bundle(workdir / "bundle", args.layers, args.size, args.c_d)
+        )
         meta = bundle.read_metadata(bundle_dir)
         h, w = meta["input"]["height"], meta["input"]["width"]
         frames = texture_frames(32, h)
@@ -160,29 +171,56 @@ def main(argv: list[str] | None = None) -> int:
         video = write_video(workdir / "line.avi", frames)
         rounds = []
         for i in range(args.rounds):
-            bench = measure({"kind": "engine", "bundle": str(bundle_dir), "provider": "cpu", "batch": args.batch,
-                             "iters": 30, "threads": args.threads, "max_seconds": args.seconds})
+            bench = measure(
+                {
+                    "kind": "engine",
+                    "bundle": str(bundle_dir),
+                    "provider": "cpu",
+                    "batch": args.batch,
+                    "iters": 30,
+                    "threads": args.threads,
+                    "max_seconds": args.seconds,
+                }
+            )
             sat = run_daemon(workdir, bundle_dir, video, args.batch, args.threads, 0, args.seconds)
-            half = run_daemon(workdir, bundle_dir, video, args.batch, args.threads,
-                              round(bench["images_per_s"] / 2, 1), args.seconds)
-            row = {"bench_images_per_s": bench["images_per_s"], "daemon_images_per_s": sat["images_per_s"],
-                   "ratio": sat["images_per_s"] / bench["images_per_s"], "saturated": sat, "half_load": half}
+            half = run_daemon(
+                workdir, bundle_dir, video, args.batch, args.threads, round(bench["images_per_s"] / 2, 1), args.seconds
+            )
+            row = {
+                "bench_images_per_s": bench["images_per_s"],
+                "daemon_images_per_s": sat["images_per_s"],
+                "ratio": sat["images_per_s"] / bench["images_per_s"],
+                "saturated": sat,
+                "half_load": half,
+            }
             rounds.append(row)
-            print(f"round {i + 1}: bench {bench['images_per_s']:.1f} img/s, daemon {sat['images_per_s']:.1f} img/s "
-                  f"({row['ratio']:.1%}), queue drops {sat['dropped']} of {sat['captured']}; at "
-                  f"{half['images_per_s']:.1f} img/s: latency p50 {half['latency_p50_ms']:.1f} ms, "
-                  f"p99 {half['latency_p99_ms']:.1f} ms", flush=True)
-        med = {k: statistics.median(r[k] for r in rounds) for k in ("bench_images_per_s", "daemon_images_per_s",
-                                                                   "ratio")}
+            print(
+                f"round {i + 1}: bench {bench['images_per_s']:.1f} img/s, daemon {sat['images_per_s']:.1f} img/s "
+                f"({row['ratio']:.1%}), queue drops {sat['dropped']} of {sat['captured']}; at "
+                f"{half['images_per_s']:.1f} img/s: latency p50 {half['latency_p50_ms']:.1f} ms, "
+                f"p99 {half['latency_p99_ms']:.1f} ms",
+                flush=True,
+            )
+        med = {
+            k: statistics.median(r[k] for r in rounds) for k in ("bench_images_per_s", "daemon_images_per_s", "ratio")
+        }
         med["half_load_latency_p50_ms"] = statistics.median(r["half_load"]["latency_p50_ms"] for r in rounds)
         med["half_load_latency_p99_ms"] = statistics.median(r["half_load"]["latency_p99_ms"] for r in rounds)
         med["saturated_latency_p50_ms"] = statistics.median(r["saturated"]["latency_p50_ms"] for r in rounds)
-        report = {"bundle": str(bundle_dir) if args.bundle else f"untrained {args.layers} {h}x{w} c_d {args.c_d}",
-                  "model_id": bundle.model_id(meta), "batch": args.batch, "threads": args.threads,
-                  "cpu_count": os.cpu_count(), "rounds": rounds, "median": med}
-        print(f"median: bench {med['bench_images_per_s']:.1f} img/s, daemon {med['daemon_images_per_s']:.1f} img/s "
-              f"= {med['ratio']:.1%}; latency at half load p50 {med['half_load_latency_p50_ms']:.1f} ms, "
-              f"p99 {med['half_load_latency_p99_ms']:.1f} ms; saturated p50 {med['saturated_latency_p50_ms']:.1f} ms")
+        report = {
+            "bundle": str(bundle_dir) if args.bundle else f"untrained {args.layers} {h}x{w} c_d {args.c_d}",
+            "model_id": bundle.model_id(meta),
+            "batch": args.batch,
+            "threads": args.threads,
+            "cpu_count": os.cpu_count(),
+            "rounds": rounds,
+            "median": med,
+        }
+        print(
+            f"median: bench {med['bench_images_per_s']:.1f} img/s, daemon {med['daemon_images_per_s']:.1f} img/s "
+            f"= {med['ratio']:.1%}; latency at half load p50 {med['half_load_latency_p50_ms']:.1f} ms, "
+            f"p99 {med['half_load_latency_p99_ms']:.1f} ms; saturated p50 {med['saturated_latency_p50_ms']:.1f} ms"
+        )
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -68,7 +68,7 @@ def nearest_distance(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     bank_sq = (bank * bank).sum(1)
     out = []
     for start in range(0, len(queries), QUERY_CHUNK):
-        q = queries[start:start + QUERY_CHUNK]
+        q = queries[start : start + QUERY_CHUNK]
         d2 = (q * q).sum(1, keepdim=True) - 2.0 * (q @ bank.T) + bank_sq
         out.append(d2.min(1).values.clamp_min(0).sqrt())
     return torch.cat(out)
@@ -99,8 +99,16 @@ def mlp_probe(seed: int):
     """One hidden layer of 256 ReLUs: a nonlinear readout, so the ceiling is not just a linear one."""
     from sklearn.neural_network import MLPClassifier
 
-    return MLPClassifier(hidden_layer_sizes=(256,), alpha=1e-3, batch_size=512, learning_rate_init=1e-3,
-                         max_iter=40, early_stopping=True, n_iter_no_change=5, random_state=seed)
+    return MLPClassifier(
+        hidden_layer_sizes=(256,),
+        alpha=1e-3,
+        batch_size=512,
+        learning_rate_init=1e-3,
+        max_iter=40,
+        early_stopping=True,
+        n_iter_no_change=5,
+        random_state=seed,
+    )
 
 
 def probe_logit(probe, x: np.ndarray) -> np.ndarray:
@@ -111,8 +119,9 @@ def probe_logit(probe, x: np.ndarray) -> np.ndarray:
     return (hidden @ probe.coefs_[1] + probe.intercepts_[1])[:, 0]
 
 
-def probe_grid(features: np.ndarray, fraction: np.ndarray, fold: np.ndarray, seed: int, make_probe,
-               balance: bool) -> np.ndarray:
+def probe_grid(
+    features: np.ndarray, fraction: np.ndarray, fold: np.ndarray, seed: int, make_probe, balance: bool
+) -> np.ndarray:
     """Cross-fitted probe scores (logit or decision function) per region, N×positions. `balance` draws as many good
     regions as defect ones, for probes without class weights."""
     from sklearn.preprocessing import StandardScaler
@@ -148,9 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("bundle", help="trained bundle (its backbone, layers and size give the features)")
     p.add_argument("--data", required=True, help="MVTec-layout category the bundle was trained on")
     p.add_argument("--bank", type=int, default=16384, help="kNN memory bank size (random training regions; 0 = all)")
-    p.add_argument("--probe-c", default="0.0001,0.001,0.01",
-                   help="inverse L2 strengths of the probe, comma-separated; each is reported (the best is the "
-                        "ceiling: chosen on the test images, so it flatters the probe, never DFR)")
+    p.add_argument(
+        "--probe-c",
+        default="0.0001,0.001,0.01",
+        help="inverse L2 strengths of the probe, comma-separated; each is reported (the best is the "
+        "ceiling: chosen on the test images, so it flatters the probe, never DFR)",
+    )
     p.add_argument("--methods", default="knn,probe,mlp", help="comma-separated: knn, probe (linear), mlp")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the three result sets here")
@@ -182,11 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         bank = []
         with torch.inference_mode():
             for start in range(0, len(train_paths), 8):
-                f = model.extract(torch.from_numpy(load_frames(train_paths[start:start + 8], h, w)))
+                f = model.extract(torch.from_numpy(load_frames(train_paths[start : start + 8], h, w)))
                 bank.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]))
             bank = torch.cat(bank)
             if 0 < args.bank < len(bank):
-                bank = bank[torch.randperm(len(bank))[:args.bank]]
+                bank = bank[torch.randperm(len(bank))[: args.bank]]
             dist = nearest_distance(torch.from_numpy(features.reshape(-1, features.shape[2])), bank)
         bank_size = len(bank)
         results["knn"] = summary(upsample(dist.numpy().reshape(-1, gh, gw), h, w), masks, types, args.data)
@@ -195,8 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     fraction, fold = region_fraction(masks, cfg.pool), folds(types)
     probes = []
     if "probe" in methods:
-        probes += [(f"probe C={c:g}", functools.partial(linear_probe, c), False)
-                   for c in (float(v) for v in args.probe_c.split(","))]
+        probes += [
+            (f"probe C={c:g}", functools.partial(linear_probe, c), False)
+            for c in (float(v) for v in args.probe_c.split(","))
+        ]
     if "mlp" in methods:
         probes.append(("mlp probe", functools.partial(mlp_probe, args.seed), True))
     for label, make_probe, balance in probes:
@@ -209,11 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     for method, r in results.items():
         o = r["overall"]
         per = " ".join(f"{t} {v['pixel_roc_auc']:.3f}" for t, v in r["per_type"].items())
-        print(f"{name} {method:11s} pixel {o['pixel_roc_auc']:.4f}  PRO {o['pro_auc']:.4f}  "
-              f"image {o['image_roc_auc']:.4f}  | pixel per type: {per}")
+        print(
+            f"{name} {method:11s} pixel {o['pixel_roc_auc']:.4f}  PRO {o['pro_auc']:.4f}  "
+            f"image {o['image_roc_auc']:.4f}  | pixel per type: {per}"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"bundle": args.bundle, "data": args.data, "bank": bank_size,
-                                               **results}, indent=1) + "\n")
+        Path(args.json).write_text(
+            json.dumps({"bundle": args.bundle, "data": args.data, "bank": bank_size, **results}, indent=1) + "\n"
+        )
     return 0
 
 

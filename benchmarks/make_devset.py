@@ -55,14 +55,19 @@ def crop_spec(rng: np.random.Generator, shape: tuple[int, int], rows: tuple[floa
     lo, hi = int(rows[0] * h), int(rows[1] * h)
     if hi - lo < crop or w < crop:
         raise SystemExit(f"crop {crop} px does not fit the row band {lo}..{hi} of a {h}×{w} photo")
-    return {"row": int(rng.integers(lo, hi - crop + 1)), "col": int(rng.integers(0, w - crop + 1)),
-            "crop": crop, "flip_h": bool(rng.random() < 0.5), "flip_v": bool(rng.random() < 0.5)}
+    return {
+        "row": int(rng.integers(lo, hi - crop + 1)),
+        "col": int(rng.integers(0, w - crop + 1)),
+        "crop": crop,
+        "flip_h": bool(rng.random() < 0.5),
+        "flip_v": bool(rng.random() < 0.5),
+    }
 
 
 def cut(image: np.ndarray, spec: dict, size: int) -> np.ndarray:
     """The crop described by `spec`, flipped and area-resized to size×size, as BGR (grey triplicated)."""
     r, c, k = spec["row"], spec["col"], spec["crop"]
-    patch = image[r:r + k, c:c + k]
+    patch = image[r : r + k, c : c + k]
     if spec["flip_h"]:
         patch = patch[:, ::-1]
     if spec["flip_v"]:
@@ -93,8 +98,7 @@ def draem(image: np.ndarray, rng: np.random.Generator, bank) -> tuple[np.ndarray
     return out, mask
 
 
-def synthesise(image: np.ndarray, defect: str, rng: np.random.Generator,
-               bank=None) -> tuple[np.ndarray, np.ndarray]:
+def synthesise(image: np.ndarray, defect: str, rng: np.random.Generator, bank=None) -> tuple[np.ndarray, np.ndarray]:
     """(defective BGR image, uint8 mask 0/255) from pyimgano; retried until the mask is non-trivial."""
     from pyimgano.synthesis import AnomalySynthesizer, SynthSpec
     from pyimgano.synthesis.cutpaste import cutpaste
@@ -123,15 +127,31 @@ def save(path: Path, image: np.ndarray) -> None:
         raise SystemExit(f"cannot write {path}")
 
 
-def make_category(out: Path, category: str, size: int, crop: int, n_train: int, n_good: int, n_defect: int,
-                  seed: int, defects: tuple[str, ...] = DEFECT_TYPES) -> dict:
+def make_category(
+    out: Path,
+    category: str,
+    size: int,
+    crop: int,
+    n_train: int,
+    n_good: int,
+    n_defect: int,
+    seed: int,
+    defects: tuple[str, ...] = DEFECT_TYPES,
+) -> dict:
     """Write one category in MVTec layout plus devset.json recording every crop, so it can be checked/rebuilt."""
     source = photo(category)
     # one stream per category, keyed by its name: a category's images do not depend on which others are built
     rng = np.random.default_rng([seed, zlib.crc32(category.encode())])
     root = out / category
-    manifest = {"category": category, "source": f"skimage.data.{category}()", "size": size, "seed": seed,
-                "train_rows": TRAIN_ROWS, "test_rows": TEST_ROWS, "images": []}
+    manifest = {
+        "category": category,
+        "source": f"skimage.data.{category}()",
+        "size": size,
+        "seed": seed,
+        "train_rows": TRAIN_ROWS,
+        "test_rows": TEST_ROWS,
+        "images": [],
+    }
 
     def add(rel: str, spec: dict, image: np.ndarray, defect: str = "good", mask: np.ndarray | None = None):
         save(root / rel, image)
@@ -186,10 +206,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--n-train, --n-good and --n-defect must be >= 1 and --size >= 16")
     out = Path(args.out)
     for category in categories:
-        m = make_category(out, category, args.size, args.crop, args.n_train, args.n_good, args.n_defect,
-                          args.seed, defects)
-        print(f"{out / category}: {args.n_train} train, {args.n_good} good test, "
-              f"{len(m['images']) - args.n_train - args.n_good} defect test images", file=sys.stderr)
+        m = make_category(
+            out, category, args.size, args.crop, args.n_train, args.n_good, args.n_defect, args.seed, defects
+        )
+        print(
+            f"{out / category}: {args.n_train} train, {args.n_good} good test, "
+            f"{len(m['images']) - args.n_train - args.n_good} defect test images",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -1,7 +1,7 @@
 """One picture of the dev benchmark: an overlay per category (rows) and defect type (columns), image 001 of each.
 
-  linewatch eval MODEL --data data/devset/CAT --overlays runs/overlays/CAT      # for each category
-  python benchmarks/overlay_montage.py runs/overlays --out docs/devbench_overlays.jpg
+linewatch eval MODEL --data data/devset/CAT --overlays runs/overlays/CAT      # for each category
+python benchmarks/overlay_montage.py runs/overlays --out docs/devbench_overlays.jpg
 """
 
 from __future__ import annotations

@@ -38,8 +38,17 @@ def compare(fp32: dict, other: dict, tolerance: float = TOLERANCE) -> dict:
             if name == "image_roc_auc" and scope != "overall":
                 tol = max(tolerance, 1.0 / (a["n_good"] * a["n_defect"]) + 1e-12)
             diff = abs(a[name] - b[name])
-            rows.append({"scope": scope, "metric": name, "fp32": a[name], "other": b[name], "diff": diff,
-                         "tolerance": tol, "ok": diff <= tol})
+            rows.append(
+                {
+                    "scope": scope,
+                    "metric": name,
+                    "fp32": a[name],
+                    "other": b[name],
+                    "diff": diff,
+                    "tolerance": tol,
+                    "ok": diff <= tol,
+                }
+            )
     return {"tolerance": tolerance, "rows": rows, "ok": all(r["ok"] for r in rows)}
 
 
@@ -59,12 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     report = compare(results["fp32"], results[args.precision])
     report.update(precision=args.precision, providers=engine.providers)
     for r in report["rows"]:
-        print(f"{r['scope']:<12} {r['metric']:<14} fp32 {r['fp32']:.4f}  {args.precision} {r['other']:.4f}  "
-              f"diff {r['diff']:.4f}"
-              f"  (<= {r['tolerance']:.4f}{'' if r['ok'] else ' FAIL'})")
+        print(
+            f"{r['scope']:<12} {r['metric']:<14} fp32 {r['fp32']:.4f}  {args.precision} {r['other']:.4f}  "
+            f"diff {r['diff']:.4f}"
+            f"  (<= {r['tolerance']:.4f}{'' if r['ok'] else ' FAIL'})"
+        )
     worst = max(report["rows"], key=lambda r: r["diff"] / r["tolerance"])
-    print(f"{'OK' if report['ok'] else 'FAIL'}: largest difference {max(r['diff'] for r in report['rows']):.4f}; "
-          f"closest to its tolerance: {worst['scope']} {worst['metric']} {worst['diff']:.4f} <= {worst['tolerance']:.4f}")
+    print(
+        f"{'OK' if report['ok'] else 'FAIL'}: largest difference {max(r['diff'] for r in report['rows']):.4f}; "
+        f"closest to its tolerance: {worst['scope']} {worst['metric']} {worst['diff']:.4f} <= {worst['tolerance']:.4f}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0 if report["ok"] else 1

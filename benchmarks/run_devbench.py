@@ -43,8 +43,9 @@ def linewatch(*args: str) -> None:
         raise SystemExit(f"linewatch {args[0]} failed with exit code {rc}: {shlex.join(cmd)}")
 
 
-def run_preset(category_dir: Path, out_dir: Path, preset: str, train_args: list[str], backend: str,
-               reuse: bool, overlays: bool) -> dict:
+def run_preset(
+    category_dir: Path, out_dir: Path, preset: str, train_args: list[str], backend: str, reuse: bool, overlays: bool
+) -> dict:
     model = out_dir / f"{category_dir.name}-{preset}"
     if reuse and (model / bundle.METADATA).is_file():
         print(f"reusing trained model {model}", file=sys.stderr)
@@ -52,13 +53,18 @@ def run_preset(category_dir: Path, out_dir: Path, preset: str, train_args: list[
         linewatch("train", "--data", str(category_dir), "--out", str(model), "--preset", preset, *train_args)
     eval_json = model / "eval.json"
     extra = ["--overlays", str(model / "overlays")] if overlays else []
-    linewatch("eval", str(model), "--data", str(category_dir), "--json", str(eval_json), "--backend", backend,
-              *extra)
+    linewatch("eval", str(model), "--data", str(category_dir), "--json", str(eval_json), "--backend", backend, *extra)
     result = json.loads(eval_json.read_text())
     training = bundle.read_metadata(model).get("training", {})
-    return {**{k: result["overall"][k] for k in METRICS}, "per_type": result["per_type"],
-            "input_size": result["input_size"], "backend": result["backend"], "model": str(model),
-            "train_seconds": training.get("train_seconds"), "eval_seconds": result["seconds"]}
+    return {
+        **{k: result["overall"][k] for k in METRICS},
+        "per_type": result["per_type"],
+        "input_size": result["input_size"],
+        "backend": result["backend"],
+        "model": str(model),
+        "train_seconds": training.get("train_seconds"),
+        "eval_seconds": result["seconds"],
+    }
 
 
 def run_baseline(category_dir: Path, size: int | None) -> dict:
@@ -70,9 +76,15 @@ def run_baseline(category_dir: Path, size: int | None) -> dict:
     t0 = time.perf_counter()
     scorer = ZScoreBaseline.fit(folder, (size, size))
     result = evaluate_scorer(scorer, category_dir)
-    return {**{k: result["overall"][k] for k in METRICS}, "per_type": result["per_type"],
-            "input_size": result["input_size"], "backend": "numpy", "model": "per-pixel z-score",
-            "train_seconds": None, "eval_seconds": round(time.perf_counter() - t0, 3)}
+    return {
+        **{k: result["overall"][k] for k in METRICS},
+        "per_type": result["per_type"],
+        "input_size": result["input_size"],
+        "backend": "numpy",
+        "model": "per-pixel z-score",
+        "train_seconds": None,
+        "eval_seconds": round(time.perf_counter() - t0, 3),
+    }
 
 
 def markdown_table(results: dict, methods: list[str]) -> str:
@@ -117,8 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     categories = [c.strip() for c in args.categories.split(",") if c.strip()]
     missing = [c for c in categories if not (data / c).is_dir()]
     if missing:
-        raise SystemExit(f"categories not found in {data}: {', '.join(missing)} "
-                         f"(build them with: python benchmarks/make_devset.py --out {data})")
+        raise SystemExit(
+            f"categories not found in {data}: {', '.join(missing)} "
+            f"(build them with: python benchmarks/make_devset.py --out {data})"
+        )
     out.mkdir(parents=True, exist_ok=True)
     methods = [BASELINE, *presets]
     results: dict[str, dict] = {}
@@ -126,11 +140,14 @@ def main(argv: list[str] | None = None) -> int:
         category_dir = data / category
         results[category] = {BASELINE: run_baseline(category_dir, args.baseline_size)}
         for preset in presets:
-            results[category][preset] = run_preset(category_dir, out, preset, shlex.split(args.train_args),
-                                                   args.backend, args.reuse, args.overlays)
+            results[category][preset] = run_preset(
+                category_dir, out, preset, shlex.split(args.train_args), args.backend, args.reuse, args.overlays
+            )
     table = markdown_table(results, methods)
-    (out / "devbench.json").write_text(json.dumps(
-        {"data": str(data), "presets": presets, "train_args": args.train_args, "results": results}, indent=2) + "\n")
+    (out / "devbench.json").write_text(
+        json.dumps({"data": str(data), "presets": presets, "train_args": args.train_args, "results": results}, indent=2)
+        + "\n"
+    )
     (out / "devbench.md").write_text(table + "\n")
     print(table)
     print(f"\nwritten: {out / 'devbench.json'}, {out / 'devbench.md'}", file=sys.stderr)

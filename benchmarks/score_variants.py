@@ -40,8 +40,12 @@ def variants(model) -> dict[str, torch.Tensor]:
     layer_share = cfg.c_o / (len(sizes) * torch.cat([torch.full((s,), float(s)) for s in sizes]))
     standardised = model.error_weight.clone()
     plain = torch.ones_like(standardised)
-    return {SHIPPED: standardised, "layer-balanced": standardised * layer_share, "plain": plain,
-            "plain layer-balanced": plain * layer_share}
+    return {
+        SHIPPED: standardised,
+        "layer-balanced": standardised * layer_share,
+        "plain": plain,
+        "plain layer-balanced": plain * layer_share,
+    }
 
 
 class VariantScorer(TorchScorer):
@@ -81,8 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         r = metrics_by_type(maps, maps.reshape(len(maps), -1).max(axis=1), masks, types, args.data)
         o = r["overall"]
         per = " ".join(f"{t} {v['pixel_roc_auc']:.3f}" for t, v in r["per_type"].items())
-        print(f"{Path(args.data).name} {name:21s} pixel {o['pixel_roc_auc']:.4f}  PRO {o['pro_auc']:.4f}  "
-              f"image {o['image_roc_auc']:.4f}  | {per}")
+        print(
+            f"{Path(args.data).name} {name:21s} pixel {o['pixel_roc_auc']:.4f}  PRO {o['pro_auc']:.4f}  "
+            f"image {o['image_roc_auc']:.4f}  | {per}"
+        )
     return 0
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from linewatch.export.graph import FusedDFR
 from onnx import numpy_helper
 
 from linewatch import bundle
 from linewatch.errors import BundleError
+from linewatch.export.graph import FusedDFR
 
 
 def export_onnx(module: FusedDFR, path: str | Path, opset: int = 17) -> Path:
@@ -27,8 +27,13 @@ def export_onnx(module: FusedDFR, path: str | Path, opset: int = 17) -> Path:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module.eval(), (example,), str(tmp), dynamo=False, opset_version=opset,
-            input_names=[bundle.INPUT_NAME], output_names=[bundle.OUTPUT_MAP, bundle.OUTPUT_SCORE],
+            module.eval(),
+            (example,),
+            str(tmp),
+            dynamo=False,
+            opset_version=opset,
+            input_names=[bundle.INPUT_NAME],
+            output_names=[bundle.OUTPUT_MAP, bundle.OUTPUT_SCORE],
             dynamic_axes={bundle.INPUT_NAME: batch, bundle.OUTPUT_MAP: batch, bundle.OUTPUT_SCORE: batch},
             do_constant_folding=True,
         )
@@ -46,8 +51,9 @@ def error_tail(model: onnx.ModelProto, start_prefix: str = "/channel_mean/") -> 
     while grew:
         grew = False
         for node in model.graph.node:
-            if node.name not in tail and any(producers.get(i) is not None and producers[i].name in tail
-                                             for i in node.input):
+            if node.name not in tail and any(
+                producers.get(i) is not None and producers[i].name in tail for i in node.input
+            ):
                 tail.add(node.name)
                 grew = True
     consumers: dict[str, set[str]] = {}
@@ -101,8 +107,7 @@ def convert_fp16(fp32_path: str | Path, out_path: str | Path) -> Path:
             if node.op_type == "Cast" and attr.name == "to" and attr.i == onnx.TensorProto.FLOAT:
                 attr.i = onnx.TensorProto.FLOAT16
             if node.op_type == "Constant" and attr.name == "value" and attr.t.data_type == onnx.TensorProto.FLOAT:
-                attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float16),
-                                                        attr.t.name))
+                attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float16), attr.t.name))
     head_outputs = {o for n in head for o in n.output}
     for name in sorted(tail_inputs & head_outputs):
         cast_out = f"{name}_fp32"
@@ -111,8 +116,9 @@ def convert_fp16(fp32_path: str | Path, out_path: str | Path) -> Path:
                 for k, inp in enumerate(node.input):
                     if inp == name:
                         node.input[k] = cast_out
-        graph.node.append(onnx.helper.make_node("Cast", [name], [cast_out], name=f"{name}_to_fp32",
-                                                to=onnx.TensorProto.FLOAT))
+        graph.node.append(
+            onnx.helper.make_node("Cast", [name], [cast_out], name=f"{name}_to_fp32", to=onnx.TensorProto.FLOAT)
+        )
     del graph.value_info[:]
     sort_nodes(graph)
     tmp = out_path.with_name(f".{out_path.name}.tmp")

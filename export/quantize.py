@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from linewatch.export.onnx_graph import check_onnx
 
 from linewatch import bundle, images
 from linewatch.errors import BundleError, DataError
 from linewatch.evaluation import datasets
+from linewatch.export.onnx_graph import check_onnx
 from linewatch.training.features import spread_indices
 
 log = logging.getLogger("linewatch.export")
@@ -42,8 +42,9 @@ def quantised_nodes(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "Conv" and n.name.startswith(QUANTISED_PREFIXES)]
 
 
-def good_frames(meta: dict, data_dir: str | Path | None, height: int, width: int,
-                count: int = CALIBRATION_IMAGES) -> np.ndarray:
+def good_frames(
+    meta: dict, data_dir: str | Path | None, height: int, width: int, count: int = CALIBRATION_IMAGES
+) -> np.ndarray:
     """Up to `count` good images spread evenly over the folder, as the model's uint8 BGR frames."""
     if data_dir is None:
         data_dir = (meta.get("training") or {}).get("data")
@@ -85,9 +86,17 @@ def quantise_int8(fp32_path: str | Path, out_path: str | Path, frames: np.ndarra
     level = root.level
     root.setLevel(logging.ERROR)  # quantize_static logs a pre-processing hint on the root logger every time
     try:
-        quantize_static(str(fp32_path), str(tmp), _Frames(frames), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax, nodes_to_quantize=nodes)
+        quantize_static(
+            str(fp32_path),
+            str(tmp),
+            _Frames(frames),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            nodes_to_quantize=nodes,
+        )
     finally:
         root.setLevel(level)
     check_onnx(tmp)

@@ -12,9 +12,9 @@ import copy
 import numpy as np
 import torch
 import torch.nn.functional as F
-from linewatch.export.graph import linear_as_conv
 from torch import nn
 
+from linewatch.export.graph import linear_as_conv
 from linewatch.training.model import DFR
 from linewatch.training.regional import naive_regional
 

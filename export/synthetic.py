@@ -18,14 +18,23 @@ from linewatch.training.backbone import parse_layers
 from linewatch.training.model import DFRConfig, build_model, save_checkpoint
 
 
-def make_untrained_bundle(out: str | Path, layers: str = "1:12", size: int = 256, c_d: int = 200,
-                          weights: str | None = None, random_init: bool = False, batchnorm: bool = False,
-                          padding: str = "reflect", seed: int = 0) -> Path:
+def make_untrained_bundle(
+    out: str | Path,
+    layers: str = "1:12",
+    size: int = 256,
+    c_d: int = 200,
+    weights: str | None = None,
+    random_init: bool = False,
+    batchnorm: bool = False,
+    padding: str = "reflect",
+    seed: int = 0,
+) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    config = DFRConfig(layers=parse_layers(layers), height=size, width=size, c_d=c_d, batchnorm=batchnorm,
-                       padding=padding)
+    config = DFRConfig(
+        layers=parse_layers(layers), height=size, width=size, c_d=c_d, batchnorm=batchnorm, padding=padding
+    )
     model = build_model(config, weights, random_init=random_init)
     # unit mean-square regional features on a noise frame, as training would set it
     frames = torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (1, size, size, 3), dtype=np.uint8))
@@ -42,14 +51,25 @@ def make_untrained_bundle(out: str | Path, layers: str = "1:12", size: int = 256
                     norm.bias.uniform_(-0.2, 0.2)
     model.eval()
     ckpt = save_checkpoint(model, out, extra={"untrained": True})
-    bundle.write_metadata(out, {
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "input": {"height": size, "width": size, "layout": "NHWC", "dtype": "uint8", "color": "BGR"},
-        "dfr": model.config.as_metadata(),
-        "weights": model.weights.as_metadata(),
-        "training": {"preset": "untrained", "note": "random CAE: for speed benchmarks and export tests only",
-                     "seed": seed, "checkpoint_sha256": bundle.sha256_file(ckpt)},
-        "versions": {"linewatch": __version__, "python": platform.python_version(), "torch": torch.__version__,
-                     "numpy": np.__version__},
-    })
+    bundle.write_metadata(
+        out,
+        {
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "input": {"height": size, "width": size, "layout": "NHWC", "dtype": "uint8", "color": "BGR"},
+            "dfr": model.config.as_metadata(),
+            "weights": model.weights.as_metadata(),
+            "training": {
+                "preset": "untrained",
+                "note": "random CAE: for speed benchmarks and export tests only",
+                "seed": seed,
+                "checkpoint_sha256": bundle.sha256_file(ckpt),
+            },
+            "versions": {
+                "linewatch": __version__,
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "numpy": np.__version__,
+            },
+        },
+    )
     return out

@@ -40,6 +40,8 @@ def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
     return precision
+
+
 CALIBRATION = "calibration.json"
 CALIBRATION_HISTORY = "calibration_history"
 INPUT_NAME = "frames"
@@ -106,8 +108,9 @@ def read_metadata(bundle_dir: str | Path) -> dict:
     if meta.get("format") != FORMAT:
         raise BundleError(f"{path}: not a linewatch bundle (format={meta.get('format')!r})")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{path}: unsupported format_version {meta.get('format_version')!r} "
-                          f"(this linewatch reads {FORMAT_VERSION})")
+        raise BundleError(
+            f"{path}: unsupported format_version {meta.get('format_version')!r} (this linewatch reads {FORMAT_VERSION})"
+        )
     inp = meta.get("input")
     if not isinstance(inp, dict) or not all(isinstance(inp.get(k), int) and inp[k] > 0 for k in ("height", "width")):
         raise BundleError(f"{path}: 'input' must give positive integer height and width")

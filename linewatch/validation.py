@@ -57,8 +57,13 @@ class TolerantModel(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
-def validate(model: type[M], data: Any, source: object, error: type[LinewatchError] = ConfigError,
-             context: dict[str, Any] | None = None) -> M:
+def validate(
+    model: type[M],
+    data: Any,
+    source: object,
+    error: type[LinewatchError] = ConfigError,
+    context: dict[str, Any] | None = None,
+) -> M:
     """`model` built from `data`, or `error` with the first problem as `SOURCE: key.path: expected …, got …`."""
     try:
         return model.model_validate(data, context=context)
@@ -133,10 +138,23 @@ def _expected(kind: str, ctx: dict[str, Any], msg: str) -> str:
 
 def _is_union_tag(part: Any) -> bool:
     """pydantic puts the tried union member's type name into the location; a person's file has no such key."""
-    return isinstance(part, str) and (part.endswith("]") or part in ("int", "str", "float", "bool", "none",
-                                                                     "function-after", "function-before",
-                                                                     "function-plain", "function-wrap",
-                                                                     "lax-or-strict", "is-instance[Path]"))
+    return isinstance(part, str) and (
+        part.endswith("]")
+        or part
+        in (
+            "int",
+            "str",
+            "float",
+            "bool",
+            "none",
+            "function-after",
+            "function-before",
+            "function-plain",
+            "function-wrap",
+            "lax-or-strict",
+            "is-instance[Path]",
+        )
+    )
 
 
 def _known_keys(model: type[BaseModel], loc: list[Any]) -> list[str]:

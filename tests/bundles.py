@@ -46,16 +46,24 @@ def make_deviation_bundle(path: str | Path, height: int = 64, width: int = 64) -
     path.mkdir(parents=True, exist_ok=True)
     graph_path = path / bundle.GRAPH
     onnx.save(deviation_graph(height, width), str(graph_path))
-    bundle.write_metadata(path, {
-        "created": "2026-01-01T00:00:00Z",
-        "input": {"height": height, "width": width, "layout": "NHWC", "dtype": "uint8", "color": "BGR"},
-        "dfr": {"layer_spec": "test-deviation"},
-        "weights": {"source": "none"},
-        "training": {},
-        "versions": {},
-        "graph": {"file": bundle.GRAPH, "sha256": bundle.sha256_file(graph_path), "opset": 18,
-                  "input": bundle.INPUT_NAME, "outputs": [bundle.OUTPUT_MAP, bundle.OUTPUT_SCORE]},
-    })
+    bundle.write_metadata(
+        path,
+        {
+            "created": "2026-01-01T00:00:00Z",
+            "input": {"height": height, "width": width, "layout": "NHWC", "dtype": "uint8", "color": "BGR"},
+            "dfr": {"layer_spec": "test-deviation"},
+            "weights": {"source": "none"},
+            "training": {},
+            "versions": {},
+            "graph": {
+                "file": bundle.GRAPH,
+                "sha256": bundle.sha256_file(graph_path),
+                "opset": 18,
+                "input": bundle.INPUT_NAME,
+                "outputs": [bundle.OUTPUT_MAP, bundle.OUTPUT_SCORE],
+            },
+        },
+    )
     return path
 
 

@@ -37,7 +37,7 @@ def grey(level: int = 128, size: int = 64) -> np.ndarray:
 
 def with_white_square(size: int = 64, side: int = 16) -> np.ndarray:
     img = grey(128, size)
-    img[8:8 + side, 8:8 + side] = 255
+    img[8 : 8 + side, 8 : 8 + side] = 255
     return img
 
 
@@ -67,8 +67,11 @@ class MjpegServer:
                 try:
                     while outer._running.is_set():
                         ok, buf = cv2.imencode(".jpg", outer.frame_fn(outer.sent), [cv2.IMWRITE_JPEG_QUALITY, 95])
-                        part = (b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(buf)
-                                + buf.tobytes() + b"\r\n")
+                        part = (
+                            b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(buf)
+                            + buf.tobytes()
+                            + b"\r\n"
+                        )
                         self.wfile.write(part)
                         self.wfile.flush()
                         outer.sent += 1

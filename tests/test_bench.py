@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from linewatch.export.cli import export_bundle
-from linewatch.export.synthetic import make_untrained_bundle
 
 from linewatch.errors import ConfigError
 from linewatch.evaluation.bench import latency_stats, parse_batches
+from linewatch.export.cli import export_bundle
+from linewatch.export.synthetic import make_untrained_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,8 +26,9 @@ def tiny_bundle(tmp_path_factory):
 
 
 def run_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "linewatch.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "linewatch.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
 
 
 def test_latency_stats_by_hand():
@@ -47,8 +48,9 @@ def test_parse_batches():
 
 def test_bench_reports_engine_reference_and_ratios(tiny_bundle, tmp_path):
     out = tmp_path / "bench.json"
-    result = run_cli("bench", str(tiny_bundle), "--batch", "1,2", "--provider", "cpu", "--iters", "3",
-                     "--json", str(out))
+    result = run_cli(
+        "bench", str(tiny_bundle), "--batch", "1,2", "--provider", "cpu", "--iters", "3", "--json", str(out)
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert [r["batch"] for r in report["results"]] == [1, 2]
@@ -64,8 +66,7 @@ def test_bench_reports_engine_reference_and_ratios(tiny_bundle, tmp_path):
 
 
 def test_bench_without_checkpoint_says_why_the_reference_is_skipped(deviation_bundle):
-    result = run_cli("bench", str(deviation_bundle), "--batch", "1", "--provider", "cpu", "--iters", "2",
-                     "--json", "-")
+    result = run_cli("bench", str(deviation_bundle), "--batch", "1", "--provider", "cpu", "--iters", "2", "--json", "-")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert "model.pt" in report["reference"]["skipped"]
@@ -79,8 +80,13 @@ def test_bench_unknown_provider_is_a_usage_error(deviation_bundle):
 
 def test_gpu_bench_script_cpu_path(tmp_path):
     env = dict(os.environ, LW_DEVICE="cpu", LW_SIZE="32", LW_CD="8", PYTHON=sys.executable)
-    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_bench.sh"), str(tmp_path / "gb")],
-                            capture_output=True, text=True, timeout=600, env=env)
+    result = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_bench.sh"), str(tmp_path / "gb")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     reports = {p.name: json.loads(p.read_text()) for p in (tmp_path / "gb").glob("bench_*.json")}
     assert set(reports) == {"bench_cpu_fp32.json", "bench_cpu_fp16.json"}

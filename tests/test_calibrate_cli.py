@@ -13,11 +13,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
+from linewatch import bundle
 from linewatch.calibrate.command import cli_calibrate, set_thresholds
 from linewatch.calibrate.store import load_calibration
 from linewatch.calibrate.thresholds import holdout_split
-
-from linewatch import bundle
 from linewatch.cli import build_parser
 from linewatch.line.engine import Engine
 
@@ -72,16 +72,34 @@ def model(deviation_bundle, tmp_path):
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ)
-    return subprocess.run([sys.executable, "-m", "linewatch.cli", "calibrate", *args], capture_output=True,
-                          text=True, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "linewatch.cli", "calibrate", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
 
 
 def test_cli_calibrates_reports_recalibrates_and_rolls_back(model, tmp_path):
     good = write_good(tmp_path / "good", 30, seed=1)
     defects = write_defects(tmp_path / "defects", 4, seed=2)
     out = tmp_path / "result.json"
-    proc = run_cli(str(model), "--good", str(good), "--fpr", "0.01", "--image-fpr", "0.1", "--min-defect-area", "4",
-                   "--defects", str(defects), "--json", str(out))
+    proc = run_cli(
+        str(model),
+        "--good",
+        str(good),
+        "--fpr",
+        "0.01",
+        "--image-fpr",
+        "0.1",
+        "--min-defect-area",
+        "4",
+        "--defects",
+        str(defects),
+        "--json",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr
     cal = load_calibration(model)
     result = json.loads(out.read_text())
@@ -122,7 +140,11 @@ def test_cli_calibrates_reports_recalibrates_and_rolls_back(model, tmp_path):
     assert proc.returncode == 0, proc.stderr
     back = load_calibration(model)
     assert (back.version, back.pixel_threshold, back.image_threshold, back.restored_version) == (
-        3, cal.pixel_threshold, cal.image_threshold, 1)
+        3,
+        cal.pixel_threshold,
+        cal.image_threshold,
+        1,
+    )
     assert "rolled back" in proc.stderr
 
 
@@ -153,8 +175,10 @@ def test_realised_fpr_on_held_out_parts_lands_within_the_reported_bound(deviatio
         covers_target += held.lower <= fpr <= held.upper
         covers_truth += held.lower <= truth <= held.upper
         n_eff.append(held.n_effective)
-    print(f"smooth={smooth}: target covered {covers_target}/10, true rate covered {covers_truth}/10, "
-          f"mean effective n {np.mean(n_eff):.0f} of {12 * SIZE * SIZE} pixels")
+    print(
+        f"smooth={smooth}: target covered {covers_target}/10, true rate covered {covers_truth}/10, "
+        f"mean effective n {np.mean(n_eff):.0f} of {12 * SIZE * SIZE} pixels"
+    )
     assert covers_target >= 8 and covers_truth >= 8, (covers_target, covers_truth)
     pixels = 12 * SIZE * SIZE
     if smooth:
@@ -183,10 +207,25 @@ def test_missed_target_warns_in_log_and_report(model, tmp_path, caplog):
 def test_camera_source_from_the_daemon_config(model, tmp_path):
     good = write_good(tmp_path / "frames", 20, seed=5)
     config = tmp_path / "linewatch.yaml"
-    config.write_text(f"model: {{bundle: {model}}}\n"
-                      f"cameras:\n  - {{name: cam1, kind: folder, source: {good}, loop: false}}\n")
-    args = build_parser().parse_args(["calibrate", str(model), "--camera", "cam1", "--frames", "20",
-                                      "--config", str(config), "--fpr", "0.01", "--json", str(tmp_path / "r.json")])
+    config.write_text(
+        f"model: {{bundle: {model}}}\ncameras:\n  - {{name: cam1, kind: folder, source: {good}, loop: false}}\n"
+    )
+    args = build_parser().parse_args(
+        [
+            "calibrate",
+            str(model),
+            "--camera",
+            "cam1",
+            "--frames",
+            "20",
+            "--config",
+            str(config),
+            "--fpr",
+            "0.01",
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
     assert cli_calibrate(args) == 0
     cal = load_calibration(model)
     assert cal.settings["source_kind"] == "camera" and cal.settings["source"] == "cam1"
@@ -197,12 +236,15 @@ def test_camera_source_from_the_daemon_config(model, tmp_path):
     assert (calib > cal.pixel_threshold).mean() <= 0.01 < (calib >= cal.pixel_threshold).mean()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--fpr", "0.01"], "exactly one source"),
-    (["--camera", "cam1"], "--camera needs --config"),
-    (["--good", "x", "--fpr", "1.0"], "--fpr must be in"),
-    (["--good", "x", "--holdout", "0.95"], "--holdout must be in"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--fpr", "0.01"], "exactly one source"),
+        (["--camera", "cam1"], "--camera needs --config"),
+        (["--good", "x", "--fpr", "1.0"], "--fpr must be in"),
+        (["--good", "x", "--holdout", "0.95"], "--holdout must be in"),
+    ],
+)
 def test_bad_arguments_exit_2_with_a_message(model, argv, message, caplog):
     from linewatch.cli import main
 

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import stats
+
+from linewatch import bundle
 from linewatch.calibrate.store import (
     Calibration,
     history_path,
@@ -32,9 +35,6 @@ from linewatch.calibrate.thresholds import (
     min_samples_for_fpr,
     pixel_threshold_for_fpr,
 )
-from scipy import stats
-
-from linewatch import bundle
 from linewatch.errors import BundleError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,10 +68,12 @@ def brute_force_threshold(scores: np.ndarray, fpr: float) -> float:
 @pytest.mark.parametrize("seed", range(6))
 def test_threshold_equals_brute_force_with_and_without_ties(seed):
     rng = np.random.default_rng(seed)
-    for scores in (rng.random(200).astype(np.float32),                       # distinct values
-                   rng.random(300),                                          # float64
-                   rng.integers(0, 12, 150).astype(np.float32) / 11,         # heavy ties
-                   np.r_[np.zeros(90), np.ones(10)].astype(np.float32)):     # one tie block at the top
+    for scores in (
+        rng.random(200).astype(np.float32),  # distinct values
+        rng.random(300),  # float64
+        rng.integers(0, 12, 150).astype(np.float32) / 11,  # heavy ties
+        np.r_[np.zeros(90), np.ones(10)].astype(np.float32),
+    ):  # one tie block at the top
         for fpr in (0.0, 0.001, 0.01, 0.05, 0.1, 0.3, 0.5, 0.99):
             t = pixel_threshold_for_fpr(scores, fpr)
             assert t == brute_force_threshold(scores, fpr), (scores[:5], fpr)
@@ -90,8 +92,12 @@ def test_fpr_zero_is_just_above_the_max_and_flags_nothing():
     assert t > maps.max() and np.nextafter(np.float32(t), -np.float32(np.inf)) == maps.max()
     assert not (maps > t).any() and not (maps >= t).any()  # also in float32, as NumPy compares float32 maps
     wide = maps.astype(np.float64)
-    assert np.nextafter(wide.max(), -np.inf) < wide.max() < pixel_threshold_for_fpr(wide, 0.0) <= np.nextafter(
-        wide.max(), np.inf)
+    assert (
+        np.nextafter(wide.max(), -np.inf)
+        < wide.max()
+        < pixel_threshold_for_fpr(wide, 0.0)
+        <= np.nextafter(wide.max(), np.inf)
+    )
 
 
 def test_tie_block_is_never_split_so_the_realised_rate_stays_below_target():
@@ -134,8 +140,7 @@ def test_too_few_images_for_the_rate_are_refused_with_the_numbers():
 # --- confidence bounds ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("k, n", [(0, 10), (1, 10), (5, 10), (10, 10), (3, 1000), (0, 50000), (120, 40000),
-                                  (7, 12)])
+@pytest.mark.parametrize("k, n", [(0, 10), (1, 10), (5, 10), (10, 10), (3, 1000), (0, 50000), (120, 40000), (7, 12)])
 def test_clopper_pearson_matches_scipy(k, n):
     lo, hi = fpr_confidence_bound(k, n, 0.95)
     ci = stats.binomtest(k, n).proportion_ci(0.95, method="exact")
@@ -155,13 +160,13 @@ def test_non_integer_effective_counts_match_beta_quantiles():
 def test_effective_count_sees_clustered_false_positives():
     rng = np.random.default_rng(0)
     pixels, m = 4096, 20
-    iid = rng.binomial(pixels, 0.01, m)                       # independent pixels
+    iid = rng.binomial(pixels, 0.01, m)  # independent pixels
     blob = 137
-    clustered = np.where(rng.random(m) < 0.3, blob, 0)        # false positives come as whole blobs
+    clustered = np.where(rng.random(m) < 0.3, blob, 0)  # false positives come as whole blobs
     assert effective_pixel_count(iid, pixels) > 0.3 * m * pixels
     # a blob-sized patch behaves like one unit: about pixels/blob units per image, far fewer than pixels
     assert 0.5 * m * pixels / blob < effective_pixel_count(clustered, pixels) < 1.5 * m * pixels / blob
-    assert effective_pixel_count(np.zeros(m), pixels) == m    # no exceedance: one unit per image
+    assert effective_pixel_count(np.zeros(m), pixels) == m  # no exceedance: one unit per image
 
 
 # --- file format ------------------------------------------------------------------------------------------------
@@ -184,14 +189,17 @@ def test_save_refuses_a_version_that_is_not_new(model):
         save_calibration(model, cal)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda d: d.update(schema="other"), "not a linewatch calibration"),
-    (lambda d: d.update(schema_version=2), "unsupported schema_version 2"),
-    (lambda d: d.pop("pixel_threshold"), "missing key.*pixel_threshold"),
-    (lambda d: d.update(pixel_threshold="0.5"), "'pixel_threshold' must be a finite number"),
-    (lambda d: d.update(min_defect_area=-1), "'min_defect_area'"),
-    (lambda d: d.update(model_sha256="ab" * 32), "calibrated for model abababababab.*re-exported"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d.update(schema="other"), "not a linewatch calibration"),
+        (lambda d: d.update(schema_version=2), "unsupported schema_version 2"),
+        (lambda d: d.pop("pixel_threshold"), "missing key.*pixel_threshold"),
+        (lambda d: d.update(pixel_threshold="0.5"), "'pixel_threshold' must be a finite number"),
+        (lambda d: d.update(min_defect_area=-1), "'min_defect_area'"),
+        (lambda d: d.update(model_sha256="ab" * 32), "calibrated for model abababababab.*re-exported"),
+    ],
+)
 def test_invalid_files_are_refused_naming_the_file(model, edit, message):
     write_calibration(model, 0.3)
     path = model / bundle.CALIBRATION

@@ -144,8 +144,15 @@ def test_folder_source_with_corrupt_image_and_fps_cap(tmp_path):
 
 def test_http_stream_outage_goes_offline_then_reconnects():
     port = free_port()
-    cfg = CameraConfig(name="c", kind="url", source=f"http://127.0.0.1:{port}/stream.mjpg", queue_size=1000,
-                       open_timeout_ms=1000, read_timeout_ms=1000, reconnect=ReconnectConfig(0.05, 0.4))
+    cfg = CameraConfig(
+        name="c",
+        kind="url",
+        source=f"http://127.0.0.1:{port}/stream.mjpg",
+        queue_size=1000,
+        open_timeout_ms=1000,
+        read_timeout_ms=1000,
+        reconnect=ReconnectConfig(0.05, 0.4),
+    )
     cam, queue = run_camera(cfg)  # nothing listens yet
     server = MjpegServer(port, lambda i: grey(200))
     try:
@@ -170,12 +177,13 @@ def test_http_stream_outage_goes_offline_then_reconnects():
 
 
 def test_grab_frames_from_a_configured_camera(tmp_path):
-    video = write_video(tmp_path / "line.avi", numbered_frames(6))
+    write_video(tmp_path / "line.avi", numbered_frames(6))
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     config = tmp_path / "lw.yaml"
-    config.write_text(f"model: {{bundle: bundle}}\n"
-                      f"cameras:\n  - {{name: cam1, kind: video, source: line.avi, loop: false}}\n")
+    config.write_text(
+        "model: {bundle: bundle}\ncameras:\n  - {name: cam1, kind: video, source: line.avi, loop: false}\n"
+    )
     frames = grab_frames(config, "cam1", 4)
     assert [level(f) for f in frames] == pytest.approx([40, 50, 60, 70], abs=3)
     with pytest.raises(DataError, match="ended after 6 of 9"):

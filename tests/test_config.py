@@ -51,27 +51,33 @@ def test_minimal_config_gets_defaults_and_resolves_relative_paths(workdir):
     assert cfg.publish.endpoint == "tcp://127.0.0.1:5555" and cfg.cameras[0].queue_size == 4
 
 
-@pytest.mark.parametrize("change, key, expected", [
-    ({"engine": {"max_bacth": 4}}, "engine.max_bacth", "unknown key"),
-    ({"metrics": {"port": "9100"}}, "metrics.port", "expected an integer, got str"),
-    ({"engine": {"max_batch": 0}}, "engine.max_batch", "expected a value >= 1"),
-    ({"publish": {"mask": {"enabled": "yes"}}}, "publish.mask.enabled", "true/false"),
-    ({"cameras": [{"name": "cam1", "kind": "video", "source": "gone.avi"}]}, "cameras[0].source", "gone.avi"),
-    ({"cameras": [{"name": "cam1", "kind": "webcam", "source": 0}]}, "cameras[0].kind", "one of"),
-    ({"cameras": [{"name": "cam1", "kind": "url", "source": "192.168.0.2"}]}, "cameras[0].source", "URL"),
-    ({"cameras": [{"name": "cam/1", "kind": "device", "source": 0}]}, "cameras[0].name", "letters"),
-    ({"cameras": [{"name": "a", "kind": "device", "source": 0, "roi": [0, 0, 10]}]}, "cameras[0].roi", "[x, y"),
-    ({"cameras": [{"name": "a", "kind": "device", "source": 0}, {"name": "a", "kind": "device", "source": 1}]},
-     "cameras[1].name", "unique"),
-    ({"cameras": [{"name": "a", "kind": "device", "source": 0, "mode": "triggered"}]}, "trigger.enabled", "true"),
-    ({"cameras": []}, "cameras", "non-empty"),
-    ({"model": {"bundle": "missing_bundle"}}, "model.bundle", "does not exist"),
-    ({"model": {}}, "model.bundle", "required key missing"),
-    ({"model": {"bundle": "bundle", "precision": "int4"}}, "model.precision", "one of fp32, fp16, int8"),
-    ({"model": {"bundle": "bundle", "fp16": True}}, "model.fp16", "unknown key"),
-    ({"security": {"curve": True}}, "security.server_secret_key_file", "required key missing"),
-    ({"archive": {"enabled": True}}, "archive.dir", "required key missing"),
-])
+@pytest.mark.parametrize(
+    "change, key, expected",
+    [
+        ({"engine": {"max_bacth": 4}}, "engine.max_bacth", "unknown key"),
+        ({"metrics": {"port": "9100"}}, "metrics.port", "expected an integer, got str"),
+        ({"engine": {"max_batch": 0}}, "engine.max_batch", "expected a value >= 1"),
+        ({"publish": {"mask": {"enabled": "yes"}}}, "publish.mask.enabled", "true/false"),
+        ({"cameras": [{"name": "cam1", "kind": "video", "source": "gone.avi"}]}, "cameras[0].source", "gone.avi"),
+        ({"cameras": [{"name": "cam1", "kind": "webcam", "source": 0}]}, "cameras[0].kind", "one of"),
+        ({"cameras": [{"name": "cam1", "kind": "url", "source": "192.168.0.2"}]}, "cameras[0].source", "URL"),
+        ({"cameras": [{"name": "cam/1", "kind": "device", "source": 0}]}, "cameras[0].name", "letters"),
+        ({"cameras": [{"name": "a", "kind": "device", "source": 0, "roi": [0, 0, 10]}]}, "cameras[0].roi", "[x, y"),
+        (
+            {"cameras": [{"name": "a", "kind": "device", "source": 0}, {"name": "a", "kind": "device", "source": 1}]},
+            "cameras[1].name",
+            "unique",
+        ),
+        ({"cameras": [{"name": "a", "kind": "device", "source": 0, "mode": "triggered"}]}, "trigger.enabled", "true"),
+        ({"cameras": []}, "cameras", "non-empty"),
+        ({"model": {"bundle": "missing_bundle"}}, "model.bundle", "does not exist"),
+        ({"model": {}}, "model.bundle", "required key missing"),
+        ({"model": {"bundle": "bundle", "precision": "int4"}}, "model.precision", "one of fp32, fp16, int8"),
+        ({"model": {"bundle": "bundle", "fp16": True}}, "model.fp16", "unknown key"),
+        ({"security": {"curve": True}}, "security.server_secret_key_file", "required key missing"),
+        ({"archive": {"enabled": True}}, "archive.dir", "required key missing"),
+    ],
+)
 def test_bad_values_are_refused_naming_file_key_and_expectation(workdir, change, key, expected):
     path = write(workdir, minimal(**change))
     with pytest.raises(ConfigError) as info:

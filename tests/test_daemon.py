@@ -58,10 +58,13 @@ def expected_verdict(frame_index: int, n: int = 8) -> str:
 
 def write_config(tmp_path: Path, bundle_dir: Path, cameras: list[dict], **sections) -> tuple[Path, str]:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    data = {"model": {"bundle": str(bundle_dir)}, "cameras": cameras,
-            "engine": {"providers": ["cpu"], "threads": 1, "max_batch": 4, "max_wait_ms": 2},
-            "publish": {"endpoint": endpoint, "status_interval_s": 0.2},
-            "health": {"drain_timeout_s": 5.0}}
+    data = {
+        "model": {"bundle": str(bundle_dir)},
+        "cameras": cameras,
+        "engine": {"providers": ["cpu"], "threads": 1, "max_batch": 4, "max_wait_ms": 2},
+        "publish": {"endpoint": endpoint, "status_interval_s": 0.2},
+        "health": {"drain_timeout_s": 5.0},
+    }
     for key, value in sections.items():
         data.setdefault(key, {}).update(value)
     path = tmp_path / "linewatch.yaml"
@@ -74,8 +77,13 @@ def start_daemon(config: Path, tmp_path: Path, notify: NotifySocket | None = Non
     if notify is not None:
         env.update(NOTIFY_SOCKET=notify.path, WATCHDOG_USEC="400000")
     log = open(tmp_path / "daemon.log", "wb")
-    return subprocess.Popen([sys.executable, "-m", "linewatch.cli", "run", "--config", str(config)],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "linewatch.cli", "run", "--config", str(config)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def daemon_log(tmp_path: Path) -> str:
@@ -158,21 +166,34 @@ def slow_bundle(path: Path, iterations: int = 10**9) -> Path:
     body = helper.make_graph(
         [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["x_in", "one"], ["x_out"])],
         "spin",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("x_in", TensorProto.FLOAT, [])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("x_out", TensorProto.FLOAT, [])],
-        [helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])])
-    g.initializer.extend([helper.make_tensor("trips", TensorProto.INT64, [], [iterations]),
-                          helper.make_tensor("yes", TensorProto.BOOL, [], [True]),
-                          helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])])
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x_in", TensorProto.FLOAT, []),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x_out", TensorProto.FLOAT, []),
+        ],
+        [helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])],
+    )
+    g.initializer.extend(
+        [
+            helper.make_tensor("trips", TensorProto.INT64, [], [iterations]),
+            helper.make_tensor("yes", TensorProto.BOOL, [], [True]),
+            helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+        ]
+    )
     for node in g.node:  # the deviation map is now an intermediate; the output waits for the loop
         node.input[:] = ["map_fast" if x == bundle.OUTPUT_MAP else x for x in node.input]
         node.output[:] = ["map_fast" if x == bundle.OUTPUT_MAP else x for x in node.output]
-    g.node.extend([helper.make_node("Loop", ["trips", "yes", "zero"], ["spun"], body=body),
-                   helper.make_node("Mul", ["spun", "zero"], ["nothing"]),
-                   helper.make_node("Add", ["map_fast", "nothing"], [bundle.OUTPUT_MAP])])
+    g.node.extend(
+        [
+            helper.make_node("Loop", ["trips", "yes", "zero"], ["spun"], body=body),
+            helper.make_node("Mul", ["spun", "zero"], ["nothing"]),
+            helper.make_node("Add", ["map_fast", "nothing"], [bundle.OUTPUT_MAP]),
+        ]
+    )
     onnx.checker.check_model(model)
     onnx.save(model, str(path / bundle.GRAPH))
     meta = bundle.read_metadata(path)
@@ -189,10 +210,12 @@ def test_video_file_verdicts_metrics_archive_and_sigterm_accounting(calibrated, 
     archive = tmp_path / "archive"
     metrics_port = free_port()
     config, endpoint = write_config(
-        tmp_path, calibrated,
+        tmp_path,
+        calibrated,
         [{"name": "cam1", "kind": "video", "source": str(video), "loop": True, "fps": 300, "queue_size": 16}],
         archive={"enabled": True, "dir": str(archive), "max_mb": 0.05},
-        metrics={"enabled": True, "port": metrics_port})
+        metrics={"enabled": True, "port": metrics_port},
+    )
     notify = NotifySocket(tmp_path / "notify.sock")
     sub = Subscriber(endpoint)  # before the daemon binds: it sees every message
     proc = start_daemon(config, tmp_path, notify)
@@ -234,20 +257,29 @@ def test_http_stream_outage_reports_offline_never_ok_and_reconnects(calibrated, 
     port = free_port()
     server = MjpegServer(port, lambda i: with_white_square(), fps=40)
     config, endpoint = write_config(
-        tmp_path, calibrated,
-        [{"name": "cam1", "kind": "url", "source": server.url, "open_timeout_ms": 1000, "read_timeout_ms": 1000,
-          "stall_s": 1.0, "reconnect": {"initial_s": 0.1, "max_s": 0.5}}])
+        tmp_path,
+        calibrated,
+        [
+            {
+                "name": "cam1",
+                "kind": "url",
+                "source": server.url,
+                "open_timeout_ms": 1000,
+                "read_timeout_ms": 1000,
+                "stall_s": 1.0,
+                "reconnect": {"initial_s": 0.1, "max_s": 0.5},
+            }
+        ],
+    )
     notify = NotifySocket(tmp_path / "notify.sock")
     sub = Subscriber(endpoint)  # before the daemon binds: it sees every message
     proc = start_daemon(config, tmp_path, notify)
     try:
-        sub.until(lambda: sub.field("cam1", "state") not in (None, "online"), 20,
-                  "status before the stream exists")
+        sub.until(lambda: sub.field("cam1", "state") not in (None, "online"), 20, "status before the stream exists")
         server.start()
         sub.until(lambda: len(sub.results) >= 10, 20, "results from the stream")
         server.stop()
-        sub.until(lambda: sub.field("cam1", "state") in ("offline", "reconnecting"), 10,
-                  "offline status")
+        sub.until(lambda: sub.field("cam1", "state") in ("offline", "reconnecting"), 10, "offline status")
         sub.poll(0.3)
         during = len(sub.results)
         notify.drain()
@@ -272,7 +304,8 @@ def test_a_notify_socket_nobody_reads_never_freezes_the_daemon(calibrated, tmp_p
     """A full sd_notify queue (systemd busy, queue length 10) must not block status publishing or SIGTERM."""
     video = write_video(tmp_path / "line.avi", video_frames(8))
     config, endpoint = write_config(
-        tmp_path, calibrated, [{"name": "cam1", "kind": "video", "source": str(video), "loop": True, "fps": 50}])
+        tmp_path, calibrated, [{"name": "cam1", "kind": "video", "source": str(video), "loop": True, "fps": 50}]
+    )
     notify = NotifySocket(tmp_path / "notify.sock", reading=False)
     fill_queue(notify.path)  # full from the start, whatever the machine's max_dgram_qlen
     sub = Subscriber(endpoint)  # before the daemon binds: it sees every message
@@ -298,7 +331,8 @@ def test_sighup_reloads_calibration_and_keeps_the_old_one_when_the_new_is_broken
     shutil.copytree(deviation_bundle, model)  # not calibrated yet
     video = write_video(tmp_path / "line.avi", [grey()] * 4)
     config, endpoint = write_config(
-        tmp_path, model, [{"name": "cam1", "kind": "video", "source": str(video), "loop": True, "fps": 50}])
+        tmp_path, model, [{"name": "cam1", "kind": "video", "source": str(video), "loop": True, "fps": 50}]
+    )
     sub = Subscriber(endpoint)  # before the daemon binds: it sees every message
     proc = start_daemon(config, tmp_path)
     try:
@@ -327,10 +361,15 @@ def test_slow_subscriber_does_not_slow_inference(calibrated, tmp_path):
     noisy = [np.clip(rng.normal(128, 90, (64, 64, 3)), 0, 255).astype(np.uint8) for _ in range(4)]
     video = write_video(tmp_path / "noise.avi", noisy)
     config, endpoint = write_config(
-        tmp_path, calibrated,
+        tmp_path,
+        calibrated,
         [{"name": "cam1", "kind": "video", "source": str(video), "loop": True, "fps": 100, "queue_size": 4}],
-        publish={"hwm": 5, "mask": {"enabled": True, "width": 256, "height": 256},
-                 "endpoint": f"ipc://{tmp_path}/results.ipc"})  # small kernel buffers: congestion comes fast
+        publish={
+            "hwm": 5,
+            "mask": {"enabled": True, "width": 256, "height": 256},
+            "endpoint": f"ipc://{tmp_path}/results.ipc",
+        },
+    )  # small kernel buffers: congestion comes fast
     endpoint = f"ipc://{tmp_path}/results.ipc"
     stalled = zmq.Context.instance().socket(zmq.SUB)  # subscribes, never reads
     stalled.setsockopt(zmq.RCVHWM, 1)
@@ -365,15 +404,20 @@ def test_stuck_inference_stops_watchdog_pings_and_sigterm_still_exits(tmp_path):
     write_calibration(model, 0.5)
     video = write_video(tmp_path / "line.avi", [grey()] * 4)
     config, endpoint = write_config(
-        tmp_path, model, [{"name": "cam1", "kind": "video", "source": str(video), "loop": True, "fps": 20}],
-        health={"inference_stall_s": 1.0, "drain_timeout_s": 1.0}, engine={"warmup": False})
+        tmp_path,
+        model,
+        [{"name": "cam1", "kind": "video", "source": str(video), "loop": True, "fps": 20}],
+        health={"inference_stall_s": 1.0, "drain_timeout_s": 1.0},
+        engine={"warmup": False},
+    )
     notify = NotifySocket(tmp_path / "notify.sock")
     sub = Subscriber(endpoint)  # before the daemon binds: it sees every message
     proc = start_daemon(config, tmp_path, notify)
     try:
         sub.until(lambda: "READY=1" in "".join(notify.drain()), 30, "READY")
-        sub.until(lambda: any(s.get("healthy") is False for s in map(status_fields, sub.statuses)), 10,
-                  "unhealthy status")
+        sub.until(
+            lambda: any(s.get("healthy") is False for s in map(status_fields, sub.statuses)), 10, "unhealthy status"
+        )
         notify.drain()
         notify.messages.clear()
         sub.poll(1.5)
@@ -394,14 +438,17 @@ def test_sigterm_inspects_and_publishes_the_frames_already_captured(tmp_path):
     write_calibration(model, 0.5)
     video = write_video(tmp_path / "line.avi", video_frames(8))
     config, endpoint = write_config(
-        tmp_path, model,
+        tmp_path,
+        model,
         [{"name": "cam1", "kind": "video", "source": str(video), "loop": True, "fps": 100, "queue_size": 12}],
-        health={"drain_timeout_s": 20.0})  # 3 slow batches to drain, even on a loaded machine
+        health={"drain_timeout_s": 20.0},
+    )  # 3 slow batches to drain, even on a loaded machine
     sub = Subscriber(endpoint)  # before the daemon binds: it sees every message
     proc = start_daemon(config, tmp_path)
     try:
-        sub.until(lambda: len(sub.results) >= 12 and (sub.field("cam1", "dropped") or 0) > 0, 60,
-                  "a backlog (queue drops)")
+        sub.until(
+            lambda: len(sub.results) >= 12 and (sub.field("cam1", "dropped") or 0) > 0, 60, "a backlog (queue drops)"
+        )
         proc.send_signal(signal.SIGTERM)
         before = len(sub.results)
         sub.until(lambda: proc.poll() is not None, 25, "daemon exit")
@@ -426,8 +473,11 @@ def test_trigger_returns_the_result_of_a_frame_taken_after_the_request(calibrate
     server = MjpegServer(port, lambda i: scene["frame"], fps=40).start()
     trigger = f"tcp://127.0.0.1:{free_port()}"
     config, endpoint = write_config(
-        tmp_path, calibrated, [{"name": "cam1", "kind": "url", "source": server.url, "mode": "triggered"}],
-        trigger={"enabled": True, "endpoint": trigger, "timeout_s": 5.0})
+        tmp_path,
+        calibrated,
+        [{"name": "cam1", "kind": "url", "source": server.url, "mode": "triggered"}],
+        trigger={"enabled": True, "endpoint": trigger, "timeout_s": 5.0},
+    )
     sub = Subscriber(endpoint)  # before the daemon binds: it sees every message
     proc = start_daemon(config, tmp_path)
     client = TriggerClient(trigger)
@@ -459,6 +509,7 @@ def test_trigger_returns_the_result_of_a_frame_taken_after_the_request(calibrate
 
 def test_curve_daemon_serves_allowed_keys_and_nothing_to_others(calibrated, tmp_path):
     import zmq.auth
+
     from linewatch.protocol.client import Subscriber as LwSubscriber
     from linewatch.protocol.client import TriggerClient, TriggerTimeout
 
@@ -474,10 +525,16 @@ def test_curve_daemon_serves_allowed_keys_and_nothing_to_others(calibrated, tmp_
     video = write_video(tmp_path / "line.avi", video_frames(8))
     trigger = f"tcp://127.0.0.1:{free_port()}"
     config, endpoint = write_config(
-        tmp_path, calibrated, [{"name": "cam1", "kind": "video", "source": str(video), "loop": True, "fps": 50}],
-        security={"curve": True, "server_secret_key_file": str(keys / "server.key_secret"),
-                  "authorized_keys_dir": str(allowed)},
-        trigger={"enabled": True, "endpoint": trigger})
+        tmp_path,
+        calibrated,
+        [{"name": "cam1", "kind": "video", "source": str(video), "loop": True, "fps": 50}],
+        security={
+            "curve": True,
+            "server_secret_key_file": str(keys / "server.key_secret"),
+            "authorized_keys_dir": str(allowed),
+        },
+        trigger={"enabled": True, "endpoint": trigger},
+    )
     proc = start_daemon(config, tmp_path)
     good = LwSubscriber(endpoint, server_key=server_public, client_keys=good_keys)
     bad = LwSubscriber(endpoint, server_key=server_public, client_keys=bad_keys)
@@ -504,8 +561,13 @@ def test_curve_daemon_serves_allowed_keys_and_nothing_to_others(calibrated, tmp_
 def test_bad_config_exits_2_before_starting(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("model: {bundle: nowhere}\ncameras: [{name: c, kind: device, source: 0}]\n")
-    result = subprocess.run([sys.executable, "-m", "linewatch.cli", "run", "--config", str(path)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "linewatch.cli", "run", "--config", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2 and "model.bundle" in result.stderr
 
 
@@ -533,8 +595,11 @@ def test_archive_keeps_the_newest_under_the_cap_and_survives_write_errors(tmp_pa
 def test_exit_when_sources_end_inspects_every_frame_of_a_file_then_exits_0(calibrated, tmp_path):
     video = write_video(tmp_path / "line.avi", video_frames(6))
     config, endpoint = write_config(
-        tmp_path, calibrated, [{"name": "cam1", "kind": "video", "source": str(video), "loop": False}],
-        health={"exit_when_sources_end": True})
+        tmp_path,
+        calibrated,
+        [{"name": "cam1", "kind": "video", "source": str(video), "loop": False}],
+        health={"exit_when_sources_end": True},
+    )
     sub = Subscriber(endpoint)  # before the daemon binds: it sees every message
     proc = start_daemon(config, tmp_path)
     try:

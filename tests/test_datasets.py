@@ -34,8 +34,13 @@ def test_reads_good_and_defect_samples_with_their_masks(tmp_path):
     cat = make_category(tmp_path / "cat")
     samples = read_test_set(cat)
     assert [(s.defect_type, s.path.name) for s in samples] == [
-        ("good", "000.png"), ("good", "001.png"), ("hole", "000.png"), ("hole", "001.png"),
-        ("scratch", "000.png"), ("scratch", "001.png")]
+        ("good", "000.png"),
+        ("good", "001.png"),
+        ("hole", "000.png"),
+        ("hole", "001.png"),
+        ("scratch", "000.png"),
+        ("scratch", "001.png"),
+    ]
     for s in samples:
         if s.defect_type == GOOD:
             assert s.mask_path is None and not s.is_anomalous
@@ -51,11 +56,14 @@ def test_defect_image_without_mask_is_an_error(tmp_path):
         read_test_set(cat)
 
 
-@pytest.mark.parametrize("broken, message", [
-    ("test", "no test/ folder"),
-    ("test/good", "no good test images"),
-    ("ground_truth", "ground-truth folder not found"),
-])
+@pytest.mark.parametrize(
+    "broken, message",
+    [
+        ("test", "no test/ folder"),
+        ("test/good", "no good test images"),
+        ("ground_truth", "ground-truth folder not found"),
+    ],
+)
 def test_missing_folders_are_errors(tmp_path, broken, message):
     import shutil
 

@@ -20,8 +20,14 @@ LINE = re.compile(r"^part +(\d+) +truth (\S+) +(OK|NOK|ERROR) +score +(\S+) +def
 
 def run_demo(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ)
-    return subprocess.run([sys.executable, "-m", "linewatch.cli", "demo", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "linewatch.cli", "demo", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.slow

@@ -22,9 +22,26 @@ DEFECTS = ["crack", "cutpaste", "draem", "pit", "scratch", "stain"]
 
 
 def make_devset(out: Path, *extra: str) -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "make_devset.py"), "--out", str(out),
-                           "--size", str(SIZE), "--n-train", "3", "--n-good", "2", "--n-defect", "2", *extra],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "make_devset.py"),
+            "--out",
+            str(out),
+            "--size",
+            str(SIZE),
+            "--n-train",
+            "3",
+            "--n-good",
+            "2",
+            "--n-defect",
+            "2",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -39,7 +56,7 @@ def clean_crop(category: str, entry: dict) -> np.ndarray:
     """The photo crop an image was cut from, recomputed from the recorded position (grey, SIZE×SIZE)."""
     photo = getattr(skimage.data, category)()
     r, c, k = entry["row"], entry["col"], entry["crop"]
-    patch = photo[r:r + k, c:c + k]
+    patch = photo[r : r + k, c : c + k]
     patch = patch[:, ::-1] if entry["flip_h"] else patch
     patch = patch[::-1] if entry["flip_v"] else patch
     return cv2.resize(np.ascontiguousarray(patch), (SIZE, SIZE), interpolation=cv2.INTER_AREA)
@@ -101,8 +118,12 @@ def test_baseline_runs_through_evaluate(devset):
         sys.path.remove(str(ROOT / "benchmarks"))
     root = devset / "brick"
     baseline = ZScoreBaseline.fit(good_image_folder(root), (48, 48))
-    frames = np.stack([cv2.resize(cv2.imread(str(p)), (48, 48), interpolation=cv2.INTER_AREA)
-                       for p in sorted(good_image_folder(root).glob("*.png"))])
+    frames = np.stack(
+        [
+            cv2.resize(cv2.imread(str(p)), (48, 48), interpolation=cv2.INTER_AREA)
+            for p in sorted(good_image_folder(root).glob("*.png"))
+        ]
+    )
     maps, scores = baseline.score(frames)
     # independent z-score of the training frames themselves: per-pixel mean/std over the 3 images
     grey = frames.astype(np.float64)
@@ -117,10 +138,26 @@ def test_baseline_runs_through_evaluate(devset):
 def test_run_devbench_trains_evaluates_and_tabulates(devset, tmp_path):
     # a real (tiny, random-backbone) DFR through linewatch train/eval subprocesses, next to the baseline
     out = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_devbench.py"), "--data", str(devset),
-                           "--out", str(out), "--categories", "brick", "--presets", "fast",
-                           "--train-args", "--random-init --size 32 --layers 1:2 --epochs 1"],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "run_devbench.py"),
+            "--data",
+            str(devset),
+            "--out",
+            str(out),
+            "--categories",
+            "brick",
+            "--presets",
+            "fast",
+            "--train-args",
+            "--random-init --size 32 --layers 1:2 --epochs 1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "devbench.json").read_text())["results"]
     assert set(results) == {"brick"} and set(results["brick"]) == {"baseline", "fast"}
@@ -138,9 +175,24 @@ def test_run_devbench_trains_evaluates_and_tabulates(devset, tmp_path):
 
     # the feature-separability diagnostic on the same bundle: its DFR numbers are `linewatch eval`'s
     ceiling_json = tmp_path / "ceiling.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "feature_ceiling.py"), str(out / "brick-fast"),
-                           "--data", str(devset / "brick"), "--bank", "16", "--probe-c", "0.01,1",
-                           "--json", str(ceiling_json)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "feature_ceiling.py"),
+            str(out / "brick-fast"),
+            "--data",
+            str(devset / "brick"),
+            "--bank",
+            "16",
+            "--probe-c",
+            "0.01,1",
+            "--json",
+            str(ceiling_json),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ceiling = json.loads(ceiling_json.read_text())
     assert set(ceiling) >= {"dfr", "knn", "probe C=0.01", "probe C=1", "mlp probe"} and ceiling["bank"] == 16
@@ -150,17 +202,43 @@ def test_run_devbench_trains_evaluates_and_tabulates(devset, tmp_path):
     assert "brick knn" in proc.stdout and "brick probe C=1" in proc.stdout
 
     # eval-only score weightings: the shipped one reproduces `linewatch eval` exactly
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "score_variants.py"), str(out / "brick-fast"),
-                           "--data", str(devset / "brick")], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "score_variants.py"),
+            str(out / "brick-fast"),
+            "--data",
+            str(devset / "brick"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = {line.split("  pixel")[0].split(" ", 1)[1].strip(): line for line in proc.stdout.splitlines()}
     assert set(lines) == {"standardised", "layer-balanced", "plain", "plain layer-balanced"}
-    assert f"pixel {evaluated['overall']['pixel_roc_auc']:.4f}  PRO {evaluated['overall']['pro_auc']:.4f}" \
+    assert (
+        f"pixel {evaluated['overall']['pixel_roc_auc']:.4f}  PRO {evaluated['overall']['pro_auc']:.4f}"
         in lines["standardised"]
+    )
 
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_devbench.py"), "--data", str(devset),
-                           "--out", str(out), "--categories", "nope", "--presets", ""],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "run_devbench.py"),
+            "--data",
+            str(devset),
+            "--out",
+            str(out),
+            "--categories",
+            "nope",
+            "--presets",
+            "",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode != 0 and "nope" in proc.stderr and "make_devset.py" in proc.stderr
 
 

@@ -55,8 +55,13 @@ def test_auto_reports_only_providers_that_really_loaded(deviation_bundle):
 
 def test_rejects_frames_of_wrong_shape_or_dtype(deviation_bundle):
     engine = Engine(deviation_bundle, providers="cpu")
-    for bad in (grey_frame(), np.zeros((1, 32, 64, 3), np.uint8), np.zeros((1, 64, 64, 3), np.float32),
-                np.zeros((0, 64, 64, 3), np.uint8), [[0]]):
+    for bad in (
+        grey_frame(),
+        np.zeros((1, 32, 64, 3), np.uint8),
+        np.zeros((1, 64, 64, 3), np.float32),
+        np.zeros((0, 64, 64, 3), np.uint8),
+        [[0]],
+    ):
         with pytest.raises(DataError, match="64×64×3"):
             engine.score(bad)
 

@@ -42,7 +42,7 @@ def make_category(root: Path, size: int = 64, noise: int = 0, defect_offset: int
         for i in range(2):
             img, mask = part(), np.zeros((size, size), np.uint8)
             y, x = 2 * rng.integers(0, (size - side) // 2, 2)
-            mask[y:y + side, x:x + side] = 255
+            mask[y : y + side, x : x + side] = 255
             if kind == "big":  # a second region, so PRO averages over several regions
                 mask[2:4, 2:6] = 255
             img = np.where(mask > 0, np.clip(img.astype(int) + defect_offset, 0, 255), img).astype(np.uint8)
@@ -57,8 +57,7 @@ class RawOnnxScorer:
     def __init__(self, bundle_dir: Path):
         meta = bundle.read_metadata(bundle_dir)
         self.input_size = (meta["input"]["height"], meta["input"]["width"])
-        self.session = onnxruntime.InferenceSession(str(bundle_dir / bundle.GRAPH),
-                                                    providers=["CPUExecutionProvider"])
+        self.session = onnxruntime.InferenceSession(str(bundle_dir / bundle.GRAPH), providers=["CPUExecutionProvider"])
 
     def score(self, frames):
         maps, scores = self.session.run([bundle.OUTPUT_MAP, bundle.OUTPUT_SCORE], {bundle.INPUT_NAME: frames})
@@ -67,6 +66,7 @@ class RawOnnxScorer:
 
 def independent_metrics(cat: Path, types: list[str]) -> dict:
     """Maps recomputed from the files with numpy (|grey - 128| / 127), metrics by scikit-learn and brute force."""
+
     def load(p):
         return cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)
 
@@ -78,9 +78,11 @@ def independent_metrics(cat: Path, types: list[str]) -> dict:
     maps = np.stack([np.abs(img.astype(np.float32) - 128) / 127 for img, _, _ in rows])
     masks = np.stack([m for _, m, _ in rows])
     labels = np.array([lab for _, _, lab in rows])
-    return {"pixel_roc_auc": roc_auc_score(masks.ravel(), maps.ravel()),
-            "pro_auc": brute_force_pro_auc(maps, masks, 0.3),
-            "image_roc_auc": roc_auc_score(labels, maps.max(axis=(1, 2)))}
+    return {
+        "pixel_roc_auc": roc_auc_score(masks.ravel(), maps.ravel()),
+        "pro_auc": brute_force_pro_auc(maps, masks, 0.3),
+        "image_roc_auc": roc_auc_score(labels, maps.max(axis=(1, 2))),
+    }
 
 
 def test_perfect_separation_gives_one(tmp_path, deviation_bundle):
@@ -141,20 +143,58 @@ def test_overlay_colours_defects_and_draws_contours():
 def test_cli_eval_writes_json_and_overlays(tmp_path, deviation_bundle):
     cat = make_category(tmp_path / "cat")
     out_json, out_dir = tmp_path / "m.json", tmp_path / "overlays"
-    proc = subprocess.run([sys.executable, "-m", "linewatch.cli", "eval", str(deviation_bundle), "--data", str(cat),
-                           "--json", str(out_json), "--overlays", str(out_dir)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "linewatch.cli",
+            "eval",
+            str(deviation_bundle),
+            "--data",
+            str(cat),
+            "--json",
+            str(out_json),
+            "--overlays",
+            str(out_dir),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out_json.read_text())
     assert result["backend"] == "onnx"  # auto: the bundle has a graph
     assert result["overall"]["pixel_roc_auc"] == 1.0
     assert "overall" in proc.stderr and "big" in proc.stderr and "PRO" in proc.stderr
     written = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*.png"))
-    assert written == ["big/000.png", "big/001.png", "good/000.png", "good/001.png", "good/002.png", "grid.png",
-                       "small/000.png", "small/001.png"]
+    assert written == [
+        "big/000.png",
+        "big/001.png",
+        "good/000.png",
+        "good/001.png",
+        "good/002.png",
+        "grid.png",
+        "small/000.png",
+        "small/001.png",
+    ]
     assert cv2.imread(str(out_dir / "big" / "000.png")).shape == (256, 256, 3)  # 64 px model, enlarged to view
 
-    proc = subprocess.run([sys.executable, "-m", "linewatch.cli", "eval", str(deviation_bundle), "--data",
-                           str(tmp_path / "missing"), "--json", "-"], capture_output=True, text=True, cwd=ROOT,
-                          timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "linewatch.cli",
+            "eval",
+            str(deviation_bundle),
+            "--data",
+            str(tmp_path / "missing"),
+            "--json",
+            "-",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert proc.returncode == 4 and "not found" in proc.stderr and proc.stdout == ""

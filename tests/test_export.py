@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
+
+from linewatch import bundle
 from linewatch.export.cli import (
     FP16_TOLERANCE,
     FP32_TOLERANCE,
@@ -25,8 +27,6 @@ from linewatch.export.graph import FusedDFR
 from linewatch.export.quantize import QUANTISED_PREFIXES
 from linewatch.export.reference import NaiveDFR
 from linewatch.export.synthetic import make_untrained_bundle
-
-from linewatch import bundle
 from linewatch.line.engine import Engine
 from linewatch.training.model import DFR, DFRConfig, load_model
 from linewatch.training.weights import WeightsSource
@@ -62,8 +62,12 @@ def exported(tmp_path_factory):
     for i, img in enumerate(good_parts(8, 64, seed=5)):
         assert cv2.imwrite(str(good / f"{i:03d}.png"), img)
     path = make_untrained_bundle(root / "b", "1:9", 64, c_d=24, random_init=True, batchnorm=True, seed=3)
-    result = subprocess.run([sys.executable, "-m", "linewatch.cli", "export", str(path), "--fp16", "--int8",
-                             "--calib-data", str(good)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "linewatch.cli", "export", str(path), "--fp16", "--int8", "--calib-data", str(good)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "exported" in result.stdout and "model_int8.onnx" in result.stdout
     return path
@@ -139,15 +143,23 @@ def test_int8_graph_quantises_the_heavy_convolutions_and_tracks_the_torch_model(
 
 def test_int8_export_without_good_images_says_how_to_give_them(tmp_path):
     path = make_untrained_bundle(tmp_path / "b", "1:4", 32, c_d=8, random_init=True)
-    result = subprocess.run([sys.executable, "-m", "linewatch.cli", "export", str(path), "--int8"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "linewatch.cli", "export", str(path), "--int8"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0 and "--calib-data" in result.stderr
     few = tmp_path / "few"
     few.mkdir()
     for i, img in enumerate(good_parts(2, 32, seed=1)):
         cv2.imwrite(str(few / f"{i}.png"), img)
-    result = subprocess.run([sys.executable, "-m", "linewatch.cli", "export", str(path), "--int8", "--calib-data",
-                             str(few)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "linewatch.cli", "export", str(path), "--int8", "--calib-data", str(few)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0 and "at least 4 good images" in result.stderr and str(few) in result.stderr
     assert not (path / bundle.GRAPH_INT8).exists()
 
@@ -156,7 +168,6 @@ def test_calibration_binds_to_the_graph_precision_it_was_set_with(exported, tmp_
     import shutil
 
     from linewatch.calibrate.store import load_calibration, write_calibration
-
     from linewatch.line.inference import load_model as load_runtime_model
 
     model = tmp_path / "m"
@@ -171,9 +182,14 @@ def test_calibration_binds_to_the_graph_precision_it_was_set_with(exported, tmp_
     assert load_runtime_model(model, ("cpu",), precision="int8").calibration.pixel_threshold == 0.5
 
 
-@pytest.mark.parametrize("convention,padding,score", [("torchvision", "reflect", "mean_sq_error"),
-                                                      ("caffe", "zero", "mean_sq_error"),
-                                                      ("caffe", "reflect", "standardised_sq_error")])
+@pytest.mark.parametrize(
+    "convention,padding,score",
+    [
+        ("torchvision", "reflect", "mean_sq_error"),
+        ("caffe", "zero", "mean_sq_error"),
+        ("caffe", "reflect", "standardised_sq_error"),
+    ],
+)
 def test_fused_rewrites_are_exact_for_each_convention_and_padding(convention, padding, score):
     torch.manual_seed(0)
     config = DFRConfig(layers=[2, 5, 9], height=64, width=64, c_d=16, padding=padding, score=score)
@@ -216,8 +232,9 @@ def test_reexport_replaces_stale_fp16_graph_and_trt_cache(tmp_path):
 def test_export_without_checkpoint_names_the_file(tmp_path):
     path = make_untrained_bundle(tmp_path / "b", "1:4", 32, c_d=8, random_init=True)
     (path / bundle.CHECKPOINT).unlink()
-    result = subprocess.run([sys.executable, "-m", "linewatch.cli", "export", str(path)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "linewatch.cli", "export", str(path)], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 3
     assert "model.pt" in result.stderr
     assert "graph" not in json.loads((path / bundle.METADATA).read_text())
@@ -230,9 +247,25 @@ def test_reduced_precision_metrics_match_fp32_on_a_small_category(exported, tmp_
 
     category = make_category(tmp_path / "cat", size=64, noise=20, defect_offset=60, seed=4)
     out = tmp_path / "parity.json"
-    result = subprocess.run([sys.executable, "benchmarks/precision_parity.py", str(exported), "--data",
-                             str(category), "--precision", precision, "--provider", "cpu", "--json", str(out)],
-                            capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    result = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/precision_parity.py",
+            str(exported),
+            "--data",
+            str(category),
+            "--precision",
+            precision,
+            "--provider",
+            "cpu",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())
     assert report["precision"] == precision
@@ -265,9 +298,26 @@ def test_calibrate_cli_scores_with_the_precision_it_is_given(exported, tmp_path)
     good.mkdir()
     for i, img in enumerate(good_parts(12, 64, seed=13)):
         cv2.imwrite(str(good / f"{i:03d}.png"), img)
-    result = subprocess.run([sys.executable, "-m", "linewatch.cli", "calibrate", str(model), "--good", str(good),
-                             "--fpr", "0.05", "--precision", "int8", "--json", "-"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "linewatch.cli",
+            "calibrate",
+            str(model),
+            "--good",
+            str(good),
+            "--fpr",
+            "0.05",
+            "--precision",
+            "int8",
+            "--json",
+            "-",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     graph = bundle.read_metadata(model)["graph"]
@@ -279,13 +329,44 @@ def test_eval_cli_scores_with_the_int8_graph_when_asked(exported, tmp_path):
     from tests.test_evaluate import make_category
 
     category = make_category(tmp_path / "cat", size=64, noise=20, defect_offset=60, seed=4)
-    result = subprocess.run([sys.executable, "-m", "linewatch.cli", "eval", str(exported), "--data", str(category),
-                             "--precision", "int8", "--json", "-"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "linewatch.cli",
+            "eval",
+            str(exported),
+            "--data",
+            str(category),
+            "--precision",
+            "int8",
+            "--json",
+            "-",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["backend"] == "onnx" and report["precision"] == "int8" and "(onnx int8," in result.stderr
     assert 0.5 < report["overall"]["pixel_roc_auc"] <= 1.0
-    refused = subprocess.run([sys.executable, "-m", "linewatch.cli", "eval", str(exported), "--data", str(category),
-                              "--precision", "int8", "--backend", "torch"], capture_output=True, text=True,
-                             timeout=300)
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "linewatch.cli",
+            "eval",
+            str(exported),
+            "--data",
+            str(category),
+            "--precision",
+            "int8",
+            "--backend",
+            "torch",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert refused.returncode != 0 and "--backend onnx" in refused.stderr

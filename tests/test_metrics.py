@@ -14,7 +14,7 @@ from linewatch.evaluation.metrics import image_roc_auc, pixel_roc_auc, pro_auc, 
 
 
 def brute_force_pro_auc(maps, masks, fpr_limit=0.3):
-    """PRO-AUC straight from the definition: every distinct threshold, overlaps counted per region, clipped trapezoids."""
+    """PRO-AUC from the definition: every distinct threshold, overlaps counted per region, clipped trapezoids."""
     regions = []
     for i, mask in enumerate(masks):
         lab = measure.label(mask, connectivity=2)
@@ -42,7 +42,7 @@ def random_masks(rng, n, h, w, blobs=3):
     for i in range(n):
         for _ in range(rng.integers(0, blobs + 1)):
             y, x = rng.integers(0, h - 3), rng.integers(0, w - 3)
-            masks[i, y:y + rng.integers(1, 4), x:x + rng.integers(1, 4)] = True
+            masks[i, y : y + rng.integers(1, 4), x : x + rng.integers(1, 4)] = True
     masks[0, 0, 0] = True  # at least one region
     return masks
 

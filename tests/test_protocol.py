@@ -16,6 +16,8 @@ import cv2
 import numpy as np
 import pytest
 import zmq
+
+from linewatch.line.publisher import ResultPublisher
 from linewatch.protocol.wire import (
     SCHEMA_VERSION,
     ProtocolError,
@@ -29,15 +31,23 @@ from linewatch.protocol.wire import (
     status_topic,
 )
 
-from linewatch.line.publisher import ResultPublisher
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def header_for(camera: str, seq: int, **kw) -> dict:
-    args = dict(camera=camera, seq=seq, frame_time=1_700_000_000.25, verdict="NOK", score=0.75,
-                pixel_threshold=0.5, image_threshold=0.6, calibration_version=2, model_id="0123456789ab",
-                regions=[{"bbox": (3, 4, 5, 6), "area": 20, "peak": 0.9}], part_id=f"P-{seq}")
+    args = dict(
+        camera=camera,
+        seq=seq,
+        frame_time=1_700_000_000.25,
+        verdict="NOK",
+        score=0.75,
+        pixel_threshold=0.5,
+        image_threshold=0.6,
+        calibration_version=2,
+        model_id="0123456789ab",
+        regions=[{"bbox": (3, 4, 5, 6), "area": 20, "peak": 0.9}],
+        part_id=f"P-{seq}",
+    )
     args.update(kw)
     return result_header(**args)
 
@@ -86,9 +96,16 @@ def test_topics_are_delimited_so_cam1_never_matches_cam10():
 def test_result_header_round_trip_over_a_real_socket():
     mask = np.zeros((40, 60), bool)
     mask[10:20, 30:50] = True
-    header = header_for("line-2_cam", 7, regions=[{"bbox": [1, 1, 2, 2], "area": 4, "peak": 0.6},
-                                                  {"bbox": [30, 10, 20, 10], "area": 200, "peak": np.float32(0.9)}],
-                        frame_index=np.int64(41), mask_size=(60, 40))
+    header = header_for(
+        "line-2_cam",
+        7,
+        regions=[
+            {"bbox": [1, 1, 2, 2], "area": 4, "peak": 0.6},
+            {"bbox": [30, 10, 20, 10], "area": 200, "peak": np.float32(0.9)},
+        ],
+        frame_index=np.int64(41),
+        mask_size=(60, 40),
+    )
     ctx = zmq.Context()
     pub = ResultPublisher("tcp://127.0.0.1:*", 100)
     sub = sub_socket(ctx, pub.endpoint, camera_prefix("line-2_cam"))
@@ -131,12 +148,22 @@ def test_header_rules_never_let_an_uninspected_part_pass():
     data = json.loads(encode_json(err))  # strict JSON: no NaN/Infinity tokens
     assert data["image_score"] is None and data["error"] == "inference failed: boom"
     # the agreed aliases give the same header
-    alias = result_header("cam1", 3, 1_700_000_000.25, "ERROR", image_score=float("inf"),
-                          thresholds={"pixel": 0.5, "image": 0.6}, calibration_version=2, model_id="0123456789ab",
-                          regions=[{"bbox": (3, 4, 5, 6), "area": 20, "peak": 0.9}], part_id="P-3",
-                          error="inference failed: boom")
-    assert {k: v for k, v in alias.items() if k != "publish_time"} == \
-        {k: v for k, v in err.items() if k != "publish_time"}
+    alias = result_header(
+        "cam1",
+        3,
+        1_700_000_000.25,
+        "ERROR",
+        image_score=float("inf"),
+        thresholds={"pixel": 0.5, "image": 0.6},
+        calibration_version=2,
+        model_id="0123456789ab",
+        regions=[{"bbox": (3, 4, 5, 6), "area": 20, "peak": 0.9}],
+        part_id="P-3",
+        error="inference failed: boom",
+    )
+    assert {k: v for k, v in alias.items() if k != "publish_time"} == {
+        k: v for k, v in err.items() if k != "publish_time"
+    }
     many = header_for("cam1", 1, regions=[{"bbox": [i, 0, 1, 1], "area": i, "peak": 1.0} for i in range(1, 251)])
     assert many["regions_total"] == 250 and len(many["regions"]) == 100
     assert [r["area"] for r in many["regions"][:2]] == [250, 249]
@@ -184,8 +211,11 @@ def test_decode_message_rejects_what_does_not_follow_the_protocol():
         "OK without score": [good[0], encode_json(dict(header, verdict="OK", image_score=None)), png],
         "mask not png": [good[0], good[1], b"GIF89a"],
         "mask not announced": [good[0], encode_json(no_mask), png],
-        "status frames": [status_topic("cam1"), encode_json({"schema_version": 1, "kind": "status",
-                                                             "camera": "cam1"}), b""],
+        "status frames": [
+            status_topic("cam1"),
+            encode_json({"schema_version": 1, "kind": "status", "camera": "cam1"}),
+            b"",
+        ],
     }
     for name, frames in bad.items():
         with pytest.raises(ProtocolError):
@@ -207,8 +237,13 @@ def test_the_subscriber_example_in_protocol_md_runs(tmp_path):
     pub = ResultPublisher("tcp://127.0.0.1:*", 100)
     script = tmp_path / "example.py"
     script.write_text(code.replace("tcp://127.0.0.1:5555", pub.endpoint))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()

@@ -8,16 +8,27 @@ import time
 import numpy as np
 import pytest
 import zmq
-from linewatch.protocol.client import Subscriber
-from linewatch.protocol.wire import encode_mask_png, result_header
 
 from linewatch.errors import ConfigError
 from linewatch.line.publisher import ResultPublisher
+from linewatch.protocol.client import Subscriber
+from linewatch.protocol.wire import encode_mask_png, result_header
 
 
 def make_header(camera: str, seq: int, mask_size=None) -> dict:
-    return result_header(camera, seq, time.time(), "NOK", 0.9, 0.5, None, 1, "abcdefabcdef",
-                         [{"bbox": [1, 2, 3, 4], "area": 12, "peak": 0.9}], mask_size=mask_size)
+    return result_header(
+        camera,
+        seq,
+        time.time(),
+        "NOK",
+        0.9,
+        0.5,
+        None,
+        1,
+        "abcdefabcdef",
+        [{"bbox": [1, 2, 3, 4], "area": 12, "peak": 0.9}],
+        mask_size=mask_size,
+    )
 
 
 def connect(pub: ResultPublisher, sub: Subscriber, camera: str = "cam1") -> None:
@@ -32,7 +43,7 @@ def connect(pub: ResultPublisher, sub: Subscriber, camera: str = "cam1") -> None
 
 def test_publishing_never_blocks_on_a_stalled_subscriber_and_losses_are_counted():
     n = 3000
-    mask = (np.random.default_rng(0).random((96, 96)) > 0.5)  # noise: a PNG of ~1.5 KB that does not compress away
+    mask = np.random.default_rng(0).random((96, 96)) > 0.5  # noise: a PNG of ~1.5 KB that does not compress away
     png = encode_mask_png(mask)
     ctx = zmq.Context()
     with ResultPublisher("tcp://127.0.0.1:*", hwm=20) as pub:

@@ -106,8 +106,9 @@ def test_single_deep_layer_and_zero_padding():
     assert len(maps) == 4 and all(m.shape[1:] == (512, 4, 6) for m in maps)
 
 
-@pytest.mark.parametrize("spec,expected", [("1:12", list(range(1, 13))), ("12", [12]), ("9:12", [9, 10, 11, 12]),
-                                           ("1,3,5", [1, 3, 5])])
+@pytest.mark.parametrize(
+    "spec,expected", [("1:12", list(range(1, 13))), ("12", [12]), ("9:12", [9, 10, 11, 12]), ("1,3,5", [1, 3, 5])]
+)
 def test_parse_layers(spec, expected):
     assert parse_layers(spec) == expected
 

@@ -14,6 +14,10 @@ from pathlib import Path
 import pytest
 import zmq
 import zmq.auth
+
+from linewatch.errors import ConfigError
+from linewatch.line.publisher import ResultPublisher
+from linewatch.line.trigger import TriggerServer
 from linewatch.protocol.client import Subscriber, TriggerClient, TriggerTimeout
 from linewatch.protocol.curve import (
     CurveConfig,
@@ -23,10 +27,6 @@ from linewatch.protocol.curve import (
     load_public_key,
 )
 from linewatch.protocol.wire import result_header
-
-from linewatch.errors import ConfigError
-from linewatch.line.publisher import ResultPublisher
-from linewatch.line.trigger import TriggerServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,8 +45,11 @@ def keys(tmp_path_factory):
 
 def pairs(keys: Path):
     curve = CurveConfig.from_files(keys / "server" / "server.key_secret", keys / "allowed")
-    return (curve, load_key_pair(keys / "clients" / "plc1.key_secret"),
-            load_key_pair(keys / "stranger" / "stranger.key_secret"))
+    return (
+        curve,
+        load_key_pair(keys / "clients" / "plc1.key_secret"),
+        load_key_pair(keys / "stranger" / "stranger.key_secret"),
+    )
 
 
 def test_only_the_allowed_key_receives_results(keys):
@@ -82,8 +85,9 @@ def test_only_the_allowed_key_can_trigger(keys):
     def handler(camera, part_id):
         calls.append(part_id)
         future = Future()
-        future.set_result((result_header(camera, len(calls), time.time(), "OK", 0.1, 0.5, None, 1, "m", [],
-                                         part_id=part_id), None))
+        future.set_result(
+            (result_header(camera, len(calls), time.time(), "OK", 0.1, 0.5, None, 1, "m", [], part_id=part_id), None)
+        )
         return future
 
     with TriggerServer("tcp://127.0.0.1:*", curve, handler).start() as server:
@@ -98,14 +102,26 @@ def test_only_the_allowed_key_can_trigger(keys):
     assert calls == ["SECURE-1"]
 
 
-@pytest.mark.parametrize("endpoint, loopback", [
-    ("tcp://127.0.0.1:5555", True), ("tcp://127.0.0.1:*", True), ("tcp://127.1.2.3:5555", True),
-    ("tcp://localhost:5555", True), ("tcp://[::1]:5555", True), ("tcp://lo:5555", True),
-    ("ipc:///run/linewatch/results", True), ("inproc://results", True),
-    ("tcp://0.0.0.0:5555", False), ("tcp://*:5555", False), ("tcp://eth0:5555", False),
-    ("tcp://192.168.10.5:5555", False), ("tcp://[::]:5555", False), ("tcp://line-pc.local:5555", False),
-    ("127.0.0.1:5555", False),
-])
+@pytest.mark.parametrize(
+    "endpoint, loopback",
+    [
+        ("tcp://127.0.0.1:5555", True),
+        ("tcp://127.0.0.1:*", True),
+        ("tcp://127.1.2.3:5555", True),
+        ("tcp://localhost:5555", True),
+        ("tcp://[::1]:5555", True),
+        ("tcp://lo:5555", True),
+        ("ipc:///run/linewatch/results", True),
+        ("inproc://results", True),
+        ("tcp://0.0.0.0:5555", False),
+        ("tcp://*:5555", False),
+        ("tcp://eth0:5555", False),
+        ("tcp://192.168.10.5:5555", False),
+        ("tcp://[::]:5555", False),
+        ("tcp://line-pc.local:5555", False),
+        ("127.0.0.1:5555", False),
+    ],
+)
 def test_keyless_binds_stay_on_loopback(endpoint, loopback):
     assert is_loopback_endpoint(endpoint) is loopback
     check_bind_security(endpoint, curve_enabled=True, allow_insecure=False)

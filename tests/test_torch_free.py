@@ -24,9 +24,16 @@ def runtime_modules() -> list[str]:
 
 def test_runtime_modules_exist():
     mods = runtime_modules()
-    for required in ("linewatch.cli", "linewatch.images", "linewatch.bundle", "linewatch.line.daemon",
-                     "linewatch.protocol.client", "linewatch.calibrate.command", "linewatch.evaluation.evaluate",
-                     "linewatch.demo.run"):
+    for required in (
+        "linewatch.cli",
+        "linewatch.images",
+        "linewatch.bundle",
+        "linewatch.line.daemon",
+        "linewatch.protocol.client",
+        "linewatch.calibrate.command",
+        "linewatch.evaluation.evaluate",
+        "linewatch.demo.run",
+    ):
         assert required in mods
     assert not any(m.startswith(BUILD_PACKAGES) for m in mods)
 

@@ -15,9 +15,9 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from linewatch.demo.parts import make_parts
 
 from linewatch import bundle
+from linewatch.demo.parts import make_parts
 from linewatch.errors import ConfigError, DataError
 from linewatch.training.cae import CAE
 from linewatch.training.features import (
@@ -56,8 +56,14 @@ patience: 3
 
 def run_train(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ)
-    return subprocess.run([sys.executable, "-m", "linewatch.cli", "train", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "linewatch.cli", "train", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def cae_state(bundle_dir: Path) -> dict:
@@ -84,8 +90,7 @@ def workspace(tmp_path_factory):
     first = root / "model_a"
     result = run_train("--data", str(category), "--out", str(first), "--config", str(config), "--seed", "5")
     assert result.returncode == 0, result.stderr[-3000:]
-    return {"root": root, "category": category, "good": good, "config": config, "first": first,
-            "stdout": result.stdout}
+    return {"root": root, "category": category, "good": good, "config": config, "first": first, "stdout": result.stdout}
 
 
 def test_bundle_is_complete_and_valid(workspace):
@@ -117,7 +122,7 @@ def test_bundle_is_complete_and_valid(workspace):
 def test_standardised_score_weights_each_channel_by_its_training_variance(workspace):
     model = load_model(workspace["first"])
     w = model.error_weight
-    assert w.shape == (model.config.c_o,) and torch.all(w > 0) and torch.all(w <= 1 / 0.05 ** 2 + 1e-3)
+    assert w.shape == (model.config.c_o,) and torch.all(w > 0) and torch.all(w <= 1 / 0.05**2 + 1e-3)
     assert w.std() > 0  # channels really differ
     # the weights are 1/variance of the good training vectors (min std 0.05): recompute from the images
     frames = torch.from_numpy(np.stack([cv2.imread(str(p)) for p in sorted(workspace["good"].iterdir())]))
@@ -136,8 +141,18 @@ def test_standardised_score_weights_each_channel_by_its_training_variance(worksp
 
 def test_paper_score_is_available_and_plain(workspace, tmp_path):
     out = tmp_path / "mse"
-    result = run_train("--data", str(workspace["category"]), "--out", str(out), "--config",
-                       str(workspace["config"]), "--epochs", "1", "--score", "mean_sq_error")
+    result = run_train(
+        "--data",
+        str(workspace["category"]),
+        "--out",
+        str(out),
+        "--config",
+        str(workspace["config"]),
+        "--epochs",
+        "1",
+        "--score",
+        "mean_sq_error",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     model = load_model(out)
     assert bundle.read_metadata(out)["dfr"]["score"] == "mean_sq_error"
@@ -167,8 +182,9 @@ def test_checkpoint_without_error_weight_loads_as_the_paper_score(workspace, tmp
 
 def test_same_seed_gives_the_same_model(workspace):
     second = workspace["root"] / "model_b"
-    result = run_train("--data", str(workspace["category"]), "--out", str(second), "--config",
-                       str(workspace["config"]), "--seed", "5")
+    result = run_train(
+        "--data", str(workspace["category"]), "--out", str(second), "--config", str(workspace["config"]), "--seed", "5"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_cae(workspace["first"], second)
     a, b = (bundle.read_metadata(p)["training"] for p in (workspace["first"], second))
@@ -177,8 +193,16 @@ def test_same_seed_gives_the_same_model(workspace):
 
 def test_resume_continues_exactly(workspace):
     out = workspace["root"] / "model_resumed"
-    common = ["--data", str(workspace["category"]), "--out", str(out), "--config", str(workspace["config"]),
-              "--seed", "5"]
+    common = [
+        "--data",
+        str(workspace["category"]),
+        "--out",
+        str(out),
+        "--config",
+        str(workspace["config"]),
+        "--seed",
+        "5",
+    ]
     result = run_train(*common, "--epochs", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert bundle.read_metadata(out)["training"]["epochs"] == 2
@@ -191,8 +215,10 @@ def test_resume_continues_exactly(workspace):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming after epoch 2" in result.stderr
     assert_same_cae(workspace["first"], out)
-    assert bundle.read_metadata(out)["training"]["history"] == \
-        bundle.read_metadata(workspace["first"])["training"]["history"]
+    assert (
+        bundle.read_metadata(out)["training"]["history"]
+        == bundle.read_metadata(workspace["first"])["training"]["history"]
+    )
 
 
 def test_trained_model_scores_an_obvious_defect_higher(workspace):
@@ -228,8 +254,18 @@ def test_config_file_unknown_key_and_bad_type_are_refused(tmp_path):
 def test_settings_merge_preset_then_file_then_flags(tmp_path):
     path = tmp_path / "train.yaml"
     path.write_text("preset: paper\nepochs: 7\nlayers: '1:8'\n")
-    flags = dict(config=str(path), preset=None, size=None, layers="9:12", padding=None, align=None, epochs=None,
-                 latent=None, seed=None, device=None)
+    flags = dict(
+        config=str(path),
+        preset=None,
+        size=None,
+        layers="9:12",
+        padding=None,
+        align=None,
+        epochs=None,
+        latent=None,
+        seed=None,
+        device=None,
+    )
     settings = resolve_settings(argparse.Namespace(**flags))
     assert settings.preset == "paper" and settings.size == PRESETS["paper"]["size"] == 256
     assert settings.lr == 1e-4 and settings.epochs == 7 and settings.layers == "9:12"
@@ -255,8 +291,7 @@ def test_split_is_seeded_disjoint_and_never_empty(tmp_path):
 
 
 def test_plain_folder_and_mvtec_layout(workspace, tmp_path):
-    assert good_images(workspace["category"]) == good_images(workspace["good"]) == sorted(
-        workspace["good"].iterdir())
+    assert good_images(workspace["category"]) == good_images(workspace["good"]) == sorted(workspace["good"].iterdir())
     with pytest.raises(DataError):
         good_images(tmp_path)
 
@@ -290,7 +325,7 @@ def test_training_through_the_disk_cache(workspace, tmp_path):
 def test_standardised_training_folds_into_a_plain_cae(batchnorm):
     torch.manual_seed(4)
     rng = np.random.default_rng(4)
-    sample = (np.abs(rng.normal(size=(500, 24))) * rng.uniform(0.01, 5, size=24) + rng.uniform(0, 3, 24))
+    sample = np.abs(rng.normal(size=(500, 24))) * rng.uniform(0.01, 5, size=24) + rng.uniform(0, 3, 24)
     mean, std = channel_statistics(sample.astype(np.float32))
     assert torch.allclose(mean.double(), torch.from_numpy(sample.mean(0)), rtol=1e-4)
     assert torch.allclose(std.double(), torch.from_numpy(sample.std(0, ddof=1)).clamp_min(0.05), rtol=1e-4)
@@ -305,8 +340,7 @@ def test_standardised_training_folds_into_a_plain_cae(batchnorm):
     plain = wrapped.folded().eval()
     assert type(plain) is CAE and plain.c_o == 24 and plain.c_d == 4
     with torch.no_grad():
-        torch.testing.assert_close(plain.forward_vectors(data), wrapped.forward_vectors(data), rtol=1e-4,
-                                   atol=1e-4)
+        torch.testing.assert_close(plain.forward_vectors(data), wrapped.forward_vectors(data), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", [bundle.GRAPH, bundle.GRAPH_FP16, bundle.GRAPH_INT8, bundle.CALIBRATION])
@@ -321,8 +355,7 @@ def test_resume_refuses_a_bundle_already_exported_or_calibrated(workspace, tmp_p
         train(settings, workspace["category"], out, resume=True)
 
 
-def test_interrupted_run_keeps_its_on_disk_features_and_resume_reuses_them(workspace, tmp_path, monkeypatch,
-                                                                            caplog):
+def test_interrupted_run_keeps_its_on_disk_features_and_resume_reuses_them(workspace, tmp_path, monkeypatch, caplog):
     import linewatch.training.train as train_module
 
     settings = TrainSettings(size=48, layers="1:2", epochs=3, patience=3, batch_vectors=128, cache_ram_mb=0, seed=2)

@@ -11,11 +11,11 @@ from concurrent.futures import Future
 import numpy as np
 import pytest
 import zmq
-from linewatch.protocol.client import TriggerClient, TriggerError, TriggerTimeout
-from linewatch.protocol.wire import decode_mask_png, encode_mask_png, result_header
 
 from linewatch.errors import LinewatchError
 from linewatch.line.trigger import TriggerServer
+from linewatch.protocol.client import TriggerClient, TriggerError, TriggerTimeout
+from linewatch.protocol.wire import decode_mask_png, encode_mask_png, result_header
 
 MASK = np.zeros((24, 32), bool)
 MASK[5:9, 10:20] = True
@@ -46,9 +46,20 @@ class LineStandIn:
             future.set_exception(self.fail_with)
             return
         self.seq += 1
-        header = result_header(camera, self.seq, time.time(), "NOK", 0.8, 0.5, None, 1, "abcdefabcdef",
-                               [{"bbox": [10, 5, 10, 4], "area": 40, "peak": 0.8}],
-                               part_id="someone-else" if self.wrong_part else part_id, mask_size=(32, 24))
+        header = result_header(
+            camera,
+            self.seq,
+            time.time(),
+            "NOK",
+            0.8,
+            0.5,
+            None,
+            1,
+            "abcdefabcdef",
+            [{"bbox": [10, 5, 10, 4], "area": 40, "peak": 0.8}],
+            part_id="someone-else" if self.wrong_part else part_id,
+            mask_size=(32, 24),
+        )
         future.set_result({"header": header, "mask": encode_mask_png(MASK)})
 
 
@@ -161,8 +172,10 @@ def test_two_clients_are_answered_independently(server):
 
 
 def test_timeouts_failures_and_wrong_results_are_error_replies(line):
-    with TriggerServer("tcp://127.0.0.1:*", line, timeout_s=0.3).start() as server, \
-            TriggerClient(server.endpoint) as client:
+    with (
+        TriggerServer("tcp://127.0.0.1:*", line, timeout_s=0.3).start() as server,
+        TriggerClient(server.endpoint) as client,
+    ):
         t0 = time.monotonic()
         with pytest.raises(TriggerError) as err:
             client.inspect("never", "T-1", timeout_s=3)
@@ -191,8 +204,16 @@ def test_outstanding_requests_are_answered_when_the_server_stops(line):
             time.sleep(0.01)
         server.close()
         reply, _ = reply_of(sock, 2)
-        assert reply == {"schema_version": 1, "kind": "trigger_reply", "ok": False, "code": "failed",
-                         "error": "server stopping", "request_id": None, "camera": "never", "part_id": "S-1"}
+        assert reply == {
+            "schema_version": 1,
+            "kind": "trigger_reply",
+            "ok": False,
+            "code": "failed",
+            "error": "server stopping",
+            "request_id": None,
+            "camera": "never",
+            "part_id": "S-1",
+        }
     finally:
         sock.close()
         ctx.term()

@@ -7,19 +7,20 @@ import time
 
 import numpy as np
 import pytest
+from skimage import measure
+
 from linewatch.calibrate.store import (
     Calibration,
     load_calibration,
     write_calibration,
 )
-from skimage import measure
-
 from linewatch.line.verdict import judge
 
 
 def cal(pixel=0.5, image=None, area=0):
-    return Calibration(version=1, model_sha256="0" * 64, pixel_threshold=pixel, image_threshold=image,
-                       min_defect_area=area)
+    return Calibration(
+        version=1, model_sha256="0" * 64, pixel_threshold=pixel, image_threshold=image, min_defect_area=area
+    )
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -28,8 +29,10 @@ def test_regions_match_an_independent_8_connected_labelling(seed):
     amap = (rng.random((40, 56)) ** 6).astype(np.float32)  # sparse bright pixels, many small regions
     j = judge(amap, float(amap.max()), cal(0.4, area=3), max_regions=10_000)
     props = measure.regionprops(measure.label(amap > 0.4, connectivity=2), intensity_image=amap)
-    expected = sorted(((p.bbox[1], p.bbox[0], p.bbox[3] - p.bbox[1], p.bbox[2] - p.bbox[0]), int(p.area),
-                       float(p.intensity_max)) for p in props)
+    expected = sorted(
+        ((p.bbox[1], p.bbox[0], p.bbox[3] - p.bbox[1], p.bbox[2] - p.bbox[0]), int(p.area), float(p.intensity_max))
+        for p in props
+    )
     got = sorted((r.bbox, r.area, r.peak) for r in j.regions)
     assert got == expected and len(got) > 5
     assert j.verdict == ("NOK" if any(a >= 3 for _, a, _ in expected) else "OK")

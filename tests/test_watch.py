@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import zmq.auth
-from linewatch.protocol.curve import CurveConfig
-from linewatch.protocol.wire import decode_mask_png, encode_mask_png, result_header
 
 from linewatch.line.publisher import ResultPublisher
+from linewatch.protocol.curve import CurveConfig
+from linewatch.protocol.wire import decode_mask_png, encode_mask_png, result_header
 
 ROOT = Path(__file__).resolve().parents[1]
 MASK = np.zeros((24, 32), bool)
@@ -25,8 +25,14 @@ MASK[4:10, 6:18] = True
 def run_watch(pub: ResultPublisher, args: list[str], timeout_s: float = 20.0) -> subprocess.CompletedProcess:
     """Start `linewatch watch`, publish cam1 and cam10 results until it exits."""
     env = dict(os.environ)
-    proc = subprocess.Popen([sys.executable, "-m", "linewatch.cli", "watch", "--connect", pub.endpoint, *args],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "linewatch.cli", "watch", "--connect", pub.endpoint, *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     out: dict[str, str] = {}
     reader = threading.Thread(target=lambda: out.update(zip(("stdout", "stderr"), proc.communicate())), daemon=True)
     reader.start()
@@ -35,9 +41,23 @@ def run_watch(pub: ResultPublisher, args: list[str], timeout_s: float = 20.0) ->
     while proc.poll() is None and time.monotonic() < deadline:
         seq += 1
         pub.publish_result(result_header("cam10", seq, time.time(), "OK", 0.01, 0.5, None, 1, "m", []), None)
-        pub.publish_result(result_header(
-            "cam1", seq, time.time(), "NOK", 0.875, 0.5, None, 3, "abcdefabcdef",
-            [{"bbox": [6, 4, 12, 6], "area": 72, "peak": 0.875}], part_id=f"P/{seq}", mask_size=(32, 24)), png)
+        pub.publish_result(
+            result_header(
+                "cam1",
+                seq,
+                time.time(),
+                "NOK",
+                0.875,
+                0.5,
+                None,
+                3,
+                "abcdefabcdef",
+                [{"bbox": [6, 4, 12, 6], "area": 72, "peak": 0.875}],
+                part_id=f"P/{seq}",
+                mask_size=(32, 24),
+            ),
+            png,
+        )
         pub.publish_status("cam1", {"state": "online"})
         time.sleep(0.02)
     if proc.poll() is None:
@@ -71,8 +91,18 @@ def test_watch_json_lines_with_curve(tmp_path):
     zmq.auth.create_certificates(tmp_path / "allowed", "watcher")
     curve = CurveConfig.from_files(tmp_path / "server.key_secret", tmp_path / "allowed")
     with ResultPublisher("tcp://127.0.0.1:*", curve=curve) as pub:
-        done = run_watch(pub, ["--count", "4", "--json", "--server-key", str(tmp_path / "server.key"),
-                               "--client-key-file", str(tmp_path / "allowed" / "watcher.key_secret")])
+        done = run_watch(
+            pub,
+            [
+                "--count",
+                "4",
+                "--json",
+                "--server-key",
+                str(tmp_path / "server.key"),
+                "--client-key-file",
+                str(tmp_path / "allowed" / "watcher.key_secret"),
+            ],
+        )
     assert done.returncode == 0, done.stderr
     headers = [json.loads(line) for line in done.stdout.splitlines()]
     assert len(headers) == 4

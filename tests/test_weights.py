@@ -100,7 +100,7 @@ def test_conv_equals_keras_cross_correlation(source):
     x = rng.normal(size=(64, 7, 9)).astype(np.float32)
     out = F.conv2d(torch.from_numpy(x)[None], state["2.weight"], state["2.bias"])[0].numpy()
     for y, xx in [(0, 0), (3, 5), (4, 6)]:
-        patch = x[:, y:y + 3, xx:xx + 3]  # (in, kh, kw)
+        patch = x[:, y : y + 3, xx : xx + 3]  # (in, kh, kw)
         expected = np.einsum("ihw,hwio->o", patch, kernel) + bias
         np.testing.assert_allclose(out[:, y, xx], expected, rtol=1e-4, atol=1e-4)
 
@@ -123,7 +123,8 @@ def test_imagenet_filters_are_smooth_and_respond_to_a_real_photo(source):
     assert abs(spatial_smoothness(random.body[0].weight)) < 0.15
     photo = skdata.astronaut()[::8, ::8, ::-1].astype(np.float32)  # RGB -> BGR, 64×64
     x = torch.from_numpy(photo.copy()).permute(2, 0, 1)[None] - torch.tensor([103.939, 116.779, 123.68]).view(
-        1, 3, 1, 1)
+        1, 3, 1, 1
+    )
     with torch.no_grad():
         relu1_1, relu1_2 = trained(x)
     active = (relu1_1 > 0).float().mean(dim=(0, 2, 3))

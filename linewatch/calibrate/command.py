@@ -15,6 +15,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from linewatch import __version__, bundle
 from linewatch.calibrate.store import (
     Calibration,
     current_version,
@@ -33,8 +35,6 @@ from linewatch.calibrate.thresholds import (
     realised_image_fpr,
     realised_pixel_fpr,
 )
-
-from linewatch import __version__, bundle
 from linewatch.errors import ConfigError, DataError, LinewatchError
 from linewatch.images import list_images, load_for_model, read_mask, resize_to_model
 from linewatch.line.verdict import NOK, judge
@@ -82,8 +82,16 @@ def good_frames(args, size: tuple[int, int]) -> tuple[np.ndarray, list[str], dic
     grabbed = grab_frames(args.config, args.camera, args.frames)
     frames = np.stack([resize_to_model(f, h, w) for f in grabbed])
     names = [f"{args.camera}_{i:05d}" for i in range(len(grabbed))]
-    return frames, names, {"source_kind": "camera", "source": args.camera,
-                           "config": str(Path(args.config).resolve()), "frames": args.frames}
+    return (
+        frames,
+        names,
+        {
+            "source_kind": "camera",
+            "source": args.camera,
+            "config": str(Path(args.config).resolve()),
+            "frames": args.frames,
+        },
+    )
 
 
 def score_frames(engine, frames: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -92,15 +100,17 @@ def score_frames(engine, frames: np.ndarray, what: str) -> tuple[np.ndarray, np.
     maps, scores = [], []
     with tqdm(total=len(frames), desc=f"scoring {what}", unit="img", file=sys.stderr, leave=False) as bar:
         for start in range(0, len(frames), BATCH):
-            m, s = engine.score(frames[start:start + BATCH])
+            m, s = engine.score(frames[start : start + BATCH])
             maps.append(m)
             scores.append(s)
             bar.update(len(m))
     maps, scores = np.concatenate(maps), np.concatenate(scores)
     bad = ~np.isfinite(maps).all(axis=(1, 2)) | ~np.isfinite(scores)
     if bad.any():
-        raise LinewatchError(f"the model produced non-finite scores for {int(bad.sum())} of {len(frames)} {what} "
-                             f"image(s) (first at index {int(np.argmax(bad))}); cannot calibrate on them")
+        raise LinewatchError(
+            f"the model produced non-finite scores for {int(bad.sum())} of {len(frames)} {what} "
+            f"image(s) (first at index {int(np.argmax(bad))}); cannot calibrate on them"
+        )
     return maps, scores
 
 
@@ -120,8 +130,15 @@ class Thresholds:
     warnings: list[str]
 
 
-def set_thresholds(maps: np.ndarray, scores: np.ndarray, fpr: float, image_fpr: float | None, holdout: float,
-                   seed: int = SEED, regions_per_image: int = REGIONS_PER_IMAGE) -> Thresholds:
+def set_thresholds(
+    maps: np.ndarray,
+    scores: np.ndarray,
+    fpr: float,
+    image_fpr: float | None,
+    holdout: float,
+    seed: int = SEED,
+    regions_per_image: int = REGIONS_PER_IMAGE,
+) -> Thresholds:
     """Thresholds on the calibration split, realised rates (with bounds) on the holdout split."""
     calib, hold = holdout_split(len(maps), holdout, seed)
     try:
@@ -146,17 +163,30 @@ def set_thresholds(maps: np.ndarray, scores: np.ndarray, fpr: float, image_fpr: 
                 warnings.append(miss_message("image", image_fpr, hold_image))
     else:
         warnings.append("no holdout (--holdout 0): the false-positive rate on unseen good parts is not checked")
-    return Thresholds(pixel, image, calib, hold, exceedance_rate(maps[calib], pixel),
-                      None if image is None else exceedance_rate(scores[calib], image), hold_pixel, hold_image,
-                      warnings)
+    return Thresholds(
+        pixel,
+        image,
+        calib,
+        hold,
+        exceedance_rate(maps[calib], pixel),
+        None if image is None else exceedance_rate(scores[calib], image),
+        hold_pixel,
+        hold_image,
+        warnings,
+    )
 
 
 def miss_message(what: str, target: float, rate: RealisedRate) -> str:
-    side = ("MORE false alarms than asked: the calibration images do not represent the held-out ones (drift within "
-            "the batch, too few or too similar images)" if rate.lower > target else
-            "fewer false alarms than asked (less sensitive than intended: ties or too few images)")
-    return (f"{what} FPR target {target:g} is outside the {rate.confidence:.0%} interval of the realised rate on "
-            f"held-out good images: {rate.rate:.3g} [{rate.lower:.3g}, {rate.upper:.3g}]: {side}")
+    side = (
+        "MORE false alarms than asked: the calibration images do not represent the held-out ones (drift within "
+        "the batch, too few or too similar images)"
+        if rate.lower > target
+        else "fewer false alarms than asked (less sensitive than intended: ties or too few images)"
+    )
+    return (
+        f"{what} FPR target {target:g} is outside the {rate.confidence:.0%} interval of the realised rate on "
+        f"held-out good images: {rate.rate:.3g} [{rate.lower:.3g}, {rate.upper:.3g}]: {side}"
+    )
 
 
 # --- defects (MVTec layout) ---------------------------------------------------------------------------------------
@@ -240,9 +270,14 @@ def evaluate_defects(engine, root: str | Path, cal: Calibration, report_dir: Pat
         "detection_rate": sum(v["nok"] for v in defect_types.values()) / n_def if n_def else None,
         "pro_at_threshold": float(np.mean(overlaps)) if overlaps else None,
         "gt_regions": len(overlaps),
-        "per_type": {k: {"images": v["images"], "nok_rate": v["nok"] / v["images"],
-                         "pro_at_threshold": v["overlap_sum"] / v["regions"] if v["regions"] else None}
-                     for k, v in per_type.items()},
+        "per_type": {
+            k: {
+                "images": v["images"],
+                "nok_rate": v["nok"] / v["images"],
+                "pro_at_threshold": v["overlap_sum"] / v["regions"] if v["regions"] else None,
+            }
+            for k, v in per_type.items()
+        },
         "good_images": per_type.get("good", {}).get("images", 0),
         "good_reject_rate": per_type["good"]["nok"] / per_type["good"]["images"] if "good" in per_type else None,
         "overlays": overlays,
@@ -253,8 +288,9 @@ def evaluate_defects(engine, root: str | Path, cal: Calibration, report_dir: Pat
 # --- report ---------------------------------------------------------------------------------------------------
 
 
-def plot_distributions(path: Path, maps: np.ndarray, scores: np.ndarray, th: Thresholds, cal: Calibration,
-                       defect_pixels: np.ndarray | None) -> None:
+def plot_distributions(
+    path: Path, maps: np.ndarray, scores: np.ndarray, th: Thresholds, cal: Calibration, defect_pixels: np.ndarray | None
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -270,8 +306,12 @@ def plot_distributions(path: Path, maps: np.ndarray, scores: np.ndarray, th: Thr
     bins = np.linspace(min(float(p.min()) for p, _, _ in parts), hi, 120)
     for values, label, colour in parts:
         ax_px.hist(values, bins=bins, histtype="step", color=colour, label=label, density=True)
-    ax_px.axvline(cal.pixel_threshold, color="k", ls="--",
-                  label=f"pixel threshold {cal.pixel_threshold:.4g} (target FPR {cal.fpr_target:g})")
+    ax_px.axvline(
+        cal.pixel_threshold,
+        color="k",
+        ls="--",
+        label=f"pixel threshold {cal.pixel_threshold:.4g} (target FPR {cal.fpr_target:g})",
+    )
     ax_px.set_yscale("log")
     ax_px.set_xlabel("anomaly map value")
     ax_px.set_ylabel("density (log)")
@@ -282,8 +322,12 @@ def plot_distributions(path: Path, maps: np.ndarray, scores: np.ndarray, th: Thr
     if len(th.hold_idx):
         ax_img.hist(scores[th.hold_idx], bins=30, alpha=0.6, color="tab:green", label="held-out images")
     if cal.image_threshold is not None:
-        ax_img.axvline(cal.image_threshold, color="k", ls="--",
-                       label=f"image threshold {cal.image_threshold:.4g} (target {cal.image_fpr_target:g})")
+        ax_img.axvline(
+            cal.image_threshold,
+            color="k",
+            ls="--",
+            label=f"image threshold {cal.image_threshold:.4g} (target {cal.image_fpr_target:g})",
+        )
     ax_img.set_xlabel("image score (max of map)")
     ax_img.set_ylabel("images")
     ax_img.set_title("image scores of good samples")
@@ -295,23 +339,31 @@ def plot_distributions(path: Path, maps: np.ndarray, scores: np.ndarray, th: Thr
 
 
 def _rate_line(name: str, target: float | None, calib: float | None, rate: RealisedRate | None) -> str:
-    held = "not checked (no holdout)" if rate is None else (
-        f"{rate.rate:.4g}, {rate.confidence:.0%} interval [{rate.lower:.4g}, {rate.upper:.4g}] "
-        f"(effective n {rate.n_effective:.0f})")
+    held = (
+        "not checked (no holdout)"
+        if rate is None
+        else (
+            f"{rate.rate:.4g}, {rate.confidence:.0%} interval [{rate.lower:.4g}, {rate.upper:.4g}] "
+            f"(effective n {rate.n_effective:.0f})"
+        )
+    )
     return f"| {name} | {target:g} | {calib:.4g} | {held} |"
 
 
 def report_markdown(result: dict, cal: Calibration, th: Thresholds) -> str:
     lines = [
-        f"# Calibration v{cal.version}", "",
+        f"# Calibration v{cal.version}",
+        "",
         f"- model: `{cal.model_sha256[:12]}`; created {cal.created}",
         f"- source: {cal.settings.get('source_kind')} `{cal.settings.get('source')}`; "
         f"{cal.n_samples} calibration + {cal.n_holdout} held-out images (seed {cal.settings.get('seed')})",
         f"- pixel threshold: **{cal.pixel_threshold:.6g}** (a pixel is anomalous when its score is strictly above)",
         f"- image threshold: **{'none' if cal.image_threshold is None else f'{cal.image_threshold:.6g}'}**",
         f"- min defect area: {cal.min_defect_area} px (a part is NOK when a region of >= "
-        f"{max(1, cal.min_defect_area)} px is above the pixel threshold)", "",
-        "| rate | target | on calibration split | realised on held-out good images |", "| --- | --- | --- | --- |",
+        f"{max(1, cal.min_defect_area)} px is above the pixel threshold)",
+        "",
+        "| rate | target | on calibration split | realised on held-out good images |",
+        "| --- | --- | --- | --- |",
         _rate_line("pixel FPR", cal.fpr_target, th.calib_pixel_fpr, th.hold_pixel),
     ]
     if cal.image_threshold is not None:
@@ -323,11 +375,14 @@ def report_markdown(result: dict, cal: Calibration, th: Thresholds) -> str:
     if defects:
         rate = defects["detection_rate"]
         pro = defects["pro_at_threshold"]
-        lines += ["## Defective samples", "",
-                  f"- detection rate (NOK verdicts on {defects['defect_images']} defective images): "
-                  f"{'n/a' if rate is None else f'{rate:.3f}'}",
-                  f"- PRO at the pixel threshold (mean overlap of {defects['gt_regions']} ground-truth regions): "
-                  f"{'n/a' if pro is None else f'{pro:.3f}'}"]
+        lines += [
+            "## Defective samples",
+            "",
+            f"- detection rate (NOK verdicts on {defects['defect_images']} defective images): "
+            f"{'n/a' if rate is None else f'{rate:.3f}'}",
+            f"- PRO at the pixel threshold (mean overlap of {defects['gt_regions']} ground-truth regions): "
+            f"{'n/a' if pro is None else f'{pro:.3f}'}",
+        ]
         if defects["good_reject_rate"] is not None:
             lines.append(f"- good test images rejected: {defects['good_reject_rate']:.3f} of {defects['good_images']}")
         lines += ["", "| type | images | NOK rate | PRO at threshold |", "| --- | --- | --- | --- |"]
@@ -365,10 +420,17 @@ def precision_for(args) -> str:
 
 def cli_rollback(args) -> int:
     cal = rollback(args.model, precision_for(args))
-    log.info("rolled back: calibration v%d restored as v%d (replacing v%d); pixel threshold %.6g",
-             cal.restored_version, cal.version, cal.rolled_back_from, cal.pixel_threshold)
-    _emit_json(args.json, {"rolled_back": True, "calibration": cal.to_dict(),
-                           "path": str(Path(args.model) / bundle.CALIBRATION)})
+    log.info(
+        "rolled back: calibration v%d restored as v%d (replacing v%d); pixel threshold %.6g",
+        cal.restored_version,
+        cal.version,
+        cal.rolled_back_from,
+        cal.pixel_threshold,
+    )
+    _emit_json(
+        args.json,
+        {"rolled_back": True, "calibration": cal.to_dict(), "path": str(Path(args.model) / bundle.CALIBRATION)},
+    )
     return 0
 
 
@@ -385,25 +447,48 @@ def cli_calibrate(args) -> int:
     frames, names, source = good_frames(args, engine.input_size)
     maps, scores = score_frames(engine, frames, "good samples")
     th = set_thresholds(maps, scores, args.fpr, args.image_fpr, args.holdout)
-    settings = {**source, "n_images": len(frames), "holdout": args.holdout, "seed": SEED,
-                "regions_per_image": REGIONS_PER_IMAGE, "confidence": CONFIDENCE,
-                "input_size": list(engine.input_size), "providers": list(engine.providers), "precision": precision,
-                "linewatch": __version__}
+    settings = {
+        **source,
+        "n_images": len(frames),
+        "holdout": args.holdout,
+        "seed": SEED,
+        "regions_per_image": REGIONS_PER_IMAGE,
+        "confidence": CONFIDENCE,
+        "input_size": list(engine.input_size),
+        "providers": list(engine.providers),
+        "precision": precision,
+        "linewatch": __version__,
+    }
     cal = Calibration(
-        version=next_version(bundle_dir), model_sha256=model_sha, pixel_threshold=th.pixel,
-        image_threshold=th.image, min_defect_area=args.min_defect_area, fpr_target=args.fpr,
-        image_fpr_target=args.image_fpr, n_samples=len(th.calib_idx), n_holdout=len(th.hold_idx),
+        version=next_version(bundle_dir),
+        model_sha256=model_sha,
+        pixel_threshold=th.pixel,
+        image_threshold=th.image,
+        min_defect_area=args.min_defect_area,
+        fpr_target=args.fpr,
+        image_fpr_target=args.image_fpr,
+        n_samples=len(th.calib_idx),
+        n_holdout=len(th.hold_idx),
         holdout_pixel_fpr=th.hold_pixel.as_dict() if th.hold_pixel else None,
         holdout_image_fpr=th.hold_image.as_dict() if th.hold_image else None,
-        settings=settings, previous_version=current_version(bundle_dir))
+        settings=settings,
+        previous_version=current_version(bundle_dir),
+    )
 
     report_dir = Path(args.report) if args.report else bundle_dir / REPORT_DIR
     report_dir.mkdir(parents=True, exist_ok=True)
-    result = {"calibration": cal.to_dict(), "path": str(bundle_dir / bundle.CALIBRATION),
-              "calibration_split": {"pixel_fpr": th.calib_pixel_fpr, "image_fpr": th.calib_image_fpr,
-                                    "images": [names[i] for i in th.calib_idx]},
-              "holdout_images": [names[i] for i in th.hold_idx], "warnings": th.warnings,
-              "report": str(report_dir)}
+    result = {
+        "calibration": cal.to_dict(),
+        "path": str(bundle_dir / bundle.CALIBRATION),
+        "calibration_split": {
+            "pixel_fpr": th.calib_pixel_fpr,
+            "image_fpr": th.calib_image_fpr,
+            "images": [names[i] for i in th.calib_idx],
+        },
+        "holdout_images": [names[i] for i in th.hold_idx],
+        "warnings": th.warnings,
+        "report": str(report_dir),
+    }
     defect_pixels = None
     if args.defects:
         result["defects"], defect_pixels = evaluate_defects(engine, args.defects, cal, report_dir)
@@ -416,10 +501,16 @@ def cli_calibrate(args) -> int:
     for warning in th.warnings:
         log.warning("%s", warning)
     hp = th.hold_pixel
-    log.info("calibration v%d: pixel threshold %.6g (target FPR %g; held out %s), image threshold %s, "
-             "min area %d; report in %s", cal.version, cal.pixel_threshold, args.fpr,
-             "n/a" if hp is None else f"{hp.rate:.3g} [{hp.lower:.3g}, {hp.upper:.3g}]",
-             "none" if cal.image_threshold is None else f"{cal.image_threshold:.6g}", cal.min_defect_area,
-             report_dir)
+    log.info(
+        "calibration v%d: pixel threshold %.6g (target FPR %g; held out %s), image threshold %s, "
+        "min area %d; report in %s",
+        cal.version,
+        cal.pixel_threshold,
+        args.fpr,
+        "n/a" if hp is None else f"{hp.rate:.3g} [{hp.lower:.3g}, {hp.upper:.3g}]",
+        "none" if cal.image_threshold is None else f"{cal.image_threshold:.6g}",
+        cal.min_defect_area,
+        report_dir,
+    )
     _emit_json(args.json, result)
     return 0

@@ -63,8 +63,16 @@ class Calibration:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Calibration)}
-_REQUIRED = ("schema", "schema_version", "version", "created", "model_sha256", "pixel_threshold",
-             "image_threshold", "min_defect_area")
+_REQUIRED = (
+    "schema",
+    "schema_version",
+    "version",
+    "created",
+    "model_sha256",
+    "pixel_threshold",
+    "image_threshold",
+    "min_defect_area",
+)
 
 
 def _is_int(v: Any) -> bool:
@@ -77,14 +85,17 @@ def _is_real(v: Any) -> bool:
 
 def calibration_from_dict(data: dict, source: str | Path) -> Calibration:
     """Validate a parsed calibration file; every problem names the file and the key."""
+
     def bad(msg: str) -> BundleError:
         return BundleError(f"{source}: {msg}")
 
     if data.get("schema") != SCHEMA:
         raise bad(f"not a linewatch calibration (schema={data.get('schema')!r}, expected {SCHEMA!r})")
     if data.get("schema_version") != SCHEMA_VERSION:
-        raise bad(f"unsupported schema_version {data.get('schema_version')!r} (this linewatch reads "
-                  f"{SCHEMA_VERSION}); recalibrate with this version")
+        raise bad(
+            f"unsupported schema_version {data.get('schema_version')!r} (this linewatch reads "
+            f"{SCHEMA_VERSION}); recalibrate with this version"
+        )
     missing = [k for k in _REQUIRED if k not in data]
     if missing:
         raise bad(f"missing key(s) {', '.join(missing)}")
@@ -131,8 +142,10 @@ def bundle_graph(bundle_dir: str | Path, precision: str = "fp32") -> tuple[str, 
     graph = bundle.read_metadata(bundle_dir).get("graph") or {}
     sha = graph.get(sha_key)
     if not isinstance(sha, str) or not sha:
-        raise BundleError(f"{Path(bundle_dir) / bundle.METADATA}: no graph.{sha_key}: the bundle has no {precision} "
-                          f"graph (run {how} before calibrating)")
+        raise BundleError(
+            f"{Path(bundle_dir) / bundle.METADATA}: no graph.{sha_key}: the bundle has no {precision} "
+            f"graph (run {how} before calibrating)"
+        )
     return sha, graph
 
 
@@ -141,18 +154,23 @@ def graph_sha256(bundle_dir: str | Path, precision: str = "fp32") -> str:
     return bundle_graph(bundle_dir, precision)[0]
 
 
-def read_calibration_file(path: str | Path, expected_sha256: str | None, precision: str = "fp32",
-                          graph: dict | None = None) -> Calibration:
+def read_calibration_file(
+    path: str | Path, expected_sha256: str | None, precision: str = "fp32", graph: dict | None = None
+) -> Calibration:
     """A validated calibration file; with expected_sha256, refused unless it was set with that graph."""
     path = Path(path)
     cal = calibration_from_dict(bundle.read_json(path, "calibration"), path)
     if expected_sha256 is not None and cal.model_sha256 != expected_sha256:
         other = [p for p, (_, key, _) in bundle.PRECISIONS.items() if (graph or {}).get(key) == cal.model_sha256]
         if other:
-            raise BundleError(f"{path}: thresholds were set with the bundle's {other[0]} graph, but the model runs "
-                              f"its {precision} graph: run linewatch calibrate --precision {precision}")
-        raise BundleError(f"{path}: calibrated for model {cal.model_sha256[:12]}, but the bundle's {precision} graph "
-                          f"is {expected_sha256[:12]} (re-exported or replaced model): recalibrate")
+            raise BundleError(
+                f"{path}: thresholds were set with the bundle's {other[0]} graph, but the model runs "
+                f"its {precision} graph: run linewatch calibrate --precision {precision}"
+            )
+        raise BundleError(
+            f"{path}: calibrated for model {cal.model_sha256[:12]}, but the bundle's {precision} graph "
+            f"is {expected_sha256[:12]} (re-exported or replaced model): recalibrate"
+        )
     return cal
 
 
@@ -226,15 +244,26 @@ def save_calibration(bundle_dir: str | Path, cal: Calibration) -> Path:
     return path
 
 
-def write_calibration(bundle_dir: str | Path, pixel_threshold: float, image_threshold: float | None = None,
-                      min_defect_area: int = 0, precision: str = "fp32", **fields: Any) -> Calibration:
+def write_calibration(
+    bundle_dir: str | Path,
+    pixel_threshold: float,
+    image_threshold: float | None = None,
+    min_defect_area: int = 0,
+    precision: str = "fp32",
+    **fields: Any,
+) -> Calibration:
     """Write set thresholds (e.g. chosen by hand or by a test) as the next version of the bundle's calibration."""
     bundle_dir = Path(bundle_dir)
     fields.setdefault("settings", {"source_kind": "manual"})
-    cal = Calibration(version=next_version(bundle_dir), model_sha256=graph_sha256(bundle_dir, precision),
-                      pixel_threshold=float(pixel_threshold),
-                      image_threshold=None if image_threshold is None else float(image_threshold),
-                      min_defect_area=int(min_defect_area), previous_version=current_version(bundle_dir), **fields)
+    cal = Calibration(
+        version=next_version(bundle_dir),
+        model_sha256=graph_sha256(bundle_dir, precision),
+        pixel_threshold=float(pixel_threshold),
+        image_threshold=None if image_threshold is None else float(image_threshold),
+        min_defect_area=int(min_defect_area),
+        previous_version=current_version(bundle_dir),
+        **fields,
+    )
     save_calibration(bundle_dir, cal)
     return cal
 
@@ -250,13 +279,15 @@ def rollback(bundle_dir: str | Path, precision: str = "fp32") -> Calibration:
     sha, graph = bundle_graph(bundle_dir, precision)
     current = read_calibration_file(bundle_dir / bundle.CALIBRATION, sha, precision, graph)
     if current.previous_version is None:
-        raise BundleError(f"{bundle_dir / bundle.CALIBRATION}: version {current.version} has no earlier "
-                          "calibration to roll back to")
+        raise BundleError(
+            f"{bundle_dir / bundle.CALIBRATION}: version {current.version} has no earlier calibration to roll back to"
+        )
     source = history_path(bundle_dir, current.previous_version)
     if not source.is_file():
         raise BundleError(f"cannot roll back: {source} (version {current.previous_version}) is missing")
     old = read_calibration_file(source, sha, precision, graph)
-    restored = dataclasses.replace(old, version=next_version(bundle_dir), restored_version=old.version,
-                                   rolled_back_from=current.version)
+    restored = dataclasses.replace(
+        old, version=next_version(bundle_dir), restored_version=old.version, rolled_back_from=current.version
+    )
     save_calibration(bundle_dir, restored)
     return restored

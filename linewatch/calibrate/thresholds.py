@@ -38,8 +38,10 @@ def check_finite_scores(scores: np.ndarray, what: str = "scores") -> np.ndarray:
     if not finite.all():
         n_nan = int(np.isnan(flat).sum())
         n_inf = int(flat.size - finite.sum()) - n_nan
-        raise ValueError(f"{what}: {n_nan} NaN and {n_inf} inf value(s) among {flat.size} scores "
-                         "(the model produced non-finite output; fix the model/input before calibrating)")
+        raise ValueError(
+            f"{what}: {n_nan} NaN and {n_inf} inf value(s) among {flat.size} scores "
+            "(the model produced non-finite output; fix the model/input before calibrating)"
+        )
     return flat
 
 
@@ -80,8 +82,12 @@ def exceedance_rate(scores: np.ndarray, threshold: float) -> float:
     return float(np.count_nonzero(flat > threshold)) / flat.size
 
 
-def min_samples_for_fpr(fpr: float, regions_per_image: int = REGIONS_PER_IMAGE, min_exceedances: int = 1,
-                        min_images: int = MIN_CALIBRATION_IMAGES) -> int:
+def min_samples_for_fpr(
+    fpr: float,
+    regions_per_image: int = REGIONS_PER_IMAGE,
+    min_exceedances: int = 1,
+    min_images: int = MIN_CALIBRATION_IMAGES,
+) -> int:
     """Images needed to set a threshold at `fpr`: at least `min_exceedances` expected independent exceedances.
 
     Pixels of one image are strongly correlated, so the unit is an image region (`regions_per_image` per image;
@@ -99,8 +105,9 @@ def min_samples_for_fpr(fpr: float, regions_per_image: int = REGIONS_PER_IMAGE, 
     return max(min_images, needed)
 
 
-def check_enough_samples(n_images: int, fpr: float, what: str = "pixel",
-                         regions_per_image: int = REGIONS_PER_IMAGE) -> None:
+def check_enough_samples(
+    n_images: int, fpr: float, what: str = "pixel", regions_per_image: int = REGIONS_PER_IMAGE
+) -> None:
     """Raise ValueError with the numbers when `n_images` cannot support a threshold at `fpr`."""
     needed = min_samples_for_fpr(fpr, regions_per_image)
     if n_images < needed:
@@ -108,7 +115,8 @@ def check_enough_samples(n_images: int, fpr: float, what: str = "pixel",
         raise ValueError(
             f"too few samples for a {what} false-positive rate of {fpr:g}: it needs at least {needed} calibration "
             f"images ({unit}, at least one expected false positive at that rate), got {n_images}; "
-            f"give more good images or ask for a higher rate")
+            f"give more good images or ask for a higher rate"
+        )
 
 
 def _betacf(a: float, b: float, x: float, max_iter: int = 100000, eps: float = 1e-15) -> float:
@@ -138,7 +146,7 @@ def beta_cdf(x: float, a: float, b: float) -> float:
         return 0.0
     if x >= 1.0:
         return 1.0
-    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
     if x < (a + 1.0) / (a + b + 2.0):
         return math.exp(log_front) * _betacf(a, b, x) / a
     return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
@@ -195,7 +203,7 @@ def effective_pixel_count(exceed_per_image: np.ndarray, pixels_per_image: int, c
     p = k.sum() / n_total
     if m < 2 or p <= 0.0 or p >= 1.0:
         return float(m)
-    var_cluster = m / (m - 1) * float(((k - p * pixels_per_image) ** 2).sum()) / n_total ** 2
+    var_cluster = m / (m - 1) * float(((k - p * pixels_per_image) ** 2).sum()) / n_total**2
     if var_cluster <= 0.0:
         return n_total
     q = 0.5 + confidence / 2.0

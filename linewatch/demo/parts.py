@@ -54,12 +54,13 @@ def good_crop(rng: np.random.Generator, band: str, size: int, crop: int = CROP) 
     regions = [(int(t * h), int(b * h), int(left * w), int(right * w)) for t, b, left, right in BANDS[band]]
     for top, bottom, left, right in regions:
         if bottom - top < crop or right - left < crop:
-            raise ValueError(f"band {band!r} has a {right - left}x{bottom - top} region, smaller than the "
-                             f"{crop}-pixel crop")
+            raise ValueError(
+                f"band {band!r} has a {right - left}x{bottom - top} region, smaller than the {crop}-pixel crop"
+            )
     top, bottom, left, right = regions[int(rng.integers(len(regions)))]
     y = int(rng.integers(top, bottom - crop + 1))
     x = int(rng.integers(left, right - crop + 1))
-    patch = tex[y:y + crop, x:x + crop]
+    patch = tex[y : y + crop, x : x + crop]
     if rng.random() < 0.5:
         patch = patch[:, ::-1]
     patch = cv2.resize(np.ascontiguousarray(patch), (size, size), interpolation=cv2.INTER_AREA)
@@ -76,8 +77,12 @@ def paint_defect(image: np.ndarray, kind: str, rng: np.random.Generator) -> tupl
         pts = [(int(rng.integers(s // 8, w - s // 8)), int(rng.integers(s // 8, h - s // 8)))]
         for _ in range(3):
             x, y = pts[-1]
-            pts.append((int(np.clip(x + rng.integers(-s // 4, s // 4), 2, w - 3)),
-                        int(np.clip(y + rng.integers(-s // 4, s // 4), 2, h - 3))))
+            pts.append(
+                (
+                    int(np.clip(x + rng.integers(-s // 4, s // 4), 2, w - 3)),
+                    int(np.clip(y + rng.integers(-s // 4, s // 4), 2, h - 3)),
+                )
+            )
         cv2.polylines(mask, [np.array(pts, np.int32)], False, 1, thickness=max(2, s // 64))
         shade = 235.0 if rng.random() < 0.5 else 25.0
         out[mask > 0] = 0.15 * out[mask > 0] + 0.85 * shade

@@ -135,11 +135,14 @@ def build_line(out: Path, n_parts: int, seed: int, s: Settings) -> list[LinePart
 
     data = out / "data"
     write_folder(data / "train", [p.image for p in make_parts(s.train_images, "train", SIZE, 0.0, seed)])
-    write_folder(data / "calibrate", [p.image for p in make_parts(s.calibrate_images, "calibrate", SIZE, 0.0,
-                                                                  seed + 1)])
+    write_folder(
+        data / "calibrate", [p.image for p in make_parts(s.calibrate_images, "calibrate", SIZE, 0.0, seed + 1)]
+    )
     warmup = make_parts(s.warmup_frames, "line", SIZE, 0.0, seed + 2)
-    parts = [LinePart(i + 1, s.warmup_frames + i + 1, p.kind, p.image, p.mask)
-             for i, p in enumerate(make_parts(n_parts, "line", SIZE, DEFECT_RATE, seed + 3))]
+    parts = [
+        LinePart(i + 1, s.warmup_frames + i + 1, p.kind, p.image, p.mask)
+        for i, p in enumerate(make_parts(n_parts, "line", SIZE, DEFECT_RATE, seed + 3))
+    ]
     line = out / "line"
     (line / "parts").mkdir(parents=True)
     (line / "masks").mkdir()
@@ -147,18 +150,44 @@ def build_line(out: Path, n_parts: int, seed: int, s: Settings) -> list[LinePart
     for part in parts:
         cv2.imwrite(str(line / "parts" / f"part_{part.number:03d}.png"), part.image)
         cv2.imwrite(str(line / "masks" / f"part_{part.number:03d}.png"), part.mask.astype(np.uint8) * 255)
-        truth.append({"part": part.number, "frame_index": part.frame_index, "kind": part.kind,
-                      "defect_area": int(part.mask.sum()), "image": f"parts/part_{part.number:03d}.png",
-                      "mask": f"masks/part_{part.number:03d}.png"})
-    video, codec, diff = write_video(line / "camera.avi", [p.image for p in warmup] + [p.image for p in parts],
-                                     s.fps)
-    (line / "truth.json").write_text(json.dumps(
-        {"video": video.name, "codec": codec, "max_decode_difference": diff, "fps": s.fps,
-         "warmup_frames": s.warmup_frames, "parts": truth}, indent=2) + "\n")
+        truth.append(
+            {
+                "part": part.number,
+                "frame_index": part.frame_index,
+                "kind": part.kind,
+                "defect_area": int(part.mask.sum()),
+                "image": f"parts/part_{part.number:03d}.png",
+                "mask": f"masks/part_{part.number:03d}.png",
+            }
+        )
+    video, codec, diff = write_video(line / "camera.avi", [p.image for p in warmup] + [p.image for p in parts], s.fps)
+    (line / "truth.json").write_text(
+        json.dumps(
+            {
+                "video": video.name,
+                "codec": codec,
+                "max_decode_difference": diff,
+                "fps": s.fps,
+                "warmup_frames": s.warmup_frames,
+                "parts": truth,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     n_bad = sum(p.defective for p in parts)
-    log.info("demo line: %d training and %d calibration images of good parts; camera video %s (%s, %d warm-up "
-             "frames + %d parts, %d defective; decoded frames differ by at most %d grey level(s))",
-             s.train_images, s.calibrate_images, video, codec, s.warmup_frames, len(parts), n_bad, diff)
+    log.info(
+        "demo line: %d training and %d calibration images of good parts; camera video %s (%s, %d warm-up "
+        "frames + %d parts, %d defective; decoded frames differ by at most %d grey level(s))",
+        s.train_images,
+        s.calibrate_images,
+        video,
+        codec,
+        s.warmup_frames,
+        len(parts),
+        n_bad,
+        diff,
+    )
     return parts
 
 
@@ -174,26 +203,59 @@ def run_step(what: str, args: list[str]) -> None:
     t0 = time.perf_counter()
     result = subprocess.run(linewatch_cmd(*args), stdout=sys.stderr, stderr=sys.stderr)
     if result.returncode != 0:
-        raise LinewatchError(f"demo step '{what}' failed: `linewatch {' '.join(args)}` exited with "
-                             f"{result.returncode} (its messages are above)")
+        raise LinewatchError(
+            f"demo step '{what}' failed: `linewatch {' '.join(args)}` exited with "
+            f"{result.returncode} (its messages are above)"
+        )
     log.info("%s done in %.1f s", what, time.perf_counter() - t0)
 
 
 def build_model(out: Path, seed: int, s: Settings) -> dict:
     model = out / "model"
-    run_step("training", ["train", "--data", str(out / "data" / "train"), "--out", str(model), "--preset", "fast",
-                          "--epochs", str(s.epochs), "--seed", str(seed)])
+    run_step(
+        "training",
+        [
+            "train",
+            "--data",
+            str(out / "data" / "train"),
+            "--out",
+            str(model),
+            "--preset",
+            "fast",
+            "--epochs",
+            str(s.epochs),
+            "--seed",
+            str(seed),
+        ],
+    )
     run_step("export", ["export", str(model)])
     cal_json = out / "calibration.json"
-    run_step("calibration", ["calibrate", str(model), "--good", str(out / "data" / "calibrate"), "--fpr",
-                             str(s.fpr), "--min-defect-area", str(s.min_defect_area), "--json", str(cal_json)])
+    run_step(
+        "calibration",
+        [
+            "calibrate",
+            str(model),
+            "--good",
+            str(out / "data" / "calibrate"),
+            "--fpr",
+            str(s.fpr),
+            "--min-defect-area",
+            str(s.min_defect_area),
+            "--json",
+            str(cal_json),
+        ],
+    )
     result = json.loads(cal_json.read_text())
     held = result["calibration"].get("holdout_pixel_fpr") or {}
-    log.info("calibration: pixel threshold %.5g for a target pixel FPR of %g; realised on %d held-out good "
-             "images: %s; a part fails on a region of >= %d px", result["calibration"]["pixel_threshold"], s.fpr,
-             result["calibration"]["n_holdout"],
-             f"{held['rate']:.4g} [{held['lower']:.3g}, {held['upper']:.3g}]" if held else "n/a",
-             s.min_defect_area)
+    log.info(
+        "calibration: pixel threshold %.5g for a target pixel FPR of %g; realised on %d held-out good "
+        "images: %s; a part fails on a region of >= %d px",
+        result["calibration"]["pixel_threshold"],
+        s.fpr,
+        result["calibration"]["n_holdout"],
+        f"{held['rate']:.4g} [{held['lower']:.3g}, {held['upper']:.3g}]" if held else "n/a",
+        s.min_defect_area,
+    )
     return result
 
 
@@ -213,8 +275,16 @@ def write_daemon_config(out: Path, n_frames: int, endpoint: str, s: Settings) ->
     config = {
         "model": {"bundle": str((out / "model").resolve())},
         "engine": {"providers": ["auto"], "max_batch": 4, "max_wait_ms": 5},
-        "cameras": [{"name": CAMERA, "kind": "video", "source": str((out / "line" / "camera.avi").resolve()),
-                     "loop": False, "fps": s.fps, "queue_size": n_frames + 1}],
+        "cameras": [
+            {
+                "name": CAMERA,
+                "kind": "video",
+                "source": str((out / "line" / "camera.avi").resolve()),
+                "loop": False,
+                "fps": s.fps,
+                "queue_size": n_frames + 1,
+            }
+        ],
         "publish": {"endpoint": endpoint, "status_interval_s": 0.5},
         "trigger": {"enabled": False},
         "metrics": {"enabled": False},
@@ -235,8 +305,10 @@ def _tail(path: Path, lines: int = 15) -> str:
 def format_line(part: LinePart, header: dict, defect_area: int) -> str:
     verdict = header["verdict"]
     outcome = outcome_of(part.defective, verdict)
-    return (f"part {part.number:3d}  truth {part.kind:7s}  {verdict:5s}  "
-            f"score {_number(header['image_score'], '6.4f')}  defect area {defect_area:5d} px  {outcome}")
+    return (
+        f"part {part.number:3d}  truth {part.kind:7s}  {verdict:5s}  "
+        f"score {_number(header['image_score'], '6.4f')}  defect area {defect_area:5d} px  {outcome}"
+    )
 
 
 def outcome_of(defective: bool, verdict: str) -> str:
@@ -265,17 +337,25 @@ def inspect_line(out: Path, parts: list[LinePart], s: Settings) -> dict[int, dic
     log_path = out / "daemon.log"
     sub = Subscriber(endpoint, camera=CAMERA)  # connects before the daemon binds: no start-up results lost
     with open(log_path, "w") as daemon_log:
-        daemon = subprocess.Popen(linewatch_cmd("run", "--config", str(config)), stdout=daemon_log,
-                                  stderr=subprocess.STDOUT)
-    log.info("daemon started (pid %d, results on %s, log %s); %d frames at %g fps", daemon.pid, endpoint,
-             log_path, n_frames, s.fps)
+        daemon = subprocess.Popen(
+            linewatch_cmd("run", "--config", str(config)), stdout=daemon_log, stderr=subprocess.STDOUT
+        )
+    log.info(
+        "daemon started (pid %d, results on %s, log %s); %d frames at %g fps",
+        daemon.pid,
+        endpoint,
+        log_path,
+        n_frames,
+        s.fps,
+    )
     deadline = time.monotonic() + 90.0 + 3 * n_frames / s.fps
     try:
         while len(results) < len(parts):
             if daemon.poll() is not None:
-                raise LinewatchError(f"the daemon exited with {daemon.returncode} before all parts were "
-                                     f"inspected ({len(results)} of {len(parts)}); its log {log_path} ends:\n"
-                                     + _tail(log_path))
+                raise LinewatchError(
+                    f"the daemon exited with {daemon.returncode} before all parts were "
+                    f"inspected ({len(results)} of {len(parts)}); its log {log_path} ends:\n" + _tail(log_path)
+                )
             if time.monotonic() > deadline:
                 missing = [p.number for p in parts if p.number not in results]
                 raise LinewatchError(f"timed out: no result for part(s) {missing} (see {log_path})")
@@ -285,8 +365,10 @@ def inspect_line(out: Path, parts: list[LinePart], s: Settings) -> dict[int, dic
             if msg.kind != "result":
                 dropped = msg.header.get("dropped", 0) + msg.header.get("publish_dropped", 0)
                 if dropped:
-                    raise LinewatchError(f"the daemon dropped {dropped} frame(s) of the demo video (status: "
-                                         f"{msg.header}); see {log_path}")
+                    raise LinewatchError(
+                        f"the daemon dropped {dropped} frame(s) of the demo video (status: "
+                        f"{msg.header}); see {log_path}"
+                    )
                 continue
             index = msg.header.get("frame_index")
             part = by_frame.get(index)
@@ -294,12 +376,18 @@ def inspect_line(out: Path, parts: list[LinePart], s: Settings) -> dict[int, dic
                 continue  # a warm-up frame
             lost = [p.number for p in parts if p.frame_index < index and p.number not in results]
             if lost:  # a PUB socket keeps order: an earlier part that did not arrive never will
-                raise LinewatchError(f"results for part(s) {lost} were never received (the subscriber joined "
-                                     f"late or messages were dropped); see {log_path}")
+                raise LinewatchError(
+                    f"results for part(s) {lost} were never received (the subscriber joined "
+                    f"late or messages were dropped); see {log_path}"
+                )
             area = defect_area(msg.header, s.min_defect_area)
             mask = msg.mask_array() if msg.mask else None
-            results[part.number] = {"header": msg.header, "mask": mask, "area": area,
-                                    "above_threshold": None if mask is None else int(np.count_nonzero(mask))}
+            results[part.number] = {
+                "header": msg.header,
+                "mask": mask,
+                "area": area,
+                "above_threshold": None if mask is None else int(np.count_nonzero(mask)),
+            }
             print(format_line(part, msg.header, area), flush=True)
     finally:
         sub.close()
@@ -312,8 +400,10 @@ def inspect_line(out: Path, parts: list[LinePart], s: Settings) -> dict[int, dic
             daemon.wait()
             code = None
     if code != 0:
-        raise LinewatchError(f"the daemon did not exit cleanly after SIGTERM (exit code {code}); its log "
-                             f"{log_path} ends:\n" + _tail(log_path))
+        raise LinewatchError(
+            f"the daemon did not exit cleanly after SIGTERM (exit code {code}); its log "
+            f"{log_path} ends:\n" + _tail(log_path)
+        )
     log.info("daemon stopped with exit code 0 after SIGTERM")
     return results
 
@@ -325,10 +415,16 @@ def count_outcomes(parts: list[LinePart], results: dict[int, dict]) -> dict:
     outcomes = [outcome_of(p.defective, results[p.number]["header"]["verdict"]) for p in parts]
     n_bad = sum(p.defective for p in parts)
     n_good = len(parts) - n_bad
-    counts = {"parts": len(parts), "defective": n_bad, "good": n_good,
-              "detected": outcomes.count("detected"), "missed": outcomes.count("MISSED"),
-              "false_alarms": outcomes.count("FALSE ALARM"), "correct_passes": outcomes.count("correct pass"),
-              "errors": outcomes.count("error")}
+    counts = {
+        "parts": len(parts),
+        "defective": n_bad,
+        "good": n_good,
+        "detected": outcomes.count("detected"),
+        "missed": outcomes.count("MISSED"),
+        "false_alarms": outcomes.count("FALSE ALARM"),
+        "correct_passes": outcomes.count("correct pass"),
+        "errors": outcomes.count("error"),
+    }
     counts["detection_rate"] = counts["detected"] / n_bad if n_bad else None
     counts["false_alarm_rate"] = counts["false_alarms"] / n_good if n_good else None
     return counts
@@ -337,7 +433,7 @@ def count_outcomes(parts: list[LinePart], results: dict[int, dict]) -> dict:
 def score_images(engine, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     maps, scores = [], []
     for start in range(0, len(images), 8):
-        m, sc = engine.score(np.stack(images[start:start + 8]))
+        m, sc = engine.score(np.stack(images[start : start + 8]))
         maps.append(m)
         scores.append(sc)
     return np.concatenate(maps), np.concatenate(scores)
@@ -348,8 +444,9 @@ def _outline(image: np.ndarray, region: np.ndarray, colour: tuple[int, int, int]
     cv2.drawContours(image, contours, -1, colour, 1)
 
 
-def overlay_grid(parts: list[LinePart], results: dict[int, dict], maps: np.ndarray, threshold: float,
-                 calibrate_maps: np.ndarray) -> np.ndarray:
+def overlay_grid(
+    parts: list[LinePart], results: dict[int, dict], maps: np.ndarray, threshold: float, calibrate_maps: np.ndarray
+) -> np.ndarray:
     """Per part: the camera image, then the heat map with the published mask (magenta) and the truth (green)."""
     from linewatch.evaluation.overlay import (
         THRESHOLD_COLOUR,
@@ -380,8 +477,9 @@ def _data_uri(jpeg: bytes) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
 
 
-def write_report(out: Path, parts: list[LinePart], results: dict[int, dict], calibration: dict, s: Settings,
-                 timings: dict) -> tuple[Path, dict]:
+def write_report(
+    out: Path, parts: list[LinePart], results: dict[int, dict], calibration: dict, s: Settings, timings: dict
+) -> tuple[Path, dict]:
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
     from linewatch.images import list_images, read_image
@@ -391,12 +489,14 @@ def write_report(out: Path, parts: list[LinePart], results: dict[int, dict], cal
     # scores of the part images double-check that each result was matched to the right part.
     engine = Engine(out / "model")
     maps, scores = score_images(engine, [p.image for p in parts])
-    published = np.array([np.nan if (v := results[p.number]["header"]["image_score"]) is None else v
-                          for p in parts])
+    published = np.array([np.nan if (v := results[p.number]["header"]["image_score"]) is None else v for p in parts])
     score_diff = float(np.nanmax(np.abs(published - scores) / np.maximum(np.abs(scores), 1e-12)))
     if score_diff > 1e-3:
-        log.warning("published image scores differ from the graph's scores of the part images by up to %.2g "
-                    "(relative): the video frames are not the parts bit for bit", score_diff)
+        log.warning(
+            "published image scores differ from the graph's scores of the part images by up to %.2g "
+            "(relative): the video frames are not the parts bit for bit",
+            score_diff,
+        )
     cal_maps, _ = score_images(engine, [read_image(p) for p in list_images(out / "data" / "calibrate")[:16]])
     threshold = calibration["calibration"]["pixel_threshold"]
     sheet = overlay_grid(parts, results, maps, threshold, cal_maps)
@@ -407,17 +507,35 @@ def write_report(out: Path, parts: list[LinePart], results: dict[int, dict], cal
     (report / "overlays.png").write_bytes(png.tobytes())  # lossless, beside the report
 
     counts = count_outcomes(parts, results)
-    rows = [{"part": p.number, "frame_index": p.frame_index, "truth": p.kind, "true_area": int(p.mask.sum()),
-             "verdict": results[p.number]["header"]["verdict"],
-             "image_score": results[p.number]["header"]["image_score"], "defect_area": results[p.number]["area"],
-             "pixels_above_threshold": results[p.number]["above_threshold"],
-             "outcome": outcome_of(p.defective, results[p.number]["header"]["verdict"])} for p in parts]
+    rows = [
+        {
+            "part": p.number,
+            "frame_index": p.frame_index,
+            "truth": p.kind,
+            "true_area": int(p.mask.sum()),
+            "verdict": results[p.number]["header"]["verdict"],
+            "image_score": results[p.number]["header"]["image_score"],
+            "defect_area": results[p.number]["area"],
+            "pixels_above_threshold": results[p.number]["above_threshold"],
+            "outcome": outcome_of(p.defective, results[p.number]["header"]["verdict"]),
+        }
+        for p in parts
+    ]
     held = calibration["calibration"].get("holdout_pixel_fpr") or {}
-    summary = {"counts": counts, "parts": rows, "score_max_relative_difference": score_diff,
-               "calibration": {"pixel_threshold": threshold, "fpr_target": s.fpr,
-                               "holdout_pixel_fpr": held or None, "min_defect_area": s.min_defect_area,
-                               "version": calibration["calibration"]["version"]},
-               "settings": s.__dict__, "timings_s": timings}
+    summary = {
+        "counts": counts,
+        "parts": rows,
+        "score_max_relative_difference": score_diff,
+        "calibration": {
+            "pixel_threshold": threshold,
+            "fpr_target": s.fpr,
+            "holdout_pixel_fpr": held or None,
+            "min_defect_area": s.min_defect_area,
+            "version": calibration["calibration"]["version"],
+        },
+        "settings": s.__dict__,
+        "timings_s": timings,
+    }
     (report / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
     (report / "report.html").write_text(report_html(summary, jpeg.tobytes()))  # self-contained: a JPEG inside
     return report / "report.html", counts
@@ -436,24 +554,26 @@ def report_html(summary: dict, grid_jpeg: bytes) -> str:
         f"<tr class='{'bad' if r['outcome'] in ('MISSED', 'FALSE ALARM', 'error') else ''}'><td>{r['part']}</td>"
         f"<td>{html.escape(r['truth'])}</td><td>{r['true_area']}</td><td>{r['verdict']}</td>"
         f"<td>{_number(r['image_score'], '.4f')}</td><td>{r['defect_area']}</td>"
-        f"<td>{r['outcome']}</td></tr>" for r in summary["parts"])
+        f"<td>{r['outcome']}</td></tr>"
+        for r in summary["parts"]
+    )
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>linewatch demo report</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:75em}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}} tr.bad{{background:#fdd}}
 img{{max-width:100%}}</style></head><body>
-<h1>linewatch demo: {c['parts']} parts on the simulated line</h1>
+<h1>linewatch demo: {c["parts"]} parts on the simulated line</h1>
 <p>Verdicts as published by the daemon over ZeroMQ, against the known truth of each part.</p>
 <table><tr><th></th><th>verdict NOK</th><th>verdict OK</th><th>ERROR</th></tr>
-<tr><th>defective ({c['defective']})</th><td>{c['detected']} detected</td><td>{c['missed']} missed</td>
-<td rowspan=2>{c['errors']}</td></tr>
-<tr><th>good ({c['good']})</th><td>{c['false_alarms']} false alarms</td>
-<td>{c['correct_passes']} correct passes</td></tr>
+<tr><th>defective ({c["defective"]})</th><td>{c["detected"]} detected</td><td>{c["missed"]} missed</td>
+<td rowspan=2>{c["errors"]}</td></tr>
+<tr><th>good ({c["good"]})</th><td>{c["false_alarms"]} false alarms</td>
+<td>{c["correct_passes"]} correct passes</td></tr>
 </table>
-<p><b>Detection rate {rate(c['detection_rate'])}</b>, <b>false-alarm rate {rate(c['false_alarm_rate'])}</b>.</p>
-<p>Calibration v{cal['version']}: pixel threshold {cal['pixel_threshold']:.5g} at a target pixel false-positive rate
-of {cal['fpr_target']:g} (realised on held-out good images: {held_rate});
-a part is NOK when a region of at least {cal['min_defect_area']} px is above the threshold.</p>
+<p><b>Detection rate {rate(c["detection_rate"])}</b>, <b>false-alarm rate {rate(c["false_alarm_rate"])}</b>.</p>
+<p>Calibration v{cal["version"]}: pixel threshold {cal["pixel_threshold"]:.5g} at a target pixel false-positive rate
+of {cal["fpr_target"]:g} (realised on held-out good images: {held_rate});
+a part is NOK when a region of at least {cal["min_defect_area"]} px is above the threshold.</p>
 <h2>Overlays</h2>
 <p>Per part: the camera frame, then the anomaly map (colour from the good parts' noise level up), the published
 defect mask outlined in magenta and the true defect outlined in green.</p>
@@ -464,7 +584,7 @@ defect mask outlined in magenta and the true defect outlined in green.</p>
 <th>defect area px</th><th>outcome</th></tr>
 {rows}
 </table>
-<p>Timings (s): {html.escape(json.dumps(summary['timings_s']))}</p>
+<p>Timings (s): {html.escape(json.dumps(summary["timings_s"]))}</p>
 </body></html>
 """
 
@@ -503,9 +623,11 @@ def cli_demo(args) -> int:
     total = time.perf_counter() - started
     rate = lambda v: "n/a" if v is None else f"{100 * v:.0f} %"  # noqa: E731
     log.info("[5/5] done in %.0f s", total)
-    print(f"summary: {counts['parts']} parts ({counts['defective']} defective): {counts['detected']} detected, "
-          f"{counts['missed']} missed, {counts['false_alarms']} false alarms, {counts['correct_passes']} correct "
-          f"passes, {counts['errors']} errors; detection rate {rate(counts['detection_rate'])}, false-alarm rate "
-          f"{rate(counts['false_alarm_rate'])}")
+    print(
+        f"summary: {counts['parts']} parts ({counts['defective']} defective): {counts['detected']} detected, "
+        f"{counts['missed']} missed, {counts['false_alarms']} false alarms, {counts['correct_passes']} correct "
+        f"passes, {counts['errors']} errors; detection rate {rate(counts['detection_rate'])}, false-alarm rate "
+        f"{rate(counts['false_alarm_rate'])}"
+    )
     print(f"report: {report.resolve()}")
     return 0

@@ -44,13 +44,18 @@ def parse_batches(text: str) -> list[int]:
 def latency_stats(seconds: list[float], batch: int) -> dict:
     """images/s over all timed calls and per-call latency percentiles in ms."""
     arr = np.asarray(seconds, np.float64)
-    return {"iters": int(arr.size), "images_per_s": float(batch * arr.size / arr.sum()),
-            "p50_ms": float(np.percentile(arr, 50) * 1e3), "p99_ms": float(np.percentile(arr, 99) * 1e3),
-            "mean_ms": float(arr.mean() * 1e3)}
+    return {
+        "iters": int(arr.size),
+        "images_per_s": float(batch * arr.size / arr.sum()),
+        "p50_ms": float(np.percentile(arr, 50) * 1e3),
+        "p99_ms": float(np.percentile(arr, 99) * 1e3),
+        "mean_ms": float(arr.mean() * 1e3),
+    }
 
 
-def time_calls(score, frames: np.ndarray, iters: int, warmup: int = WARMUP,
-               max_seconds: float = MAX_SECONDS) -> list[float]:
+def time_calls(
+    score, frames: np.ndarray, iters: int, warmup: int = WARMUP, max_seconds: float = MAX_SECONDS
+) -> list[float]:
     for _ in range(warmup):
         score(frames)
     times: list[float] = []
@@ -72,6 +77,7 @@ def bench_frames(batch: int, height: int, width: int, seed: int = 0) -> np.ndarr
 
 # ---- worker (runs in a subprocess) --------------------------------------------------------------------------
 
+
 def run_worker(spec: dict) -> dict:
     """One measurement: load the scorer, time it, report peak RSS of this process."""
     meta = bundle.read_metadata(spec["bundle"])
@@ -81,14 +87,14 @@ def run_worker(spec: dict) -> dict:
     if spec["kind"] == "engine":
         from linewatch.line.engine import Engine
 
-        scorer = Engine(spec["bundle"], providers=spec["provider"], precision=spec.get("precision", "fp32"),
-                        threads=threads)
+        scorer = Engine(
+            spec["bundle"], providers=spec["provider"], precision=spec.get("precision", "fp32"), threads=threads
+        )
         label = {"providers": scorer.providers}
     else:
         from linewatch.export.reference import (
             NaiveScorer,  # torch: only ever imported in this subprocess
         )
-
         from linewatch.training.model import load_model
 
         scorer = NaiveScorer(load_model(spec["bundle"]), threads=threads)
@@ -100,8 +106,14 @@ def run_worker(spec: dict) -> dict:
     # CPU seconds per image (warm-up included in both numerator and denominator): less sensitive than wall
     # time to other jobs on a shared host, though not immune (shared caches and memory bandwidth)
     cpu_per_image = (time.process_time() - cpu0) / (spec["batch"] * (len(times) + WARMUP))
-    return {**label, "batch": spec["batch"], "load_s": load_s, **latency_stats(times, spec["batch"]),
-            "cpu_s_per_image": cpu_per_image, "peak_rss_mb": peak_rss_mb()}
+    return {
+        **label,
+        "batch": spec["batch"],
+        "load_s": load_s,
+        **latency_stats(times, spec["batch"]),
+        "cpu_s_per_image": cpu_per_image,
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def measure(spec: dict, timeout: float = 1800) -> dict:
@@ -112,12 +124,15 @@ def measure(spec: dict, timeout: float = 1800) -> dict:
         raise LinewatchError(f"benchmark worker timed out after {timeout:.0f} s: {spec}") from None
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
-        raise LinewatchError(f"benchmark worker failed (exit {proc.returncode}) for {spec['kind']} "
-                             f"batch {spec['batch']}: {proc.stderr.strip()[-800:]}")
+        raise LinewatchError(
+            f"benchmark worker failed (exit {proc.returncode}) for {spec['kind']} "
+            f"batch {spec['batch']}: {proc.stderr.strip()[-800:]}"
+        )
     return json.loads(lines[-1])
 
 
 # ---- command --------------------------------------------------------------------------------------------------
+
 
 def reference_unavailable(bundle_dir: Path) -> str | None:
     """Why the torch reference cannot run here, or None."""
@@ -130,29 +145,56 @@ def reference_unavailable(bundle_dir: Path) -> str | None:
     return None
 
 
-def run_bench(bundle_dir: str | Path, batches: list[int], providers: list[str], precision: str = "fp32",
-              iters: int = 20, reference: bool = True, threads: int | None = None,
-              max_seconds: float = MAX_SECONDS) -> dict:
+def run_bench(
+    bundle_dir: str | Path,
+    batches: list[int],
+    providers: list[str],
+    precision: str = "fp32",
+    iters: int = 20,
+    reference: bool = True,
+    threads: int | None = None,
+    max_seconds: float = MAX_SECONDS,
+) -> dict:
     bundle_dir = Path(bundle_dir)
     meta = bundle.read_metadata(bundle_dir)
     threads = threads or os.cpu_count() or 1
     results = []
     for provider in providers:
         for batch in batches:
-            spec = {"kind": "engine", "bundle": str(bundle_dir), "provider": provider, "precision": precision,
-                    "batch": batch, "iters": iters, "threads": threads, "max_seconds": max_seconds}
+            spec = {
+                "kind": "engine",
+                "bundle": str(bundle_dir),
+                "provider": provider,
+                "precision": precision,
+                "batch": batch,
+                "iters": iters,
+                "threads": threads,
+                "max_seconds": max_seconds,
+            }
             res = measure(spec)
             res.update(provider=provider, precision=precision)
-            log.info("%s batch %d: %.1f images/s, p99 %.1f ms", "/".join(res["providers"]), batch,
-                     res["images_per_s"], res["p99_ms"])
+            log.info(
+                "%s batch %d: %.1f images/s, p99 %.1f ms",
+                "/".join(res["providers"]),
+                batch,
+                res["images_per_s"],
+                res["p99_ms"],
+            )
             results.append(res)
     report = {
-        "bundle": str(bundle_dir), "model_id": bundle.model_id(meta), "precision": precision,
+        "bundle": str(bundle_dir),
+        "model_id": bundle.model_id(meta),
+        "precision": precision,
         "input": [meta["input"]["height"], meta["input"]["width"]],
-        "layers": (meta.get("dfr") or {}).get("layer_spec"), "c_d": (meta.get("dfr") or {}).get("c_d"),
+        "layers": (meta.get("dfr") or {}).get("layer_spec"),
+        "c_d": (meta.get("dfr") or {}).get("c_d"),
         "weights": (meta.get("weights") or {}).get("source"),
-        "host": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                 "threads": threads, "python": platform.python_version()},
+        "host": {
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "threads": threads,
+            "python": platform.python_version(),
+        },
         "results": results,
     }
     why_not = None if reference else "disabled (--no-reference)"
@@ -161,38 +203,59 @@ def run_bench(bundle_dir: str | Path, batches: list[int], providers: list[str], 
         report["reference"] = {"skipped": why_not}
         return report
     ref_batch = 1  # the naive reference holds c_o×H×W floats per image (906 MB for f_{1:12} at 256²)
-    ref = measure({"kind": "reference", "bundle": str(bundle_dir), "batch": ref_batch, "iters": iters,
-                   "threads": threads, "max_seconds": max_seconds})
+    ref = measure(
+        {
+            "kind": "reference",
+            "bundle": str(bundle_dir),
+            "batch": ref_batch,
+            "iters": iters,
+            "threads": threads,
+            "max_seconds": max_seconds,
+        }
+    )
     report["reference"] = ref
-    log.info("naive torch reference batch %d: %.2f images/s, peak %.0f MB", ref_batch, ref["images_per_s"],
-             ref["peak_rss_mb"])
+    log.info(
+        "naive torch reference batch %d: %.2f images/s, peak %.0f MB",
+        ref_batch,
+        ref["images_per_s"],
+        ref["peak_rss_mb"],
+    )
     report["ratios"] = [
-        {"provider": r["provider"], "batch": r["batch"],
-         "speedup_per_image": r["images_per_s"] / ref["images_per_s"],
-         "cpu_time_ratio": ref["cpu_s_per_image"] / r["cpu_s_per_image"],
-         "memory_ratio": ref["peak_rss_mb"] / r["peak_rss_mb"]}
+        {
+            "provider": r["provider"],
+            "batch": r["batch"],
+            "speedup_per_image": r["images_per_s"] / ref["images_per_s"],
+            "cpu_time_ratio": ref["cpu_s_per_image"] / r["cpu_s_per_image"],
+            "memory_ratio": ref["peak_rss_mb"] / r["peak_rss_mb"],
+        }
         for r in results
     ]
     return report
 
 
 def format_report(report: dict) -> str:
-    lines = [f"bundle {report['bundle']} (model {report['model_id']}, {report['input'][0]}x{report['input'][1]}, "
-             f"layers {report['layers']}, c_d {report['c_d']}, weights {report['weights']}, "
-             f"{report['host']['threads']} threads, {report.get('precision', 'fp32')} graph)",
-             f"{'providers':<34} {'batch':>5} {'images/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'peak MB':>8}"]
+    lines = [
+        f"bundle {report['bundle']} (model {report['model_id']}, {report['input'][0]}x{report['input'][1]}, "
+        f"layers {report['layers']}, c_d {report['c_d']}, weights {report['weights']}, "
+        f"{report['host']['threads']} threads, {report.get('precision', 'fp32')} graph)",
+        f"{'providers':<34} {'batch':>5} {'images/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'peak MB':>8}",
+    ]
     rows = list(report["results"])
     ref = report.get("reference", {})
     if "skipped" not in ref:
         rows.append({**ref, "providers": ["naive torch reference"]})
     for r in rows:
-        lines.append(f"{'/'.join(r['providers'])[:34]:<34} {r['batch']:>5} {r['images_per_s']:>10.2f} "
-                     f"{r['p50_ms']:>9.1f} {r['p99_ms']:>9.1f} {r['peak_rss_mb']:>8.0f}")
+        lines.append(
+            f"{'/'.join(r['providers'])[:34]:<34} {r['batch']:>5} {r['images_per_s']:>10.2f} "
+            f"{r['p50_ms']:>9.1f} {r['p99_ms']:>9.1f} {r['peak_rss_mb']:>8.0f}"
+        )
     if "skipped" in ref:
         lines.append(f"reference: skipped: {ref['skipped']}")
     for q in report.get("ratios", []):
-        lines.append(f"{q['provider']} batch {q['batch']}: {q['speedup_per_image']:.2f}x faster per image, "
-                     f"{q['memory_ratio']:.2f}x less peak memory than the naive reference (batch 1)")
+        lines.append(
+            f"{q['provider']} batch {q['batch']}: {q['speedup_per_image']:.2f}x faster per image, "
+            f"{q['memory_ratio']:.2f}x less peak memory than the naive reference (batch 1)"
+        )
     return "\n".join(lines)
 
 
@@ -205,8 +268,9 @@ def cli_bench(args) -> int:
         parse_providers(p)  # unknown names fail here, before any worker starts
     if args.iters < 1:
         raise ConfigError(f"--iters must be >= 1, got {args.iters}")
-    report = run_bench(args.model, batches, providers, precision=args.precision, iters=args.iters,
-                       reference=not args.no_reference)
+    report = run_bench(
+        args.model, batches, providers, precision=args.precision, iters=args.iters, reference=not args.no_reference
+    )
     text = format_report(report)
     if args.json == "-":
         print(json.dumps(report, indent=2))

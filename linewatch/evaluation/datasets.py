@@ -49,8 +49,9 @@ def read_test_set(category_dir: str | Path) -> list[Sample]:
         raise DataError(f"dataset category not found: {category}")
     test_dir = category / "test"
     if not test_dir.is_dir():
-        raise DataError(f"{category} is not an MVTec-layout category: no test/ folder "
-                        f"(expected test/good and test/<defect type>)")
+        raise DataError(
+            f"{category} is not an MVTec-layout category: no test/ folder (expected test/good and test/<defect type>)"
+        )
     type_dirs = sorted(p for p in test_dir.iterdir() if p.is_dir())
     if not any(p.name == GOOD for p in type_dirs):
         raise DataError(f"no good test images: {test_dir / GOOD} is missing")

@@ -55,8 +55,9 @@ def load_scorer(bundle_dir: str | Path, backend: str = "auto", precision: str = 
     raise BundleError(f"unknown backend {backend!r} (auto, onnx, torch)")
 
 
-def score_samples(scorer: Scorer, samples: list[datasets.Sample], batch: int = 8, progress: bool = False
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def score_samples(
+    scorer: Scorer, samples: list[datasets.Sample], batch: int = 8, progress: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(maps N×H×W float32, image scores N, masks N×H×W bool) at the model's input size."""
     h, w = (int(v) for v in scorer.input_size)
     maps = np.empty((len(samples), h, w), np.float32)
@@ -66,28 +67,37 @@ def score_samples(scorer: Scorer, samples: list[datasets.Sample], batch: int = 8
 
     with tqdm(total=len(samples), desc="eval", unit="img", file=sys.stderr, disable=not progress) as bar:
         for start in range(0, len(samples), batch):
-            chunk = samples[start:start + batch]
+            chunk = samples[start : start + batch]
             frames = np.stack([resize_to_model(read_image(s.path), h, w) for s in chunk])
             batch_maps, batch_scores = scorer.score(frames)
             batch_maps, batch_scores = np.asarray(batch_maps), np.asarray(batch_scores)
             if batch_maps.shape != (len(chunk), h, w) or batch_scores.shape != (len(chunk),):
-                raise BundleError(f"scorer returned maps {batch_maps.shape} and scores {batch_scores.shape} for "
-                                  f"{len(chunk)} frames of {h}x{w} (expected N×H×W and N)")
-            maps[start:start + len(chunk)] = batch_maps
-            scores[start:start + len(chunk)] = batch_scores
+                raise BundleError(
+                    f"scorer returned maps {batch_maps.shape} and scores {batch_scores.shape} for "
+                    f"{len(chunk)} frames of {h}x{w} (expected N×H×W and N)"
+                )
+            maps[start : start + len(chunk)] = batch_maps
+            scores[start : start + len(chunk)] = batch_scores
             for i, s in enumerate(chunk, start):
                 if s.mask_path is not None:
                     masks[i] = read_mask(s.mask_path, (h, w))
             bar.update(len(chunk))
     bad = ~np.isfinite(scores) | ~np.isfinite(maps).all(axis=(1, 2))
     if bad.any():
-        raise DataError(f"the model produced NaN/inf scores for {int(bad.sum())} image(s), "
-                        f"first {samples[int(np.argmax(bad))].path}")
+        raise DataError(
+            f"the model produced NaN/inf scores for {int(bad.sum())} image(s), "
+            f"first {samples[int(np.argmax(bad))].path}"
+        )
     return maps, scores, masks
 
 
-def metric_set(maps: np.ndarray, scores: np.ndarray, masks: np.ndarray, anomalous: np.ndarray,
-               fpr_limit: float = metrics.PRO_FPR_LIMIT) -> dict:
+def metric_set(
+    maps: np.ndarray,
+    scores: np.ndarray,
+    masks: np.ndarray,
+    anomalous: np.ndarray,
+    fpr_limit: float = metrics.PRO_FPR_LIMIT,
+) -> dict:
     return {
         "pixel_roc_auc": metrics.pixel_roc_auc(maps, masks),
         "pro_auc": metrics.pro_auc(maps, masks, fpr_limit),
@@ -97,8 +107,14 @@ def metric_set(maps: np.ndarray, scores: np.ndarray, masks: np.ndarray, anomalou
     }
 
 
-def metrics_by_type(maps: np.ndarray, scores: np.ndarray, masks: np.ndarray, types: np.ndarray, data_dir: str | Path,
-                    fpr_limit: float = metrics.PRO_FPR_LIMIT) -> dict:
+def metrics_by_type(
+    maps: np.ndarray,
+    scores: np.ndarray,
+    masks: np.ndarray,
+    types: np.ndarray,
+    data_dir: str | Path,
+    fpr_limit: float = metrics.PRO_FPR_LIMIT,
+) -> dict:
     """{"overall", "per_type"} metric sets; each defect type is judged against all good images."""
     anomalous = types != datasets.GOOD
     if not masks[anomalous].any():
@@ -112,8 +128,14 @@ def metrics_by_type(maps: np.ndarray, scores: np.ndarray, masks: np.ndarray, typ
     return {"overall": metric_set(maps, scores, masks, anomalous, fpr_limit), "per_type": per_type}
 
 
-def evaluate_scorer(scorer: Scorer, data_dir: str | Path, batch: int = 8, progress: bool = False,
-                    overlays_dir: str | Path | None = None, fpr_limit: float = metrics.PRO_FPR_LIMIT) -> dict:
+def evaluate_scorer(
+    scorer: Scorer,
+    data_dir: str | Path,
+    batch: int = 8,
+    progress: bool = False,
+    overlays_dir: str | Path | None = None,
+    fpr_limit: float = metrics.PRO_FPR_LIMIT,
+) -> dict:
     """Metrics per defect type and overall for `scorer` on the MVTec-layout category `data_dir`."""
     samples = datasets.read_test_set(data_dir)
     maps, scores, masks = score_samples(scorer, samples, batch, progress)
@@ -130,8 +152,9 @@ def evaluate_scorer(scorer: Scorer, data_dir: str | Path, batch: int = 8, progre
     return result
 
 
-def write_overlays(out_dir: Path, samples: list[datasets.Sample], maps: np.ndarray, masks: np.ndarray,
-                   anomalous: np.ndarray) -> dict:
+def write_overlays(
+    out_dir: Path, samples: list[datasets.Sample], maps: np.ndarray, masks: np.ndarray, anomalous: np.ndarray
+) -> dict:
     """A PNG per test image (<type>/<stem>.png, at least OVERLAY_MIN_SIZE px) and a grid of up to GRID_MAX_TILES,
     all on one colour range."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -163,8 +186,10 @@ def format_table(result: dict) -> str:
     width = max(12, *(len(name) for name, _ in rows))
     lines = [f"{'defect type':<{width}}  {'images':>6}  {'pixel AUC':>9}  {'PRO-AUC':>9}  {'image AUC':>9}"]
     for name, m in rows:
-        lines.append(f"{name:<{width}}  {m['n_defect']:>6}  {m['pixel_roc_auc']:>9.4f}  {m['pro_auc']:>9.4f}  "
-                     f"{m['image_roc_auc']:>9.4f}")
+        lines.append(
+            f"{name:<{width}}  {m['n_defect']:>6}  {m['pixel_roc_auc']:>9.4f}  {m['pro_auc']:>9.4f}  "
+            f"{m['image_roc_auc']:>9.4f}"
+        )
     lines.insert(len(lines) - 1, "-" * len(lines[0]))
     return "\n".join(lines)
 
@@ -183,12 +208,20 @@ def cli_eval(args) -> int:
     t0 = time.perf_counter()
     result = evaluate_scorer(scorer, args.data, progress=True, overlays_dir=args.overlays)
     meta = bundle.read_metadata(args.model)
-    result = {"model": str(args.model), "backend": backend, "precision": args.precision,
-              "model_id": bundle.model_id(meta),
-              "seconds": round(time.perf_counter() - t0, 3), **result}
+    result = {
+        "model": str(args.model),
+        "backend": backend,
+        "precision": args.precision,
+        "model_id": bundle.model_id(meta),
+        "seconds": round(time.perf_counter() - t0, 3),
+        **result,
+    }
     label = backend if backend == "torch" else f"{backend} {args.precision}"
-    print(f"{args.data} ({label}, {result['overall']['n_defect']} defect + {result['overall']['n_good']} good "
-          f"images, PRO to FPR {result['pro_fpr_limit']})\n{format_table(result)}", file=sys.stderr)
+    print(
+        f"{args.data} ({label}, {result['overall']['n_defect']} defect + {result['overall']['n_good']} good "
+        f"images, PRO to FPR {result['pro_fpr_limit']})\n{format_table(result)}",
+        file=sys.stderr,
+    )
     if args.overlays:
         print(f"overlays: {result['overlays']['dir']} (grid: {result['overlays']['grid']})", file=sys.stderr)
     if args.json:

@@ -54,8 +54,9 @@ def roc_curve(scores: np.ndarray, labels: np.ndarray, what: str = "roc") -> tupl
     n_pos = int(np.count_nonzero(labels))
     n_neg = labels.size - n_pos
     if n_pos == 0 or n_neg == 0:
-        raise DataError(f"{what}: ROC-AUC needs both anomalous and normal samples "
-                        f"(got {n_pos} anomalous, {n_neg} normal)")
+        raise DataError(
+            f"{what}: ROC-AUC needs both anomalous and normal samples (got {n_pos} anomalous, {n_neg} normal)"
+        )
     order, cut = _descending(scores)
     true_pos = np.cumsum(labels.ravel()[order], dtype=np.int64)[cut]
     false_pos = (cut + 1) - true_pos
@@ -111,8 +112,9 @@ def pro_curve(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarr
     regions, n_regions = region_labels(masks)
     n_normal = int(np.count_nonzero(regions == 0))
     if n_regions == 0 or n_normal == 0:
-        raise DataError(f"pro_auc: needs defect regions and normal pixels "
-                        f"(got {n_regions} regions, {n_normal} normal pixels)")
+        raise DataError(
+            f"pro_auc: needs defect regions and normal pixels (got {n_regions} regions, {n_normal} normal pixels)"
+        )
     sizes = np.bincount(regions.ravel(), minlength=n_regions + 1)
     # each pixel's contribution once the threshold drops to its score: 1/(|r| R) to PRO, or 1 normal pixel
     weight = np.zeros(n_regions + 1, np.float64)

@@ -28,8 +28,14 @@ def display_range(good_maps: np.ndarray, all_maps: np.ndarray, percentile: float
     return vmin, vmax
 
 
-def overlay(image_bgr: np.ndarray, anomaly_map: np.ndarray, vmin: float, vmax: float,
-            mask: np.ndarray | None = None, threshold: float | None = None) -> np.ndarray:
+def overlay(
+    image_bgr: np.ndarray,
+    anomaly_map: np.ndarray,
+    vmin: float,
+    vmax: float,
+    mask: np.ndarray | None = None,
+    threshold: float | None = None,
+) -> np.ndarray:
     """Image with the JET-coloured map blended in (opacity grows with the score), the ground-truth `mask` outlined
     in green and the region above `threshold` outlined in magenta. Map and mask are resized to the image if needed."""
     image = as_bgr(np.asarray(image_bgr))
@@ -61,8 +67,9 @@ def _outline(image: np.ndarray, region: np.ndarray, colour: tuple[int, int, int]
     cv2.drawContours(image, contours, -1, colour, thickness)
 
 
-def grid(tiles: list[np.ndarray], labels: list[str] | None = None, tile: int = 160, columns: int | None = None
-         ) -> np.ndarray:
+def grid(
+    tiles: list[np.ndarray], labels: list[str] | None = None, tile: int = 160, columns: int | None = None
+) -> np.ndarray:
     """One BGR image with the tiles resized to `tile` px and laid out row by row, each captioned."""
     if not tiles:
         raise DataError("overlay grid: no images")
@@ -73,8 +80,16 @@ def grid(tiles: list[np.ndarray], labels: list[str] | None = None, tile: int = 1
     for i, img in enumerate(tiles):
         r, c = divmod(i, columns)
         y, x = r * (tile + caption), c * tile
-        sheet[y:y + tile, x:x + tile] = cv2.resize(as_bgr(img), (tile, tile), interpolation=cv2.INTER_AREA)
+        sheet[y : y + tile, x : x + tile] = cv2.resize(as_bgr(img), (tile, tile), interpolation=cv2.INTER_AREA)
         if labels:
-            cv2.putText(sheet, labels[i][: tile // 7], (x + 2, y + tile + caption - 3), cv2.FONT_HERSHEY_SIMPLEX,
-                        0.35, (0, 0, 0), 1, cv2.LINE_AA)
+            cv2.putText(
+                sheet,
+                labels[i][: tile // 7],
+                (x + 2, y + tile + caption - 3),
+                cv2.FONT_HERSHEY_SIMPLEX,
+                0.35,
+                (0, 0, 0),
+                1,
+                cv2.LINE_AA,
+            )
     return sheet

@@ -87,8 +87,9 @@ class Archive:
             except Exception as exc:  # never let the archive thread die
                 self._error(f"archive write failed: {exc}")
 
-    def write(self, camera: str, seq: int, verdict: str, image: np.ndarray | None, mask_png: bytes | None,
-              wall_time: float) -> None:
+    def write(
+        self, camera: str, seq: int, verdict: str, image: np.ndarray | None, mask_png: bytes | None, wall_time: float
+    ) -> None:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(wall_time)) + f"{wall_time % 1:.3f}"[1:]
         stem = f"{stamp}_{camera}_{seq:09d}_{verdict}"
         blobs = []

@@ -71,8 +71,12 @@ class CaptureSource:
 
 def _open_capture(cfg: CameraConfig) -> cv2.VideoCapture:
     if cfg.kind == "url":
-        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, cfg.open_timeout_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC,
-                  cfg.read_timeout_ms]
+        params = [
+            cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
+            cfg.open_timeout_ms,
+            cv2.CAP_PROP_READ_TIMEOUT_MSEC,
+            cfg.read_timeout_ms,
+        ]
         cap = cv2.VideoCapture(cfg.source, cv2.CAP_FFMPEG, params)
     elif cfg.kind == "gstreamer":
         cap = cv2.VideoCapture(cfg.source, cv2.CAP_GSTREAMER)
@@ -122,8 +126,10 @@ def open_source(cfg: CameraConfig) -> CaptureSource | FolderSource:
 def check_backend(cfg: CameraConfig) -> None:
     """Refuse at start-up what this OpenCV build can never open, instead of reconnecting forever."""
     if cfg.kind == "gstreamer" and not cv2.videoio_registry.hasBackend(cv2.CAP_GSTREAMER):
-        raise ConfigError(f"camera {cfg.name!r}: this OpenCV build has no GStreamer backend "
-                          f"(install an OpenCV built with GStreamer, or use kind 'url')")
+        raise ConfigError(
+            f"camera {cfg.name!r}: this OpenCV build has no GStreamer backend "
+            f"(install an OpenCV built with GStreamer, or use kind 'url')"
+        )
     if cfg.kind == "url" and not cv2.videoio_registry.hasBackend(cv2.CAP_FFMPEG):
         raise ConfigError(f"camera {cfg.name!r}: this OpenCV build has no FFmpeg backend for URLs")
 
@@ -136,7 +142,7 @@ def crop(image: np.ndarray, roi: tuple[int, ...] | None) -> np.ndarray | str:
     height, width = image.shape[:2]
     if x + w > width or y + h > height:
         return f"roi {list(roi)} does not fit in the {width}x{height} frame"
-    return image[y:y + h, x:x + w]
+    return image[y : y + h, x : x + w]
 
 
 # --- camera thread --------------------------------------------------------------------------------------
@@ -202,8 +208,11 @@ class Camera:
             while self._triggers and now - self._triggers[0][2] > timeout_s:
                 expired.append(self._triggers.popleft())
         for part_id, future, _ in expired:
-            fail_future(future, f"camera {self.name!r} delivered no frame for part {part_id!r} within "
-                                f"{timeout_s:g} s (camera {self.state})")
+            fail_future(
+                future,
+                f"camera {self.name!r} delivered no frame for part {part_id!r} within "
+                f"{timeout_s:g} s (camera {self.state})",
+            )
         return len(expired)
 
     def fail_pending_triggers(self, reason: str) -> None:
@@ -216,8 +225,14 @@ class Camera:
     def _set_state(self, state: str) -> None:
         if state != self._state:
             level = logging.WARNING if state == OFFLINE and not self._stop.is_set() else logging.INFO
-            log.log(level, "camera %s: %s -> %s%s", self.name, self._state, state,
-                    f" ({self.last_error})" if state == OFFLINE and self.last_error else "")
+            log.log(
+                level,
+                "camera %s: %s -> %s%s",
+                self.name,
+                self._state,
+                state,
+                f" ({self.last_error})" if state == OFFLINE and self.last_error else "",
+            )
             self._state = state
 
     def _blocking(self, fn):
@@ -341,11 +356,15 @@ def grab_frames(config_path: str | Path, camera_name: str, n: int, timeout_s: fl
                     raise DataError(f"camera {camera_name!r}: {frame.error}")
                 frames.append(frame.image)
             if not batch and camera.state == FINISHED and queue.pending() == 0:
-                raise DataError(f"camera {camera_name!r}: source ended after {len(frames)} of {n} frames "
-                                f"({cfg.source}); ask for fewer frames or set loop: true")
+                raise DataError(
+                    f"camera {camera_name!r}: source ended after {len(frames)} of {n} frames "
+                    f"({cfg.source}); ask for fewer frames or set loop: true"
+                )
             if time.monotonic() > deadline:
-                raise DataError(f"camera {camera_name!r}: only {len(frames)} of {n} frames within {timeout_s:g} s "
-                                f"(state {camera.state}{', ' + camera.last_error if camera.last_error else ''})")
+                raise DataError(
+                    f"camera {camera_name!r}: only {len(frames)} of {n} frames within {timeout_s:g} s "
+                    f"(state {camera.state}{', ' + camera.last_error if camera.last_error else ''})"
+                )
     finally:
         camera.stop()
         camera.join(5.0)

@@ -40,8 +40,11 @@ def _opt(default: Any = dataclasses.MISSING, *, doc: str = "", **rules: Any) -> 
 @dataclass(frozen=True)
 class ModelConfig:
     bundle: Path = _opt(exists="dir", doc="model bundle directory (metadata.json, model.onnx, calibration.json)")
-    precision: str = _opt("fp32", choices=PRECISIONS, doc="which of the bundle's graphs runs: fp32, fp16 (GPU), "
-                                                          "int8 (CPU); calibrate with the same one")
+    precision: str = _opt(
+        "fp32",
+        choices=PRECISIONS,
+        doc="which of the bundle's graphs runs: fp32, fp16 (GPU), int8 (CPU); calibrate with the same one",
+    )
 
 
 @dataclass(frozen=True)
@@ -128,8 +131,11 @@ class LoggingConfig:
 
 @dataclass(frozen=True)
 class HealthConfig:
-    inference_stall_s: float = _opt(10.0, min=0.5, doc="frames waiting but no batch finished for this long: "
-                                                       "stop the systemd watchdog pings (systemd restarts us)")
+    inference_stall_s: float = _opt(
+        10.0,
+        min=0.5,
+        doc="frames waiting but no batch finished for this long: stop the systemd watchdog pings (systemd restarts us)",
+    )
     camera_hang_s: float = _opt(60.0, min=1, doc="a capture call blocked this long: stop the watchdog pings")
     drain_timeout_s: float = _opt(5.0, min=0, doc="on SIGTERM: time to inspect and publish what was captured")
     exit_when_sources_end: bool = _opt(False, doc="stop (exit 0) once every camera has finished its file/folder")
@@ -190,7 +196,8 @@ def _type_name(tp: Any) -> str:
     if dataclasses.is_dataclass(tp):
         return "a mapping"
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string", Path: "a path"}.get(
-        tp, getattr(tp, "__name__", str(tp)))
+        tp, getattr(tp, "__name__", str(tp))
+    )
 
 
 def _convert(tp: Any, value: Any, key: str, ctx: _Ctx, rules: dict) -> Any:
@@ -315,8 +322,9 @@ def _check_camera(cam: CameraConfig, key: str, ctx: _Ctx) -> CameraConfig:
         if len(cam.roi) != 4 or cam.roi[0] < 0 or cam.roi[1] < 0 or cam.roi[2] <= 0 or cam.roi[3] <= 0:
             raise ctx.fail(f"{key}.roi", "[x, y, width, height] with x, y >= 0 and width, height > 0", list(cam.roi))
     if cam.reconnect.max_s < cam.reconnect.initial_s:
-        raise ctx.fail(f"{key}.reconnect.max_s", f"a value >= initial_s ({cam.reconnect.initial_s})",
-                       cam.reconnect.max_s)
+        raise ctx.fail(
+            f"{key}.reconnect.max_s", f"a value >= initial_s ({cam.reconnect.initial_s})", cam.reconnect.max_s
+        )
     return cam
 
 
@@ -373,9 +381,11 @@ def load_config(path: str | Path) -> Config:
 
 def describe(cfg: Config) -> str:
     cams = ", ".join(f"{c.name} ({c.kind}: {c.source})" for c in cfg.cameras)
-    return (f"model {cfg.model.bundle}; cameras: {cams}; results on {cfg.publish.endpoint}"
-            + (f"; trigger on {cfg.trigger.endpoint}" if cfg.trigger.enabled else "")
-            + ("; CURVE on" if cfg.security.curve else ""))
+    return (
+        f"model {cfg.model.bundle}; cameras: {cams}; results on {cfg.publish.endpoint}"
+        + (f"; trigger on {cfg.trigger.endpoint}" if cfg.trigger.enabled else "")
+        + ("; CURVE on" if cfg.security.curve else "")
+    )
 
 
 def cli_check_config(args) -> int:

@@ -141,17 +141,25 @@ class Daemon:
         self.queue = FrameQueue()
         self.cameras = {c.name: Camera(c, self.queue) for c in cfg.cameras}
         self.stats = {name: CameraStats() for name in self.cameras}
-        self.model: Model = load_model(cfg.model.bundle, cfg.engine.providers, cfg.engine.threads, cfg.model.precision,
-                                       cfg.engine.max_batch, warmup=cfg.engine.warmup)
+        self.model: Model = load_model(
+            cfg.model.bundle,
+            cfg.engine.providers,
+            cfg.engine.threads,
+            cfg.model.precision,
+            cfg.engine.max_batch,
+            warmup=cfg.engine.warmup,
+        )
         self.curve = self._curve_config()
-        self.publisher = ResultPublisher(cfg.publish.endpoint, cfg.publish.hwm, self.curve,
-                                         allow_insecure_bind=cfg.security.allow_insecure_bind)
+        self.publisher = ResultPublisher(
+            cfg.publish.endpoint, cfg.publish.hwm, self.curve, allow_insecure_bind=cfg.security.allow_insecure_bind
+        )
         self.trigger = None
         self.metrics = None
         self.archive = None
         self.outbox = PublishThread(self.publish_results)
-        self.worker = InferenceWorker(self.queue, self.model, self.outbox.submit, cfg.engine.max_batch,
-                                      cfg.engine.max_wait_ms / 1000.0)
+        self.worker = InferenceWorker(
+            self.queue, self.model, self.outbox.submit, cfg.engine.max_batch, cfg.engine.max_wait_ms / 1000.0
+        )
         self.stop_requested = threading.Event()
         self.reload_requested = threading.Event()
         self.stopping = False
@@ -185,16 +193,25 @@ class Daemon:
         if cfg.trigger.enabled:
             from linewatch.line.trigger import TriggerServer
 
-            self.trigger = TriggerServer(cfg.trigger.endpoint, self.handle_trigger, self.curve,
-                                         timeout_s=cfg.trigger.timeout_s,
-                                         allow_insecure_bind=cfg.security.allow_insecure_bind)
+            self.trigger = TriggerServer(
+                cfg.trigger.endpoint,
+                self.handle_trigger,
+                self.curve,
+                timeout_s=cfg.trigger.timeout_s,
+                allow_insecure_bind=cfg.security.allow_insecure_bind,
+            )
             self.trigger.start()
         self.outbox.start()
         self.worker.start()
         for cam in self.cameras.values():
             cam.start()
-        log.info("running: model %s (calibration %s), %d camera(s), results on %s", self.model.model_id,
-                 self.model.calibration_version, len(self.cameras), cfg.publish.endpoint)
+        log.info(
+            "running: model %s (calibration %s), %d camera(s), results on %s",
+            self.model.model_id,
+            self.model.calibration_version,
+            len(self.cameras),
+            cfg.publish.endpoint,
+        )
 
     # --- results ----------------------------------------------------------------------------------------
     def publish_results(self, results: list[Result]) -> None:
@@ -222,13 +239,20 @@ class Daemon:
         model = result.model
         cal = model.calibration
         header = result_header(
-            camera=frame.camera, seq=stats.seq, frame_time=frame.captured_wall, part_id=frame.part_id,
-            verdict=result.verdict, score=result.score,
+            camera=frame.camera,
+            seq=stats.seq,
+            frame_time=frame.captured_wall,
+            part_id=frame.part_id,
+            verdict=result.verdict,
+            score=result.score,
             pixel_threshold=None if cal is None else cal.pixel_threshold,
             image_threshold=None if cal is None else cal.image_threshold,
-            calibration_version=model.calibration_version, model_id=model.model_id,
-            regions=[_region_dict(r) for r in result.regions], reason=result.reason,
-            frame_index=frame.index, mask_size=None if mask_png is None else size,
+            calibration_version=model.calibration_version,
+            model_id=model.model_id,
+            regions=[_region_dict(r) for r in result.regions],
+            reason=result.reason,
+            frame_index=frame.index,
+            mask_size=None if mask_png is None else size,
         )
         sent = self.publisher.publish_result(header, mask_png)
         now = time.monotonic()
@@ -269,19 +293,33 @@ class Daemon:
         cam, stats = self.cameras[name], self.stats[name]
         fps, p50, p99 = stats.fps_and_latency(now)
         return {
-            "state": cam.state, "fps": round(fps, 2), "captured": cam.captured, "results": stats.seq,
-            "dropped": self.queue.dropped[name] + stats.shutdown_dropped, "publish_dropped": stats.publish_dropped,
-            "skipped": cam.skipped, "frame_errors": cam.frame_errors, "reconnects": cam.reconnects,
-            "verdicts": dict(stats.verdicts), "latency_ms": {"p50": _round(p50), "p99": _round(p99)},
-            "last_error": cam.last_error, "model_id": self.model.model_id,
-            "calibration_version": self.model.calibration_version, "healthy": self.unhealthy_reason is None,
+            "state": cam.state,
+            "fps": round(fps, 2),
+            "captured": cam.captured,
+            "results": stats.seq,
+            "dropped": self.queue.dropped[name] + stats.shutdown_dropped,
+            "publish_dropped": stats.publish_dropped,
+            "skipped": cam.skipped,
+            "frame_errors": cam.frame_errors,
+            "reconnects": cam.reconnects,
+            "verdicts": dict(stats.verdicts),
+            "latency_ms": {"p50": _round(p50), "p99": _round(p99)},
+            "last_error": cam.last_error,
+            "model_id": self.model.model_id,
+            "calibration_version": self.model.calibration_version,
+            "healthy": self.unhealthy_reason is None,
             "stopping": self.stopping,
         }
 
     def _camera_totals(self) -> dict[str, dict]:
-        return {name: {"captured": cam.captured, "reconnects": cam.reconnects,
-                       "dropped": self.queue.dropped[name] + self.stats[name].shutdown_dropped}
-                for name, cam in self.cameras.items()}
+        return {
+            name: {
+                "captured": cam.captured,
+                "reconnects": cam.reconnects,
+                "dropped": self.queue.dropped[name] + self.stats[name].shutdown_dropped,
+            }
+            for name, cam in self.cameras.items()
+        }
 
     def publish_status(self) -> None:
         now = time.monotonic()
@@ -331,17 +369,31 @@ class Daemon:
         self.notifier.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
             new_cfg = load_config(self.cfg.path)
-            changed = [f.name for f in dataclasses.fields(Config)
-                       if f.name not in ("model", "path") and getattr(new_cfg, f.name) != getattr(self.cfg, f.name)]
+            changed = [
+                f.name
+                for f in dataclasses.fields(Config)
+                if f.name not in ("model", "path") and getattr(new_cfg, f.name) != getattr(self.cfg, f.name)
+            ]
             if changed:
-                log.warning("reload: changes to %s need a restart; only the model section is reloaded",
-                            ", ".join(changed))
-            model = load_model(new_cfg.model.bundle, self.cfg.engine.providers, self.cfg.engine.threads,
-                               new_cfg.model.precision, self.cfg.engine.max_batch, require_calibration=True,
-                               warmup=self.cfg.engine.warmup)
+                log.warning(
+                    "reload: changes to %s need a restart; only the model section is reloaded", ", ".join(changed)
+                )
+            model = load_model(
+                new_cfg.model.bundle,
+                self.cfg.engine.providers,
+                self.cfg.engine.threads,
+                new_cfg.model.precision,
+                self.cfg.engine.max_batch,
+                require_calibration=True,
+                warmup=self.cfg.engine.warmup,
+            )
         except Exception as exc:
-            log.error("reload refused, keeping model %s calibration %s: %s", self.model.model_id,
-                      self.model.calibration_version, exc)
+            log.error(
+                "reload refused, keeping model %s calibration %s: %s",
+                self.model.model_id,
+                self.model.calibration_version,
+                exc,
+            )
             if self.metrics:
                 self.metrics.reloads.labels("refused").inc()
             self.notifier.notify("READY=1")
@@ -350,8 +402,13 @@ class Daemon:
         self.model = model
         self.worker.model = model
         self.cfg = dataclasses.replace(self.cfg, model=new_cfg.model)
-        log.info("reloaded: model %s -> %s, calibration %s -> %s", old.model_id, model.model_id,
-                 old.calibration_version, model.calibration_version)
+        log.info(
+            "reloaded: model %s -> %s, calibration %s -> %s",
+            old.model_id,
+            model.model_id,
+            old.calibration_version,
+            model.calibration_version,
+        )
         if self.metrics:
             self.metrics.reloads.labels("ok").inc()
         self.notifier.notify("READY=1")
@@ -429,16 +486,26 @@ class Daemon:
                     gone = self.queue.taken[name] - stats.seq
                     stats.shutdown_dropped += gone
                     lost += gone
-            log.error("drain timeout (%.1f s): %d frames in inference or publishing are dropped",
-                      self.cfg.health.drain_timeout_s, lost)
+            log.error(
+                "drain timeout (%.1f s): %d frames in inference or publishing are dropped",
+                self.cfg.health.drain_timeout_s,
+                lost,
+            )
         for frame in self.queue.take(10**9, 0.0, 0.0):
             self.stats[frame.camera].shutdown_dropped += 1
             frame.fail_trigger("daemon stopping: frame not inspected in time")
         self.publish_status()  # final counts: captured == results + dropped + skipped
         totals = {n: self.camera_status(n, time.monotonic()) for n in self.cameras}
         for name, st in totals.items():
-            log.info("camera %s: captured %d, results %d (publish dropped %d), dropped %d, skipped %d", name,
-                     st["captured"], st["results"], st["publish_dropped"], st["dropped"], st["skipped"])
+            log.info(
+                "camera %s: captured %d, results %d (publish dropped %d), dropped %d, skipped %d",
+                name,
+                st["captured"],
+                st["results"],
+                st["publish_dropped"],
+                st["dropped"],
+                st["skipped"],
+            )
         self._close_sockets()
         log.info("stopped in %.2f s", time.monotonic() - t0)
         return 0

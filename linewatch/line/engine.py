@@ -63,36 +63,45 @@ def graph_file(bundle_dir: Path, meta: dict, precision: str = "fp32") -> tuple[P
         raise BundleError(f"{meta_path}: no 'graph' section: the bundle is not exported (run linewatch export)")
     file_key, sha_key, how = bundle.PRECISIONS[bundle.check_precision(precision)]
     if not graph.get(file_key) or not graph.get(sha_key):
-        raise BundleError(f"{meta_path}: 'graph' does not name an {precision} graph ({file_key!r}, {sha_key!r}); "
-                          f"run {how}")
+        raise BundleError(
+            f"{meta_path}: 'graph' does not name an {precision} graph ({file_key!r}, {sha_key!r}); run {how}"
+        )
     path = bundle_dir / str(graph[file_key])
     if not path.is_file():
         raise BundleError(f"graph file named in {meta_path} not found: {path}")
     actual = bundle.sha256_file(path)
     if actual != graph[sha_key]:
-        raise BundleError(f"{path}: sha256 {actual[:12]}… does not match {meta_path} graph.{sha_key} "
-                          f"{str(graph[sha_key])[:12]}… (corrupt or replaced graph; re-export)")
+        raise BundleError(
+            f"{path}: sha256 {actual[:12]}… does not match {meta_path} graph.{sha_key} "
+            f"{str(graph[sha_key])[:12]}… (corrupt or replaced graph; re-export)"
+        )
     return path, actual
 
 
-def provider_options(name: str, bundle_dir: Path, precision: str, size: tuple[int, int], max_batch: int,
-                     trt_cache_dir: Path | None) -> dict:
+def provider_options(
+    name: str, bundle_dir: Path, precision: str, size: tuple[int, int], max_batch: int, trt_cache_dir: Path | None
+) -> dict:
     h, w = size
     if name == TENSORRT:
         cache = Path(trt_cache_dir) if trt_cache_dir else bundle_dir / TRT_CACHE_DIR
         try:
             cache.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ConfigError(f"TensorRT engine cache directory {cache} cannot be created: {exc} "
-                              f"(pass trt_cache_dir= a writable directory)") from exc
+            raise ConfigError(
+                f"TensorRT engine cache directory {cache} cannot be created: {exc} "
+                f"(pass trt_cache_dir= a writable directory)"
+            ) from exc
         shape = lambda n: f"{bundle.INPUT_NAME}:{n}x{h}x{w}x3"  # noqa: E731
         return {
-            "trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache),
-            "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(cache),
+            "trt_engine_cache_enable": "True",
+            "trt_engine_cache_path": str(cache),
+            "trt_timing_cache_enable": "True",
+            "trt_timing_cache_path": str(cache),
             "trt_fp16_enable": "True" if precision == "fp16" else "False",
             "trt_int8_enable": "True" if precision == "int8" else "False",  # QDQ ranges come with the graph
             # one optimisation profile covering every batch size up to max_batch, so no rebuild per size
-            "trt_profile_min_shapes": shape(1), "trt_profile_opt_shapes": shape(min(8, max_batch)),
+            "trt_profile_min_shapes": shape(1),
+            "trt_profile_opt_shapes": shape(min(8, max_batch)),
             "trt_profile_max_shapes": shape(max_batch),
         }
     if name == CUDA:
@@ -138,9 +147,16 @@ def _quiet_fallback(quiet: bool):
 class Engine:
     """Scores frames with a bundle's exported graph; implements the Scorer protocol of docs/DESIGN.md."""
 
-    def __init__(self, bundle_dir: str | Path, providers: str | Sequence[str] = "auto", precision: str = "fp32",
-                 threads: int | None = None, trt_cache_dir: str | Path | None = None, max_batch: int = 32,
-                 cpu_arena: bool = False):
+    def __init__(
+        self,
+        bundle_dir: str | Path,
+        providers: str | Sequence[str] = "auto",
+        precision: str = "fp32",
+        threads: int | None = None,
+        trt_cache_dir: str | Path | None = None,
+        max_batch: int = 32,
+        cpu_arena: bool = False,
+    ):
         ort = _ort()
         self.bundle_dir = Path(bundle_dir)
         self.metadata = bundle.read_metadata(self.bundle_dir)
@@ -156,8 +172,10 @@ class Engine:
             wanted.insert(wanted.index(TENSORRT) + 1, CUDA)  # nodes TensorRT rejects run on CUDA, not the CPU
         if CPU not in wanted:
             wanted = wanted + [CPU]  # ONNX Runtime places nodes a GPU provider cannot run on the CPU
-        options = [provider_options(p, self.bundle_dir, self.precision, self.input_size, max_batch, trt_cache_dir)
-                   for p in wanted]
+        options = [
+            provider_options(p, self.bundle_dir, self.precision, self.input_size, max_batch, trt_cache_dir)
+            for p in wanted
+        ]
         if any(p in GPU_PROVIDERS for p in wanted):
             with _quiet_fallback(quiet=True):
                 preload_gpu_libraries()
@@ -173,36 +191,49 @@ class Engine:
             so.inter_op_num_threads = 1
         try:
             with _quiet_fallback(quiet=not explicit):
-                self.session = ort.InferenceSession(str(self.graph_path), so, providers=wanted,
-                                                    provider_options=options)
+                self.session = ort.InferenceSession(
+                    str(self.graph_path), so, providers=wanted, provider_options=options
+                )
         except Exception as exc:  # ORT raises its own exception types (InvalidGraph, Fail, InvalidProtobuf...)
             raise BundleError(f"{self.graph_path}: ONNX Runtime cannot load the graph: {exc}") from exc
         self.providers = list(self.session.get_providers())
         missing = [p for p in asked if p not in self.providers]
         if missing:
-            raise ConfigError(f"provider(s) {', '.join(missing)} requested but ONNX Runtime could not load them "
-                              f"(using {', '.join(self.providers)}); check the CUDA/TensorRT libraries")
+            raise ConfigError(
+                f"provider(s) {', '.join(missing)} requested but ONNX Runtime could not load them "
+                f"(using {', '.join(self.providers)}); check the CUDA/TensorRT libraries"
+            )
         self._check_io()
         self._device = "cuda" if self.providers[0] in GPU_PROVIDERS else "cpu"
         self._lock = threading.Lock()
         self._bindings: dict[int, tuple] = {}
-        log.info("engine %s: %s on %s (%dx%d, %s)", self.model_id, self.graph_path.name,
-                 ", ".join(self.providers), h, w, self.precision)
+        log.info(
+            "engine %s: %s on %s (%dx%d, %s)",
+            self.model_id,
+            self.graph_path.name,
+            ", ".join(self.providers),
+            h,
+            w,
+            self.precision,
+        )
 
     def _check_io(self) -> None:
         h, w = self.input_size
         inputs = self.session.get_inputs()
         meta_path = self.bundle_dir / bundle.METADATA
         if len(inputs) != 1 or inputs[0].name != bundle.INPUT_NAME:
-            raise BundleError(f"{self.graph_path}: expected one input {bundle.INPUT_NAME!r}, "
-                              f"found {[i.name for i in inputs]}")
+            raise BundleError(
+                f"{self.graph_path}: expected one input {bundle.INPUT_NAME!r}, found {[i.name for i in inputs]}"
+            )
         inp = inputs[0]
         if inp.type != "tensor(uint8)":
             raise BundleError(f"{self.graph_path}: input {inp.name!r} is {inp.type}, expected tensor(uint8)")
         shape = list(inp.shape)
         if len(shape) != 4 or shape[1:] != [h, w, 3]:
-            raise BundleError(f"{self.graph_path}: input shape {shape} does not match {meta_path} "
-                              f"input size {h}x{w} (expected [N, {h}, {w}, 3])")
+            raise BundleError(
+                f"{self.graph_path}: input shape {shape} does not match {meta_path} "
+                f"input size {h}x{w} (expected [N, {h}, {w}, 3])"
+            )
         outputs = [o.name for o in self.session.get_outputs()]
         for name in (bundle.OUTPUT_MAP, bundle.OUTPUT_SCORE):
             if name not in outputs:
@@ -213,8 +244,10 @@ class Engine:
         if not isinstance(frames, np.ndarray):
             raise DataError(f"frames must be a numpy array uint8 N×{h}×{w}×3, got {type(frames).__name__}")
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (h, w, 3) or frames.shape[0] < 1:
-            raise DataError(f"frames must be uint8 N×{h}×{w}×3 (N >= 1, BGR, resized with "
-                            f"images.resize_to_model), got {frames.dtype} {frames.shape}")
+            raise DataError(
+                f"frames must be uint8 N×{h}×{w}×3 (N >= 1, BGR, resized with "
+                f"images.resize_to_model), got {frames.dtype} {frames.shape}"
+            )
         return np.ascontiguousarray(frames)
 
     def score(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -224,8 +257,7 @@ class Engine:
             if self._device == "cuda":
                 maps, scores = self._run_bound(frames)
             else:
-                maps, scores = self.session.run([bundle.OUTPUT_MAP, bundle.OUTPUT_SCORE],
-                                                {bundle.INPUT_NAME: frames})
+                maps, scores = self.session.run([bundle.OUTPUT_MAP, bundle.OUTPUT_SCORE], {bundle.INPUT_NAME: frames})
         return np.asarray(maps, np.float32), np.asarray(scores, np.float32)
 
     def _run_bound(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

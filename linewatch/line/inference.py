@@ -51,17 +51,24 @@ def load_calibration_or_reason(bundle_dir: Path, precision: str = "fp32") -> tup
     return load_calibration(bundle_dir, precision), None
 
 
-def load_model(bundle_dir: Path, providers: tuple[str, ...] = ("auto",), threads: int = 0,
-               precision: str = "fp32", max_batch: int = 8, require_calibration: bool = False,
-               warmup: bool = False) -> Model:
+def load_model(
+    bundle_dir: Path,
+    providers: tuple[str, ...] = ("auto",),
+    threads: int = 0,
+    precision: str = "fp32",
+    max_batch: int = 8,
+    require_calibration: bool = False,
+    warmup: bool = False,
+) -> Model:
     """Load and check a bundle. With require_calibration (reload), a bad calibration raises instead of
     degrading to uncalibrated, so the caller can keep the model it has."""
     from linewatch.line.engine import Engine
 
     bundle_dir = Path(bundle_dir)
     meta = bundle.read_metadata(bundle_dir)
-    engine = Engine(bundle_dir, providers=list(providers), precision=precision, threads=threads or None,
-                    max_batch=max_batch)
+    engine = Engine(
+        bundle_dir, providers=list(providers), precision=precision, threads=threads or None, max_batch=max_batch
+    )
     if warmup:
         warm_up(engine, max_batch)
     try:
@@ -121,8 +128,10 @@ def judge_frames(model: Model, frames: list[Frame]) -> list[Result]:
             maps, scores = model.engine.score(np.stack(batch))
             maps, scores = np.asarray(maps), np.asarray(scores)
             if maps.shape != (len(batch), height, width) or scores.shape != (len(batch),):
-                raise LinewatchError(f"engine returned maps {maps.shape} and scores {scores.shape} "
-                                     f"for {len(batch)} frames of {height}x{width}")
+                raise LinewatchError(
+                    f"engine returned maps {maps.shape} and scores {scores.shape} "
+                    f"for {len(batch)} frames of {height}x{width}"
+                )
         except Exception as exc:
             log.error("inference failed for %d frames: %s", len(batch), exc)
             for i in slots:
@@ -148,18 +157,25 @@ def _judge_one(model: Model, frame: Frame, amap: np.ndarray, score: float) -> Re
     except Exception as exc:
         return Result(frame, ERROR, model, score=score, anomaly_map=amap, reason=f"cannot judge: {exc}")
     if judgement.verdict not in (OK, NOK):
-        return Result(frame, ERROR, model, score=score, anomaly_map=amap,
-                      reason=f"unexpected verdict {judgement.verdict!r}")
-    return Result(frame, judgement.verdict, model, score=score, anomaly_map=amap,
-                  regions=list(judgement.regions))
+        return Result(
+            frame, ERROR, model, score=score, anomaly_map=amap, reason=f"unexpected verdict {judgement.verdict!r}"
+        )
+    return Result(frame, judgement.verdict, model, score=score, anomaly_map=amap, regions=list(judgement.regions))
 
 
 class InferenceWorker:
     """The one thread that runs the engine. `model` may be replaced at any time (reload); each batch uses
     the model it started with."""
 
-    def __init__(self, queue: FrameQueue, model: Model, on_results: Callable[[list[Result]], None],
-                 max_batch: int, max_wait_s: float, idle_wake_s: float = 0.2):
+    def __init__(
+        self,
+        queue: FrameQueue,
+        model: Model,
+        on_results: Callable[[list[Result]], None],
+        max_batch: int,
+        max_wait_s: float,
+        idle_wake_s: float = 0.2,
+    ):
         self.queue = queue
         self.model = model
         self.on_results = on_results

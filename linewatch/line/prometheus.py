@@ -27,21 +27,28 @@ class DaemonMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.verdicts = Counter("linewatch_verdicts", "Results published by verdict", ["camera", "verdict"],
-                                registry=r)
-        self.publish_drops = Counter("linewatch_publish_dropped", "Results the PUB socket refused", ["camera"],
-                                     registry=r)
-        self.latency = Histogram("linewatch_latency_seconds", "Frame capture to result publish", ["camera"],
-                                 buckets=LATENCY_BUCKETS, registry=r)
-        self.camera_state = Gauge("linewatch_camera_state", "1 for the camera's current state", ["camera", "state"],
-                                  registry=r)
-        self.batch_size = Histogram("linewatch_batch_size", "Frames per inference batch",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
-        self.calibration_version = Gauge("linewatch_calibration_version", "Calibration in use (-1: none)",
-                                         registry=r)
+        self.verdicts = Counter("linewatch_verdicts", "Results published by verdict", ["camera", "verdict"], registry=r)
+        self.publish_drops = Counter(
+            "linewatch_publish_dropped", "Results the PUB socket refused", ["camera"], registry=r
+        )
+        self.latency = Histogram(
+            "linewatch_latency_seconds",
+            "Frame capture to result publish",
+            ["camera"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.camera_state = Gauge(
+            "linewatch_camera_state", "1 for the camera's current state", ["camera", "state"], registry=r
+        )
+        self.batch_size = Histogram(
+            "linewatch_batch_size", "Frames per inference batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
+        )
+        self.calibration_version = Gauge("linewatch_calibration_version", "Calibration in use (-1: none)", registry=r)
         self.reloads = Counter("linewatch_reloads", "SIGHUP reloads by outcome", ["outcome"], registry=r)
-        self.archive_errors = Counter("linewatch_archive_errors", "Archive writes that failed or were skipped",
-                                      registry=r)
+        self.archive_errors = Counter(
+            "linewatch_archive_errors", "Archive writes that failed or were skipped", registry=r
+        )
         self._server = None
 
     def watch_cameras(self, totals: Callable[[], dict[str, dict]]) -> None:
@@ -74,8 +81,9 @@ class _CameraTotals:
 
     def collect(self):
         frames = CounterMetricFamily("linewatch_frames_captured", "Frames captured", labels=["camera"])
-        drops = CounterMetricFamily("linewatch_dropped_frames", "Frames dropped before inspection (queue full "
-                                    "or shutdown)", labels=["camera"])
+        drops = CounterMetricFamily(
+            "linewatch_dropped_frames", "Frames dropped before inspection (queue full or shutdown)", labels=["camera"]
+        )
         reconnects = CounterMetricFamily("linewatch_camera_reconnects", "Reconnect attempts", labels=["camera"])
         for camera, t in self._totals().items():
             frames.add_metric([camera], t["captured"])

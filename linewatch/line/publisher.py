@@ -14,6 +14,7 @@ import time
 import uuid
 
 import zmq
+
 from linewatch.protocol.curve import (
     CurveConfig,
     apply_server_curve,
@@ -40,8 +41,15 @@ class ResultPublisher:
     restart, where every camera's seq starts again at 1, from lost messages) into the header it is given.
     """
 
-    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, hwm: int = 1000, curve: CurveConfig | None = None, *,
-                 allow_insecure_bind: bool = False, linger_ms: int = 1000):
+    def __init__(
+        self,
+        endpoint: str = DEFAULT_ENDPOINT,
+        hwm: int = 1000,
+        curve: CurveConfig | None = None,
+        *,
+        allow_insecure_bind: bool = False,
+        linger_ms: int = 1000,
+    ):
         check_bind_security(endpoint, curve is not None, allow_insecure_bind, "publish endpoint")
         self.run_id = uuid.uuid4().hex[:12]
         self.sent = 0

@@ -50,8 +50,11 @@ class SystemdNotifier:
         except OSError as exc:  # socket.timeout is an OSError
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 100 == 0:
-                log.warning("systemd notification dropped (%d so far): %s", self.dropped,
-                            "receiver not reading" if isinstance(exc, TimeoutError) else exc)
+                log.warning(
+                    "systemd notification dropped (%d so far): %s",
+                    self.dropped,
+                    "receiver not reading" if isinstance(exc, TimeoutError) else exc,
+                )
             return False
 
     def close(self) -> None:

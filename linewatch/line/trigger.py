@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import zmq
+
+from linewatch.errors import ConfigError, LinewatchError
 from linewatch.protocol.curve import (
     CurveConfig,
     apply_server_curve,
@@ -34,8 +36,6 @@ from linewatch.protocol.wire import (
     jsonable,
 )
 
-from linewatch.errors import ConfigError, LinewatchError
-
 log = logging.getLogger("linewatch.line.trigger")
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5556"
@@ -45,12 +45,12 @@ MAX_PART_ID_CHARS = 200
 MAX_PENDING = 1024
 
 # error codes of error replies (docs/PROTOCOL.md)
-BAD_REQUEST = "bad_request"        # not one JSON object in one frame, missing/mistyped fields
+BAD_REQUEST = "bad_request"  # not one JSON object in one frame, missing/mistyped fields
 UNKNOWN_CAMERA = "unknown_camera"
-REJECTED = "rejected"              # the daemon refused (stopping, camera finished, ...)
-BUSY = "busy"                      # too many requests outstanding
-TIMEOUT = "timeout"                # no result within timeout_s
-FAILED = "failed"                  # the request was accepted but no result came (frame dropped, shutdown, ...)
+REJECTED = "rejected"  # the daemon refused (stopping, camera finished, ...)
+BUSY = "busy"  # too many requests outstanding
+TIMEOUT = "timeout"  # no result within timeout_s
+FAILED = "failed"  # the request was accepted but no result came (frame dropped, shutdown, ...)
 INTERNAL = "internal"
 
 Handler = Callable[[str, str], Future]
@@ -74,9 +74,16 @@ class TriggerServer:
     then `close()`.
     """
 
-    def __init__(self, endpoint: str, handler: Handler | CurveConfig | None = None,
-                 curve: CurveConfig | Handler | None = None, *, timeout_s: float = 10.0,
-                 allow_insecure_bind: bool = False, max_pending: int = MAX_PENDING):
+    def __init__(
+        self,
+        endpoint: str,
+        handler: Handler | CurveConfig | None = None,
+        curve: CurveConfig | Handler | None = None,
+        *,
+        timeout_s: float = 10.0,
+        allow_insecure_bind: bool = False,
+        max_pending: int = MAX_PENDING,
+    ):
         if not callable(handler) and callable(curve):
             handler, curve = curve, handler
         if not callable(handler):
@@ -311,8 +318,10 @@ def parse_request(body: list[bytes]) -> dict:
         if value is None:
             raise RequestError(f"field {key!r} is missing", ids)
         if not isinstance(value, str) or not value or len(value) > MAX_PART_ID_CHARS:
-            raise RequestError(f"field {key!r} = {value!r:.80}: expected a non-empty string of at most "
-                               f"{MAX_PART_ID_CHARS} characters", ids)
+            raise RequestError(
+                f"field {key!r} = {value!r:.80}: expected a non-empty string of at most {MAX_PART_ID_CHARS} characters",
+                ids,
+            )
     if "request_id" in request and not _echoable(request["request_id"]):
         raise RequestError("field 'request_id': expected a string or integer", ids)
     return request
@@ -320,12 +329,18 @@ def parse_request(body: list[bytes]) -> dict:
 
 def _echoable(value: Any) -> bool:
     return (isinstance(value, str) and len(value) <= MAX_PART_ID_CHARS) or (
-        isinstance(value, int) and not isinstance(value, bool))
+        isinstance(value, int) and not isinstance(value, bool)
+    )
 
 
 def _reply_base(request: dict) -> dict:
-    return {"schema_version": SCHEMA_VERSION, "kind": REPLY, "request_id": request.get("request_id"),
-            "camera": request.get("camera"), "part_id": request.get("part_id")}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": REPLY,
+        "request_id": request.get("request_id"),
+        "camera": request.get("camera"),
+        "part_id": request.get("part_id"),
+    }
 
 
 def unpack_result(value: Any) -> tuple[dict, bytes | None]:

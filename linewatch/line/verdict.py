@@ -56,13 +56,15 @@ def judge(anomaly_map: np.ndarray, image_score: float, calibration, max_regions:
         order = np.argsort(-areas, kind="stable")[:max_regions]
         for i in order:
             x, y, w, h, area = (int(v) for v in stats[i + 1, :5])
-            window = amap[y:y + h, x:x + w]
-            peak = float(window[labels[y:y + h, x:x + w] == i + 1].max())
+            window = amap[y : y + h, x : x + w]
+            peak = float(window[labels[y : y + h, x : x + w] == i + 1].max())
             regions.append(Region((x, y, w, h), area, peak))
         big = int(np.count_nonzero(areas >= min_area))
         if big:
-            reasons.append(f"{big} region(s) above pixel threshold {threshold:.6g} with >= {min_area} px "
-                           f"(largest {int(areas.max())} px)")
+            reasons.append(
+                f"{big} region(s) above pixel threshold {threshold:.6g} with >= {min_area} px "
+                f"(largest {int(areas.max())} px)"
+            )
     image_threshold = calibration.image_threshold
     if image_threshold is not None and image_score > float(image_threshold):
         reasons.append(f"image score {image_score:.6g} > image threshold {float(image_threshold):.6g}")

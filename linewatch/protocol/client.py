@@ -1,11 +1,11 @@
 """Client side in code: a result Subscriber (gap counting, liveness) and a TriggerClient (lazy-pirate requests).
 
-    from linewatch.protocol.client import Subscriber, TriggerClient
-    with Subscriber("tcp://127.0.0.1:5555", camera="cam1") as sub:
-        for msg in sub.results(timeout_s=5):          # stops after 5 s without a result
-            print(msg.seq, msg.verdict, msg.header["image_score"])
-    with TriggerClient("tcp://127.0.0.1:5556") as trig:
-        msg = trig.inspect("cam1", "PART-0042", timeout_s=5)   # TriggerError / TriggerTimeout otherwise
+from linewatch.protocol.client import Subscriber, TriggerClient
+with Subscriber("tcp://127.0.0.1:5555", camera="cam1") as sub:
+    for msg in sub.results(timeout_s=5):          # stops after 5 s without a result
+        print(msg.seq, msg.verdict, msg.header["image_score"])
+with TriggerClient("tcp://127.0.0.1:5556") as trig:
+    msg = trig.inspect("cam1", "PART-0042", timeout_s=5)   # TriggerError / TriggerTimeout otherwise
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import uuid
 from typing import Iterator
 
 import zmq
+
+from linewatch.errors import LinewatchError
 from linewatch.protocol.curve import apply_client_curve
 from linewatch.protocol.wire import (
     RESULT,
@@ -29,8 +31,6 @@ from linewatch.protocol.wire import (
     parse_header,
     result_topic,
 )
-
-from linewatch.errors import LinewatchError
 
 log = logging.getLogger("linewatch.protocol.client")
 
@@ -104,9 +104,17 @@ class Subscriber:
     `alive(camera, within_s)` is the life bit: true when the camera's status (or a result) arrived recently.
     """
 
-    def __init__(self, endpoint: str = "tcp://127.0.0.1:5555", camera: str | None = None, *,
-                 server_key: bytes | None = None, client_keys: tuple[bytes, bytes] | None = None,
-                 rcvhwm: int = 10_000, timeout_s: float | None = None, statuses: bool = True):
+    def __init__(
+        self,
+        endpoint: str = "tcp://127.0.0.1:5555",
+        camera: str | None = None,
+        *,
+        server_key: bytes | None = None,
+        client_keys: tuple[bytes, bytes] | None = None,
+        rcvhwm: int = 10_000,
+        timeout_s: float | None = None,
+        statuses: bool = True,
+    ):
         self.endpoint = endpoint
         self.camera = camera
         self.timeout_s = timeout_s
@@ -200,8 +208,13 @@ class TriggerClient:
     (lazy pirate), so a late reply to an abandoned request can never be taken for the next request's; replies
     are also matched by `request_id`. `retries` re-sends the request (a re-send can inspect another frame)."""
 
-    def __init__(self, endpoint: str = "tcp://127.0.0.1:5556", *, server_key: bytes | None = None,
-                 client_keys: tuple[bytes, bytes] | None = None):
+    def __init__(
+        self,
+        endpoint: str = "tcp://127.0.0.1:5556",
+        *,
+        server_key: bytes | None = None,
+        client_keys: tuple[bytes, bytes] | None = None,
+    ):
         self.endpoint = endpoint
         self._server_key, self._client_keys = server_key, client_keys
         self._context = zmq.Context()
@@ -234,11 +247,18 @@ class TriggerClient:
                 if reply.get("request_id") == request["request_id"]:
                     return reply, mask
                 log.debug("ignoring a reply to an earlier request %r", reply.get("request_id"))
-            log.warning("no trigger reply from %s within %.1f s (attempt %d of %d)", self.endpoint, timeout_s,
-                        attempt + 1, retries + 1)
+            log.warning(
+                "no trigger reply from %s within %.1f s (attempt %d of %d)",
+                self.endpoint,
+                timeout_s,
+                attempt + 1,
+                retries + 1,
+            )
             self._reconnect()
-        raise TriggerTimeout(f"no reply from {self.endpoint} within {timeout_s:g} s "
-                             f"({retries + 1} attempt(s)): daemon down, unreachable, or CURVE key refused")
+        raise TriggerTimeout(
+            f"no reply from {self.endpoint} within {timeout_s:g} s "
+            f"({retries + 1} attempt(s)): daemon down, unreachable, or CURVE key refused"
+        )
 
     def inspect(self, camera: str, part_id: str, timeout_s: float = 5.0, retries: int = 0) -> Message:
         """Trigger an inspection of `part_id` on `camera`; the result Message (its part_id is checked)."""
@@ -250,8 +270,10 @@ class TriggerClient:
             raise ProtocolError("trigger reply: ok without a result object")
         check_result_header(header, "trigger reply result")
         if header["part_id"] != part_id or header["camera"] != camera:
-            raise ProtocolError(f"trigger reply for camera {header['camera']!r} part {header['part_id']!r}, "
-                                f"asked for {camera!r} {part_id!r}")
+            raise ProtocolError(
+                f"trigger reply for camera {header['camera']!r} part {header['part_id']!r}, "
+                f"asked for {camera!r} {part_id!r}"
+            )
         mask_png = check_mask_frame(header, mask, "trigger reply")
         return Message(result_topic(camera).decode(), header, mask_png)
 

@@ -30,15 +30,17 @@ class CurveConfig:
     authorized_keys_dir: Path
 
     @classmethod
-    def from_files(cls, server_secret_key_file: str | os.PathLike, authorized_keys_dir: str | os.PathLike
-                   ) -> "CurveConfig":
+    def from_files(
+        cls, server_secret_key_file: str | os.PathLike, authorized_keys_dir: str | os.PathLike
+    ) -> "CurveConfig":
         public, secret = load_key_pair(server_secret_key_file)
         keys_dir = Path(authorized_keys_dir)
         if not keys_dir.is_dir():
             raise ConfigError(f"authorized keys folder {keys_dir}: not found")
         if not authorized_public_keys(keys_dir):
-            raise ConfigError(f"authorized keys folder {keys_dir}: no client public keys (*.key): "
-                              "no client could connect")
+            raise ConfigError(
+                f"authorized keys folder {keys_dir}: no client public keys (*.key): no client could connect"
+            )
         return cls(public, secret, keys_dir)
 
 
@@ -125,8 +127,9 @@ def is_loopback_endpoint(endpoint: str) -> bool:
         return False
 
 
-def check_bind_security(endpoint: str, curve_enabled: bool, allow_insecure: bool = False, key: str = "endpoint"
-                        ) -> None:
+def check_bind_security(
+    endpoint: str, curve_enabled: bool, allow_insecure: bool = False, key: str = "endpoint"
+) -> None:
     """Refuse to bind a non-loopback endpoint in the clear: results and triggers would be open to the network.
 
     Config validation calls it with the config key for the message; the publisher and trigger server call it
@@ -134,8 +137,10 @@ def check_bind_security(endpoint: str, curve_enabled: bool, allow_insecure: bool
     """
     if curve_enabled or allow_insecure or is_loopback_endpoint(endpoint):
         return
-    raise ConfigError(f"{key} {endpoint!r}: binding beyond loopback needs CURVE (security.curve with keys) or "
-                      "an explicit security.allow_insecure_bind: true")
+    raise ConfigError(
+        f"{key} {endpoint!r}: binding beyond loopback needs CURVE (security.curve with keys) or "
+        "an explicit security.allow_insecure_bind: true"
+    )
 
 
 def cli_keygen(args) -> int:

@@ -8,10 +8,9 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from linewatch.errors import ConfigError
 from linewatch.protocol.client import Subscriber
 from linewatch.protocol.wire import RESULT, Message, encode_json
-
-from linewatch.errors import ConfigError
 
 SILENT_AFTER_S = 5.0  # no status for this long: say so (the daemon publishes one per camera per second)
 
@@ -20,9 +19,11 @@ def format_result(header: dict) -> str:
     """`time camera seq part verdict score regions`, plus the error text for ERROR."""
     stamp = datetime.fromtimestamp(header["frame_time"]).isoformat(timespec="milliseconds")
     score = header.get("image_score")
-    line = (f"{stamp} {header['camera']} seq={header['seq']} part={header.get('part_id') or '-'} "
-            f"{header['verdict']} score={'-' if score is None else f'{score:.6g}'} "
-            f"regions={header.get('regions_total', len(header.get('regions', [])))}")
+    line = (
+        f"{stamp} {header['camera']} seq={header['seq']} part={header.get('part_id') or '-'} "
+        f"{header['verdict']} score={'-' if score is None else f'{score:.6g}'} "
+        f"regions={header.get('regions_total', len(header.get('regions', [])))}"
+    )
     for region in header.get("regions", [])[:3]:
         x, y, w, h = region["bbox"]
         line += f" [{x},{y} {w}x{h} area={region['area']}]"
@@ -57,8 +58,7 @@ def cli_watch(args) -> int:
     shown = 0
     states: dict[str, str] = {}
     warned_silent: set[str] = set()
-    print(f"watching {args.connect}" + (f" camera {args.camera}" if args.camera else ""), file=sys.stderr,
-          flush=True)
+    print(f"watching {args.connect}" + (f" camera {args.camera}" if args.camera else ""), file=sys.stderr, flush=True)
     with Subscriber(args.connect, args.camera, server_key=server_key, client_keys=client_keys) as sub:
         missed_seen = 0
         while args.count is None or shown < args.count:
@@ -91,4 +91,3 @@ def _show(msg: Message, as_json: bool, save: Path | None) -> None:
         tmp.write_bytes(msg.mask)
         tmp.replace(path)
     print(encode_json(header).decode() if as_json else format_result(header), flush=True)
-

@@ -170,8 +170,9 @@ def result_header(
         "regions_total": len(region_list),
         "error": reason if verdict == "ERROR" else None,
         "frame_index": None if frame_index is None else int(frame_index),
-        "mask": None if mask_size is None else {"format": "png", "width": int(mask_size[0]),
-                                                "height": int(mask_size[1])},
+        "mask": None
+        if mask_size is None
+        else {"format": "png", "width": int(mask_size[0]), "height": int(mask_size[1])},
     }
 
 
@@ -189,8 +190,13 @@ def status_header(camera: str, status: dict) -> dict:
     reserved = {"schema_version", "kind", "camera", "publish_time", "run_id"} & status.keys()
     if reserved:
         raise ValueError(f"status fields {sorted(reserved)} are reserved by the protocol")
-    return {"schema_version": SCHEMA_VERSION, "kind": STATUS, "camera": camera, "publish_time": time.time(),
-            **jsonable(status)}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": STATUS,
+        "camera": camera,
+        "publish_time": time.time(),
+        **jsonable(status),
+    }
 
 
 # --- masks -------------------------------------------------------------------------------------------------
@@ -224,8 +230,11 @@ def encode_mask_png(mask: np.ndarray | None, size: Sequence[int] | None = None) 
             shrink = width * height < img.shape[0] * img.shape[1]
             interp = cv2.INTER_NEAREST if binary else (cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
             img = cv2.resize(img, (width, height), interpolation=interp)
-    ok, buf = cv2.imencode(".png", np.ascontiguousarray(img), [cv2.IMWRITE_PNG_COMPRESSION, MASK_PNG_COMPRESSION,
-                                                               cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE])
+    ok, buf = cv2.imencode(
+        ".png",
+        np.ascontiguousarray(img),
+        [cv2.IMWRITE_PNG_COMPRESSION, MASK_PNG_COMPRESSION, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE],
+    )
     if not ok:
         raise ValueError("OpenCV could not encode the mask as PNG")
     return buf.tobytes()
@@ -317,8 +326,7 @@ def parse_header(data: bytes, what: str = "header") -> dict:
     header = json_object(data, ProtocolError, f"{what}: ")
     version = header.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise ProtocolError(f"{what}: schema_version {version!r} is not supported (this client reads "
-                            f"{SCHEMA_VERSION})")
+        raise ProtocolError(f"{what}: schema_version {version!r} is not supported (this client reads {SCHEMA_VERSION})")
     return header
 
 
@@ -355,8 +363,9 @@ def decode_message(frames: Sequence[bytes]) -> Message:
     topic = frames[0].decode("ascii")
     header = parse_header(frames[1], f"{topic} header")
     if header.get("kind") != kind or header.get("camera") != camera:
-        raise ProtocolError(f"{topic}: header kind/camera ({header.get('kind')!r}, {header.get('camera')!r}) "
-                            "do not match the topic")
+        raise ProtocolError(
+            f"{topic}: header kind/camera ({header.get('kind')!r}, {header.get('camera')!r}) do not match the topic"
+        )
     if kind == STATUS:
         if len(frames) != 2:
             raise ProtocolError(f"{topic}: status messages have 2 frames, got {len(frames)}")

@@ -28,8 +28,7 @@ class CAE(nn.Module):
         widths = cae_widths(c_o, c_d)
         self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.norms = nn.ModuleList(
-            nn.BatchNorm1d(widths[i + 1]) if batchnorm and i in self.RELU_AFTER else nn.Identity()
-            for i in range(6)
+            nn.BatchNorm1d(widths[i + 1]) if batchnorm and i in self.RELU_AFTER else nn.Identity() for i in range(6)
         )
 
     def forward_vectors(self, x: torch.Tensor) -> torch.Tensor:

@@ -34,8 +34,15 @@ class FeatureStore:
     features from the file instead of extracting them again, which matters when the set is large enough to live
     on disk in the first place."""
 
-    def __init__(self, n_images: int, positions: int, channels: int, ram_budget_bytes: int,
-                 cache_path: str | Path | None = None, identity: dict | None = None):
+    def __init__(
+        self,
+        n_images: int,
+        positions: int,
+        channels: int,
+        ram_budget_bytes: int,
+        cache_path: str | Path | None = None,
+        identity: dict | None = None,
+    ):
         self.shape = (n_images, positions, channels)
         nbytes = n_images * positions * channels * 2
         self.cache_path, self.identity, self.reused = None, identity, False
@@ -152,23 +159,26 @@ def set_feature_scale(model, paths: list[Path], device: torch.device, batch: int
     cfg = model.config
     cfg.feature_scale = 1.0
     sample = [paths[i] for i in spread_indices(len(paths), SCALE_SAMPLE_IMAGES)]
-    chunks = [regional_vectors(model, load_frames(sample[i:i + batch], cfg.height, cfg.width), device)
-              for i in range(0, len(sample), batch)]
+    chunks = [
+        regional_vectors(model, load_frames(sample[i : i + batch], cfg.height, cfg.width), device)
+        for i in range(0, len(sample), batch)
+    ]
     cfg.feature_scale = feature_scale(np.concatenate(chunks))
     return cfg.feature_scale
 
 
-def extract_to_store(model, paths: list[Path], store: FeatureStore, device: torch.device, batch: int,
-                     desc: str) -> None:
+def extract_to_store(
+    model, paths: list[Path], store: FeatureStore, device: torch.device, batch: int, desc: str
+) -> None:
     """Fill `store` with the regional vectors of `paths`, a progress bar counting images."""
     cfg = model.config
     with tqdm(total=len(paths), desc=desc, unit="img", mininterval=1.0, dynamic_ncols=True) as bar:
         for i in range(0, len(paths), batch):
-            chunk = paths[i:i + batch]
+            chunk = paths[i : i + batch]
             vecs = regional_vectors(model, load_frames(chunk, cfg.height, cfg.width), device)
             if not np.isfinite(vecs).all() or np.abs(vecs).max() > 6e4:
                 raise ValueError(f"regional features of {chunk[0]}.. overflow fp16 even after scaling")
-            store.array[i:i + len(chunk)] = vecs.astype(np.float16)
+            store.array[i : i + len(chunk)] = vecs.astype(np.float16)
             bar.update(len(chunk))
     if store.on_disk:
         store.array.flush()

@@ -141,12 +141,14 @@ class DFR(nn.Module):
         if self.cae is None:
             raise RuntimeError("the CAE is not built yet (c_d unknown): train the model first")
         err = self.region_error(feats)
-        amap = F.interpolate(err.unsqueeze(1), size=(self.config.height, self.config.width), mode="bilinear",
-                             align_corners=False).squeeze(1)
+        amap = F.interpolate(
+            err.unsqueeze(1), size=(self.config.height, self.config.width), mode="bilinear", align_corners=False
+        ).squeeze(1)
         return amap, amap.flatten(1).amax(dim=1)
 
 
 # ---- checkpoint in the bundle ------------------------------------------------------------------------------
+
 
 def save_checkpoint(model: DFR, bundle_dir: str | Path, extra: dict | None = None) -> Path:
     """model.pt holds settings, the backbone layers used and the CAE: self-contained for export anywhere."""
@@ -176,8 +178,9 @@ def load_model(bundle_dir: str | Path, device: str | torch.device = "cpu") -> DF
         source = WeightsSource(w["source"], w.get("path"), w.get("sha256"), w["convention"])
     except Exception as exc:
         raise BundleError(f"cannot read checkpoint {path}: {exc}") from exc
-    model = DFR(config, RANDOM if source.kind == "random" else WeightsSource(
-        "checkpoint", None, None, source.convention))
+    model = DFR(
+        config, RANDOM if source.kind == "random" else WeightsSource("checkpoint", None, None, source.convention)
+    )
     model.weights = source
     model.backbone.load_state_dict(payload["backbone"], strict=True)
     if model.cae is None or payload["cae"] is None:
@@ -186,8 +189,9 @@ def load_model(bundle_dir: str | Path, device: str | torch.device = "cpu") -> DF
     weight = payload.get("error_weight")  # absent in checkpoints from before the standardised score: all ones
     if weight is not None:
         if tuple(weight.shape) != (config.c_o,):
-            raise BundleError(f"checkpoint {path}: error_weight has shape {tuple(weight.shape)}, expected "
-                              f"({config.c_o},)")
+            raise BundleError(
+                f"checkpoint {path}: error_weight has shape {tuple(weight.shape)}, expected ({config.c_o},)"
+            )
         model.error_weight.copy_(weight)
     elif config.score != "mean_sq_error":
         raise BundleError(f"checkpoint {path}: score {config.score!r} but no error_weight stored")
@@ -221,7 +225,7 @@ class TorchScorer:
             raise ValueError(f"expected uint8 frames N×{h}×{w}×3, got {frames.dtype} {frames.shape}")
         maps, scores = [], []
         for i in range(0, len(frames), self.batch):
-            m, s = self.model(torch.from_numpy(frames[i:i + self.batch]).to(self.device))
+            m, s = self.model(torch.from_numpy(frames[i : i + self.batch]).to(self.device))
             maps.append(m.float().cpu().numpy())
             scores.append(s.float().cpu().numpy())
         return np.concatenate(maps), np.concatenate(scores)

@@ -53,21 +53,55 @@ class TrainSettings:
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's setting (Yang et al. 2020, Sec. IV): 256², f_{1:12}, c_d by PCA, Adam lr 1e-4. The paper runs 700
     # epochs of 4-image batches; we train on shuffled regional vectors with an epoch budget and early stopping.
-    "paper": dict(size=256, layers="1:12", padding="reflect", align="bilinear", latent=0, lr=1e-4,
-                  batch_vectors=4096, epochs=150, patience=10, extract_batch=4),
+    "paper": dict(
+        size=256,
+        layers="1:12",
+        padding="reflect",
+        align="bilinear",
+        latent=0,
+        lr=1e-4,
+        batch_vectors=4096,
+        epochs=150,
+        patience=10,
+        extract_batch=4,
+    ),
     # A CPU preset: ~100 images train in a few minutes on 2 cores (see docs/BENCHMARKS.md, "Training time").
-    "fast": dict(size=128, layers="1:8", padding="reflect", align="bilinear", latent=0, lr=1e-3,
-                 batch_vectors=4096, epochs=8, patience=3, extract_batch=16),
+    "fast": dict(
+        size=128,
+        layers="1:8",
+        padding="reflect",
+        align="bilinear",
+        latent=0,
+        lr=1e-3,
+        batch_vectors=4096,
+        epochs=8,
+        patience=3,
+        extract_batch=16,
+    ),
 }
 
-CHOICES = {"preset": tuple(PRESETS), "padding": ("reflect", "zero"), "align": ("bilinear", "nearest"),
-           "score": ("standardised_sq_error", "mean_sq_error")}
+CHOICES = {
+    "preset": tuple(PRESETS),
+    "padding": ("reflect", "zero"),
+    "align": ("bilinear", "nearest"),
+    "score": ("standardised_sq_error", "mean_sq_error"),
+}
 POSITIVE = {"size", "epochs", "batch_vectors", "pca_samples", "extract_batch", "patience"}
 NON_NEGATIVE = {"latent", "weight_decay", "min_delta", "cache_ram_mb", "seed"}
 FIELD_TYPES = {f.name: f.type for f in fields(TrainSettings)}
 # CLI flag -> settings key (flags named as in linewatch/cli.py)
-CLI_KEYS = {"preset": "preset", "size": "size", "layers": "layers", "padding": "padding", "align": "align",
-            "epochs": "epochs", "latent": "latent", "seed": "seed", "device": "device", "score": "score"}
+CLI_KEYS = {
+    "preset": "preset",
+    "size": "size",
+    "layers": "layers",
+    "padding": "padding",
+    "align": "align",
+    "epochs": "epochs",
+    "latent": "latent",
+    "seed": "seed",
+    "device": "device",
+    "score": "score",
+}
 
 
 def _check_value(key: str, value: Any, where: str) -> Any:

@@ -31,7 +31,7 @@ def pool_matrix(n: int, k: int = 4) -> torch.Tensor:
     """(n//k × n) matrix of k-wide, stride-k means (floor like avg_pool2d)."""
     out = torch.zeros(n // k, n, dtype=torch.float64)
     for i in range(n // k):
-        out[i, i * k:(i + 1) * k] = 1.0 / k
+        out[i, i * k : (i + 1) * k] = 1.0 / k
     return out
 
 
@@ -42,16 +42,18 @@ def region_matrix(n_in: int, n_full: int, align: str, k: int = 4) -> torch.Tenso
 class RegionalGenerator(nn.Module):
     """Maps of shapes `map_sizes` [(h_l, w_l)] -> one (N, Σc_l, H//4, W//4) regional feature map."""
 
-    def __init__(self, map_sizes: list[tuple[int, int]], height: int, width: int, align: str = "bilinear",
-                 pool: int = 4):
+    def __init__(
+        self, map_sizes: list[tuple[int, int]], height: int, width: int, align: str = "bilinear", pool: int = 4
+    ):
         super().__init__()
         self.align, self.pool = align, pool
         self.height, self.width = height, width
         self.n = len(map_sizes)
         for i, (h, w) in enumerate(map_sizes):
             self.register_buffer(f"mh{i}", region_matrix(h, height, align, pool).float(), persistent=False)
-            self.register_buffer(f"mwt{i}", region_matrix(w, width, align, pool).T.contiguous().float(),
-                                 persistent=False)
+            self.register_buffer(
+                f"mwt{i}", region_matrix(w, width, align, pool).T.contiguous().float(), persistent=False
+            )
 
     def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
         out = []
@@ -61,8 +63,9 @@ class RegionalGenerator(nn.Module):
         return torch.cat(out, dim=1)
 
 
-def naive_regional(maps: list[torch.Tensor], height: int, width: int, align: str = "bilinear",
-                   pool: int = 4) -> torch.Tensor:
+def naive_regional(
+    maps: list[torch.Tensor], height: int, width: int, align: str = "bilinear", pool: int = 4
+) -> torch.Tensor:
     """The paper's definition, literally: resize every map to H×W, concatenate, 4×4/4 mean. The reference."""
     if align == "nearest":
         up = [F.interpolate(f, size=(height, width), mode="nearest") for f in maps]

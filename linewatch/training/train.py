@@ -52,6 +52,7 @@ MIN_STD = 0.05
 
 # ---- data ----------------------------------------------------------------------------------------------------
 
+
 def good_images(data_dir: str | Path) -> list[Path]:
     """Good training images: an MVTec category's train/good, or the folder itself."""
     return list_images(good_image_folder(data_dir))
@@ -60,8 +61,7 @@ def good_images(data_dir: str | Path) -> list[Path]:
 def split_train_val(paths: list[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
     """Seeded split of good images; the validation share is at least one image."""
     if len(paths) < 2:
-        raise DataError(f"training needs at least 2 good images (one is held out for validation), "
-                        f"got {len(paths)}")
+        raise DataError(f"training needs at least 2 good images (one is held out for validation), got {len(paths)}")
     n_val = min(len(paths) - 1, max(1, round(fraction * len(paths))))
     perm = np.random.default_rng(seed).permutation(len(paths))
     val = sorted(paths[i] for i in perm[:n_val])
@@ -70,6 +70,7 @@ def split_train_val(paths: list[Path], fraction: float, seed: int) -> tuple[list
 
 
 # ---- batches of regional vectors -----------------------------------------------------------------------------
+
 
 def steps_per_epoch(store: FeatureStore, batch: int, block_images: int) -> int:
     if block_images >= store.n_images:
@@ -90,15 +91,15 @@ def epoch_batches(store: FeatureStore, batch: int, generator: torch.Generator, b
         perm = torch.randperm(store.n_vectors, generator=generator).numpy()
         flat = store.array.reshape(-1, channels)
         for i in range(0, len(perm), batch):
-            yield torch.from_numpy(flat[perm[i:i + batch]])
+            yield torch.from_numpy(flat[perm[i : i + batch]])
         return
     order = torch.randperm(store.n_images, generator=generator).numpy()
     for b in range(0, len(order), block_images):
-        images = np.sort(order[b:b + block_images])
+        images = np.sort(order[b : b + block_images])
         block = np.asarray(store.array[images]).reshape(-1, channels)
         perm = torch.randperm(len(block), generator=generator).numpy()
         for i in range(0, len(perm), batch):
-            yield torch.from_numpy(block[perm[i:i + batch]])
+            yield torch.from_numpy(block[perm[i : i + batch]])
 
 
 class StandardisedCAE(nn.Module):
@@ -145,7 +146,7 @@ def reconstruction_loss(cae: nn.Module, store: FeatureStore, device: torch.devic
     flat = store.array.reshape(-1, store.shape[2])
     total, count = 0.0, 0
     for i in range(0, len(flat), VAL_BATCH):
-        x = torch.from_numpy(np.asarray(flat[i:i + VAL_BATCH])).to(device).float()
+        x = torch.from_numpy(np.asarray(flat[i : i + VAL_BATCH])).to(device).float()
         total += float(F.mse_loss(cae.forward_vectors(x), x, reduction="sum"))
         count += x.numel()
     cae.train(was_training)
@@ -153,6 +154,7 @@ def reconstruction_loss(cae: nn.Module, store: FeatureStore, device: torch.devic
 
 
 # ---- training state (resume) ---------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class Progress:
@@ -165,9 +167,20 @@ class Progress:
     history: list = dataclasses.field(default_factory=list)  # [{epoch, train_loss, val_loss}]
 
 
-def save_train_state(path: Path, *, settings: TrainSettings, config: DFRConfig, weights: WeightsSource,
-                     data_sha: str, split: dict, progress: Progress, cae: StandardisedCAE, best_cae: dict,
-                     optimizer: torch.optim.Optimizer, generator: torch.Generator) -> None:
+def save_train_state(
+    path: Path,
+    *,
+    settings: TrainSettings,
+    config: DFRConfig,
+    weights: WeightsSource,
+    data_sha: str,
+    split: dict,
+    progress: Progress,
+    cae: StandardisedCAE,
+    best_cae: dict,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+) -> None:
     payload = {
         "version": STATE_VERSION,
         "settings": dataclasses.asdict(settings),
@@ -205,27 +218,35 @@ def check_resumable(state: dict, settings: TrainSettings, data_sha: str, path: P
     changed = sorted(k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k])
     if changed:
         diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
-        raise ConfigError(f"--resume: settings differ from the run saved in {path} ({diffs}); "
-                          f"only {', '.join(sorted(RESUMABLE_CHANGES))} may change")
+        raise ConfigError(
+            f"--resume: settings differ from the run saved in {path} ({diffs}); "
+            f"only {', '.join(sorted(RESUMABLE_CHANGES))} may change"
+        )
     if state["dataset_sha256"] != data_sha:
-        raise DataError(f"--resume: the training images changed since the run saved in {path} "
-                        f"(dataset sha256 {state['dataset_sha256'][:12]} -> {data_sha[:12]})")
+        raise DataError(
+            f"--resume: the training images changed since the run saved in {path} "
+            f"(dataset sha256 {state['dataset_sha256'][:12]} -> {data_sha[:12]})"
+        )
 
 
 def check_output_dir(out: Path, resume: bool) -> None:
     """A fresh run needs an empty --out; a resumed run must not leave a stale exported graph behind."""
     if resume:
-        stale = [n for n in (bundle.GRAPH, bundle.GRAPH_FP16, bundle.GRAPH_INT8, bundle.CALIBRATION)
-                 if (out / n).exists()]
+        stale = [
+            n for n in (bundle.GRAPH, bundle.GRAPH_FP16, bundle.GRAPH_INT8, bundle.CALIBRATION) if (out / n).exists()
+        ]
         if stale:
-            raise ConfigError(f"--resume: {out} already holds {', '.join(stale)} made from the old model; "
-                              f"train into a new --out instead")
+            raise ConfigError(
+                f"--resume: {out} already holds {', '.join(stale)} made from the old model; "
+                f"train into a new --out instead"
+            )
     elif out.exists() and any(out.iterdir()):
         hint = " (an interrupted run: add --resume)" if (out / TRAIN_STATE).exists() else ""
         raise ConfigError(f"--out {out} is not empty{hint}; choose a new directory or remove it")
 
 
 # ---- the run -------------------------------------------------------------------------------------------------
+
 
 def pick_device(name: str) -> torch.device:
     if name:
@@ -240,35 +261,61 @@ def pick_device(name: str) -> torch.device:
 
 
 def model_config(settings: TrainSettings) -> DFRConfig:
-    return DFRConfig(layers=settings.layer_list(), height=settings.size, width=settings.size,
-                     padding=settings.padding, align=settings.align, batchnorm=settings.batchnorm,
-                     score=settings.score)
+    return DFRConfig(
+        layers=settings.layer_list(),
+        height=settings.size,
+        width=settings.size,
+        padding=settings.padding,
+        align=settings.align,
+        batchnorm=settings.batchnorm,
+        score=settings.score,
+    )
 
 
 def versions() -> dict:
     import torchvision
 
-    return {"linewatch": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "numpy": np.__version__}
+    return {
+        "linewatch": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+    }
 
 
 def features_identity(config: DFRConfig, weights: WeightsSource, data_sha: str, split: dict) -> dict:
     """What the extracted regional features depend on: a cached store is reused only if all of it matches."""
-    return {"dataset_sha256": data_sha, "weights_sha256": weights.sha256, "split": split,
-            "features": {k: getattr(config, k) for k in ("layers", "height", "width", "padding", "align", "pool",
-                                                         "feature_scale")}}
+    return {
+        "dataset_sha256": data_sha,
+        "weights_sha256": weights.sha256,
+        "split": split,
+        "features": {
+            k: getattr(config, k) for k in ("layers", "height", "width", "padding", "align", "pool", "feature_scale")
+        },
+    }
 
 
-def fit_cae(cae: StandardisedCAE, train: FeatureStore, val: FeatureStore, settings: TrainSettings, device: torch.device,
-            progress: Progress, optimizer: torch.optim.Optimizer, generator: torch.Generator, best_cae: dict,
-            save_state) -> dict:
+def fit_cae(
+    cae: StandardisedCAE,
+    train: FeatureStore,
+    val: FeatureStore,
+    settings: TrainSettings,
+    device: torch.device,
+    progress: Progress,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    best_cae: dict,
+    save_state,
+) -> dict:
     """Epochs of shuffled vector batches until the budget or the patience runs out; returns the best weights."""
     block_images = train.images_per_block(settings.cache_ram_mb * (1 << 20) // 4)
     steps = steps_per_epoch(train, settings.batch_vectors, block_images)
     remaining = settings.epochs - progress.epoch
     cae.train()
-    with tqdm(total=max(0, remaining) * steps, desc="train CAE", unit="step", mininterval=1.0,
-              dynamic_ncols=True) as bar:
+    with tqdm(
+        total=max(0, remaining) * steps, desc="train CAE", unit="step", mininterval=1.0, dynamic_ncols=True
+    ) as bar:
         while progress.epoch < settings.epochs and not progress.stopped_early:
             started = time.perf_counter()
             total, count = 0.0, 0
@@ -281,13 +328,15 @@ def fit_cae(cae: StandardisedCAE, train: FeatureStore, val: FeatureStore, settin
                 total += float(loss.detach()) * len(x)
                 count += len(x)
                 bar.update(1)
-                bar.set_postfix(epoch=progress.epoch + 1, loss=f"{float(loss.detach()):.4f}",
-                                best_val=f"{progress.best_val:.4f}")
+                bar.set_postfix(
+                    epoch=progress.epoch + 1, loss=f"{float(loss.detach()):.4f}", best_val=f"{progress.best_val:.4f}"
+                )
             train_loss = total / count
             val_loss = reconstruction_loss(cae, val, device)
             if not math.isfinite(val_loss):
-                raise ValueError(f"validation loss is {val_loss} at epoch {progress.epoch + 1}: training diverged "
-                                 f"(try a lower lr)")
+                raise ValueError(
+                    f"validation loss is {val_loss} at epoch {progress.epoch + 1}: training diverged (try a lower lr)"
+                )
             progress.epoch += 1
             progress.history.append({"epoch": progress.epoch, "train_loss": train_loss, "val_loss": val_loss})
             if val_loss < progress.best_val * (1.0 - settings.min_delta):
@@ -298,14 +347,27 @@ def fit_cae(cae: StandardisedCAE, train: FeatureStore, val: FeatureStore, settin
                 progress.stopped_early = progress.bad_epochs >= settings.patience
             progress.fit_seconds += time.perf_counter() - started
             save_state(best_cae)
-            log.info("epoch %d/%d: train loss %.5f, val loss %.5f (best %.5f at epoch %d)%s", progress.epoch,
-                     settings.epochs, train_loss, val_loss, progress.best_val, progress.best_epoch,
-                     ", stopping early" if progress.stopped_early else "")
+            log.info(
+                "epoch %d/%d: train loss %.5f, val loss %.5f (best %.5f at epoch %d)%s",
+                progress.epoch,
+                settings.epochs,
+                train_loss,
+                val_loss,
+                progress.best_val,
+                progress.best_epoch,
+                ", stopping early" if progress.stopped_early else "",
+            )
     return best_cae
 
 
-def train(settings: TrainSettings, data: str | Path, out: str | Path, weights_path: str | None = None,
-          random_init: bool = False, resume: bool = False) -> dict:
+def train(
+    settings: TrainSettings,
+    data: str | Path,
+    out: str | Path,
+    weights_path: str | None = None,
+    random_init: bool = False,
+    resume: bool = False,
+) -> dict:
     """Train a bundle in `out`; returns its metadata."""
     started = time.perf_counter()
     out = Path(out)
@@ -319,11 +381,18 @@ def train(settings: TrainSettings, data: str | Path, out: str | Path, weights_pa
         check_resumable(state, settings, data_sha, state_path)
     weights = resolve(weights_path, random_init=random_init)
     if state is not None and state["weights"]["sha256"] != weights.sha256:
-        raise ConfigError(f"--resume: VGG19 weights differ from the run saved in {state_path} "
-                          f"({state['weights']['sha256']} -> {weights.sha256})")
+        raise ConfigError(
+            f"--resume: VGG19 weights differ from the run saved in {state_path} "
+            f"({state['weights']['sha256']} -> {weights.sha256})"
+        )
     train_paths, val_paths = split_train_val(paths, settings.val_fraction, settings.seed)
-    log.info("training on %d good images, validating on %d (from %s); device %s", len(train_paths),
-             len(val_paths), data, device)
+    log.info(
+        "training on %d good images, validating on %d (from %s); device %s",
+        len(train_paths),
+        len(val_paths),
+        data,
+        device,
+    )
     log.info("settings: %s", describe(settings))
 
     torch.manual_seed(settings.seed)
@@ -341,11 +410,18 @@ def train(settings: TrainSettings, data: str | Path, out: str | Path, weights_pa
     grid = config.grid[0] * config.grid[1]
     split = {"train": [p.name for p in train_paths], "val": [p.name for p in val_paths]}
     identity = features_identity(config, weights, data_sha, split)
-    train_store = FeatureStore(len(train_paths), grid, config.c_o, budget, out / ("train" + CACHE_SUFFIX),
-                               identity={**identity, "part": "train"})
+    train_store = FeatureStore(
+        len(train_paths),
+        grid,
+        config.c_o,
+        budget,
+        out / ("train" + CACHE_SUFFIX),
+        identity={**identity, "part": "train"},
+    )
     val_budget = budget if train_store.on_disk else budget - train_store.array.nbytes
-    val_store = FeatureStore(len(val_paths), grid, config.c_o, val_budget, out / ("val" + CACHE_SUFFIX),
-                             identity={**identity, "part": "val"})
+    val_store = FeatureStore(
+        len(val_paths), grid, config.c_o, val_budget, out / ("val" + CACHE_SUFFIX), identity={**identity, "part": "val"}
+    )
     finished = False
     try:
         for store, part_paths, part in ((train_store, train_paths, "train"), (val_store, val_paths, "val")):
@@ -361,8 +437,13 @@ def train(settings: TrainSettings, data: str | Path, out: str | Path, weights_pa
                 config.c_d = settings.latent
             else:
                 config.c_d = pca_latent_dim(torch.from_numpy(sample), settings.pca_variance)
-                log.info("c_d = %d (PCA, %.0f %% variance of %d regional vectors from %d images)", config.c_d,
-                         100 * settings.pca_variance, len(sample), len(train_paths))
+                log.info(
+                    "c_d = %d (PCA, %.0f %% variance of %d regional vectors from %d images)",
+                    config.c_d,
+                    100 * settings.pca_variance,
+                    len(sample),
+                    len(train_paths),
+                )
         else:
             mean, std = state["input_norm"]["mean"], state["input_norm"]["std"]
         try:
@@ -378,16 +459,31 @@ def train(settings: TrainSettings, data: str | Path, out: str | Path, weights_pa
             generator.set_state(state["generator"])
             progress, best_cae = Progress(**state["progress"]), state["best_cae"]
             progress.stopped_early = progress.bad_epochs >= settings.patience
-            log.info("resuming after epoch %d (best val loss %.5f at epoch %d)", progress.epoch,
-                     progress.best_val, progress.best_epoch)
+            log.info(
+                "resuming after epoch %d (best val loss %.5f at epoch %d)",
+                progress.epoch,
+                progress.best_val,
+                progress.best_epoch,
+            )
 
         def save_state(best: dict) -> None:
-            save_train_state(state_path, settings=settings, config=config, weights=weights, data_sha=data_sha,
-                             split=split, progress=progress, cae=cae, best_cae=best, optimizer=optimizer,
-                             generator=generator)
+            save_train_state(
+                state_path,
+                settings=settings,
+                config=config,
+                weights=weights,
+                data_sha=data_sha,
+                split=split,
+                progress=progress,
+                cae=cae,
+                best_cae=best,
+                optimizer=optimizer,
+                generator=generator,
+            )
 
-        best_cae = fit_cae(cae, train_store, val_store, settings, device, progress, optimizer, generator,
-                           best_cae, save_state)
+        best_cae = fit_cae(
+            cae, train_store, val_store, settings, device, progress, optimizer, generator, best_cae, save_state
+        )
         finished = True
     finally:  # an interrupted run keeps its finished on-disk features for --resume; a finished one cleans up
         train_store.close(keep=not finished)
@@ -401,20 +497,28 @@ def train(settings: TrainSettings, data: str | Path, out: str | Path, weights_pa
         model.error_weight.copy_(1.0 / cae.std.double().pow(2).float().to(model.error_weight.device))
     model = model.cpu().eval()
     training = {
-        "data": str(Path(data).resolve()), "dataset_sha256": data_sha, "n_train": len(train_paths),
-        "n_val": len(val_paths), "epochs": progress.epoch, "best_epoch": progress.best_epoch,
-        "stopped_early": progress.stopped_early, "seed": settings.seed, "preset": settings.preset,
-        "best_val_loss": progress.best_val, "train_seconds": round(time.perf_counter() - started, 2),
-        "extract_seconds": round(extract_seconds, 2), "fit_seconds": round(progress.fit_seconds, 2),
-        "device": str(device), "settings": dataclasses.asdict(settings), "history": progress.history,
+        "data": str(Path(data).resolve()),
+        "dataset_sha256": data_sha,
+        "n_train": len(train_paths),
+        "n_val": len(val_paths),
+        "epochs": progress.epoch,
+        "best_epoch": progress.best_epoch,
+        "stopped_early": progress.stopped_early,
+        "seed": settings.seed,
+        "preset": settings.preset,
+        "best_val_loss": progress.best_val,
+        "train_seconds": round(time.perf_counter() - started, 2),
+        "extract_seconds": round(extract_seconds, 2),
+        "fit_seconds": round(progress.fit_seconds, 2),
+        "device": str(device),
+        "settings": dataclasses.asdict(settings),
+        "history": progress.history,
     }
-    checkpoint = save_checkpoint(model, out, extra={"training": {k: v for k, v in training.items()
-                                                                 if k != "history"}})
+    checkpoint = save_checkpoint(model, out, extra={"training": {k: v for k, v in training.items() if k != "history"}})
     training["checkpoint_sha256"] = bundle.sha256_file(checkpoint)
     meta = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "input": {"height": config.height, "width": config.width, "layout": "NHWC", "dtype": "uint8",
-                  "color": "BGR"},
+        "input": {"height": config.height, "width": config.width, "layout": "NHWC", "dtype": "uint8", "color": "BGR"},
         "dfr": config.as_metadata(),
         "weights": weights.as_metadata(),
         "training": training,
@@ -426,10 +530,13 @@ def train(settings: TrainSettings, data: str | Path, out: str | Path, weights_pa
 
 def cli_train(args) -> int:
     settings = resolve_settings(args)
-    meta = train(settings, args.data, args.out, weights_path=args.weights, random_init=args.random_init,
-                 resume=args.resume)
+    meta = train(
+        settings, args.data, args.out, weights_path=args.weights, random_init=args.random_init, resume=args.resume
+    )
     t, d = meta["training"], meta["dfr"]
-    print(f"trained {args.out}: {d['height']}x{d['width']}, layers {d['layer_spec']}, c_o {d['c_o']}, "
-          f"c_d {d['c_d']}; {t['epochs']} epochs (best {t['best_epoch']}, val loss {t['best_val_loss']:.5f}); "
-          f"{t['n_train']} train / {t['n_val']} val images; {t['train_seconds']:.1f} s")
+    print(
+        f"trained {args.out}: {d['height']}x{d['width']}, layers {d['layer_spec']}, c_o {d['c_o']}, "
+        f"c_d {d['c_d']}; {t['epochs']} epochs (best {t['best_epoch']}, val loss {t['best_val_loss']:.5f}); "
+        f"{t['n_train']} train / {t['n_val']} val images; {t['train_seconds']:.1f} s"
+    )
     return 0

