@@ -152,7 +152,7 @@ def summary(maps: np.ndarray, masks: np.ndarray, types: np.ndarray, data_dir: st
     return metrics_by_type(maps, maps.reshape(len(maps), -1).max(axis=1), masks, types, data_dir)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", help="trained bundle (its backbone, layers and size give the features)")
     p.add_argument("--data", required=True, help="MVTec-layout category the bundle was trained on")
@@ -166,18 +166,71 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default="knn,probe,mlp", help="comma-separated: knn, probe (linear), mlp")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the three result sets here")
-    args = p.parse_args(argv)
-    torch.manual_seed(args.seed)
-    model = load_model(args.bundle)
-    cfg = model.config
-    h, w = cfg.height, cfg.width
-    gh, gw = cfg.grid
-    samples = datasets.read_test_set(args.data)
-    types = np.array([s.defect_type for s in samples])
-    methods = {m.strip() for m in args.methods.split(",") if m.strip()}
+    return p.parse_args(argv)
+
+
+def parse_methods(text: str) -> set[str]:
+    methods = {m.strip() for m in text.split(",") if m.strip()}
     unknown = methods - {"knn", "probe", "mlp"}
     if unknown:
         raise SystemExit(f"unknown method(s) {sorted(unknown)}: choose from knn, probe, mlp")
+    return methods
+
+
+def good_region_bank(model, data_dir: str, size: int) -> torch.Tensor:
+    """Regional vectors of the good training images; `size` random ones of them (0 = all)."""
+    h, w = model.config.height, model.config.width
+    train_paths = list_images(datasets.good_image_folder(data_dir))
+    bank = []
+    for start in range(0, len(train_paths), 8):
+        f = model.extract(torch.from_numpy(load_frames(train_paths[start : start + 8], h, w)))
+        bank.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]))
+    bank = torch.cat(bank)
+    if 0 < size < len(bank):
+        bank = bank[torch.randperm(len(bank))[:size]]
+    return bank
+
+
+def knn_maps(model, features: np.ndarray, data_dir: str, bank_size: int) -> tuple[np.ndarray, int]:
+    """(N×H×W maps of each test region's distance to its nearest good training region, the bank's size)."""
+    cfg = model.config
+    with torch.inference_mode():
+        bank = good_region_bank(model, data_dir, bank_size)
+        dist = nearest_distance(torch.from_numpy(features.reshape(-1, features.shape[2])), bank)
+    return upsample(dist.numpy().reshape(-1, *cfg.grid), cfg.height, cfg.width), len(bank)
+
+
+def chosen_probes(methods: set[str], args: argparse.Namespace) -> list[tuple]:
+    """(label, probe factory, whether to balance the classes) for each probe asked for."""
+    probes = []
+    if "probe" in methods:
+        probes += [
+            (f"probe C={c:g}", functools.partial(linear_probe, c), False)
+            for c in (float(v) for v in args.probe_c.split(","))
+        ]
+    if "mlp" in methods:
+        probes.append(("mlp probe", functools.partial(mlp_probe, args.seed), True))
+    return probes
+
+
+def print_results(name: str, results: dict) -> None:
+    for method, r in results.items():
+        o = r["overall"]
+        per = " ".join(f"{t} {v['pixel_roc_auc']:.3f}" for t, v in r["per_type"].items())
+        print(
+            f"{name} {method:11s} pixel {o['pixel_roc_auc']:.4f}  PRO {o['pro_auc']:.4f}  "
+            f"image {o['image_roc_auc']:.4f}  | pixel per type: {per}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    model = load_model(args.bundle)
+    cfg = model.config
+    samples = datasets.read_test_set(args.data)
+    types = np.array([s.defect_type for s in samples])
+    methods = parse_methods(args.methods)
     results = {}
 
     t0 = time.time()
@@ -190,43 +243,20 @@ def main(argv: list[str] | None = None) -> int:
     bank_size = 0
     if "knn" in methods:
         t0 = time.time()
-        train_paths = list_images(datasets.good_image_folder(args.data))
-        bank = []
-        with torch.inference_mode():
-            for start in range(0, len(train_paths), 8):
-                f = model.extract(torch.from_numpy(load_frames(train_paths[start : start + 8], h, w)))
-                bank.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]))
-            bank = torch.cat(bank)
-            if 0 < args.bank < len(bank):
-                bank = bank[torch.randperm(len(bank))[: args.bank]]
-            dist = nearest_distance(torch.from_numpy(features.reshape(-1, features.shape[2])), bank)
-        bank_size = len(bank)
-        results["knn"] = summary(upsample(dist.numpy().reshape(-1, gh, gw), h, w), masks, types, args.data)
+        knn, bank_size = knn_maps(model, features, args.data, args.bank)
+        results["knn"] = summary(knn, masks, types, args.data)
         print(f"knn (bank {bank_size}) in {time.time() - t0:.0f} s", file=sys.stderr)
 
     fraction, fold = region_fraction(masks, cfg.pool), folds(types)
-    probes = []
-    if "probe" in methods:
-        probes += [
-            (f"probe C={c:g}", functools.partial(linear_probe, c), False)
-            for c in (float(v) for v in args.probe_c.split(","))
-        ]
-    if "mlp" in methods:
-        probes.append(("mlp probe", functools.partial(mlp_probe, args.seed), True))
-    for label, make_probe, balance in probes:
+    for label, make_probe, balance in chosen_probes(methods, args):
         t0 = time.time()
         logits = probe_grid(features, fraction, fold, args.seed, make_probe, balance)
-        results[label] = summary(upsample(logits.reshape(-1, gh, gw), h, w), masks, types, args.data)
+        results[label] = summary(
+            upsample(logits.reshape(-1, *cfg.grid), cfg.height, cfg.width), masks, types, args.data
+        )
         print(f"{label} in {time.time() - t0:.0f} s", file=sys.stderr)
 
-    name = Path(args.data).name
-    for method, r in results.items():
-        o = r["overall"]
-        per = " ".join(f"{t} {v['pixel_roc_auc']:.3f}" for t, v in r["per_type"].items())
-        print(
-            f"{name} {method:11s} pixel {o['pixel_roc_auc']:.4f}  PRO {o['pro_auc']:.4f}  "
-            f"image {o['image_roc_auc']:.4f}  | pixel per type: {per}"
-        )
+    print_results(Path(args.data).name, results)
     if args.json:
         Path(args.json).write_text(
             json.dumps({"bundle": args.bundle, "data": args.data, "bank": bank_size, **results}, indent=1) + "\n"

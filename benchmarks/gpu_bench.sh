@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU speed check for issue 3: builds a paper-setting bundle (f_{1:12}, 256², c_d 200), exports fp32 and fp16,
+# GPU speed check: builds a paper-setting bundle (f_{1:12}, 256², c_d 200), exports fp32 and fp16,
 # and prints images/s and p50/p99 latency for the CUDA and TensorRT providers at batch 1/8/32.
 # On a machine without an NVIDIA GPU it runs the same steps on the CPU with tiny settings (used by CI).
 #

@@ -1,4 +1,4 @@
-"""fp16 or int8 graph vs the fp32 graph on the dev benchmark: evaluation metrics must agree within 0.002 (issue 3).
+"""fp16 or int8 graph vs the fp32 graph on the dev benchmark: evaluation metrics must agree within 0.002.
 
   python benchmarks/precision_parity.py MODEL_DIR --data data/devset/brick [--precision fp16|int8]
                                         [--provider cpu] [--json out.json]

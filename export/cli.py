@@ -22,7 +22,7 @@ from linewatch.training.model import DFR, load_model
 
 log = logging.getLogger("linewatch.export")
 
-FP32_TOLERANCE = 1e-4  # max |map difference| / map range, issue 3
+FP32_TOLERANCE = 1e-4  # max |map difference| / map range of the fp32 graph vs the torch model
 # fp16 graph vs the float32 torch model on random frames; ranking metrics are checked on the dev benchmark
 # with benchmarks/precision_parity.py (within 0.002 of fp32)
 FP16_TOLERANCE = 2e-2

@@ -47,23 +47,34 @@ def error_tail(model: onnx.ModelProto, start_prefix: str = "/channel_mean/") -> 
     producers = {out: node for node in model.graph.node for out in node.output}
     start = next(n for n in model.graph.node if n.name.startswith(start_prefix))
     tail = {start.name} | {producers[i].name for i in start.input if i in producers}  # the Pow that squares
+    tail = downstream(model.graph, tail, producers)
+    return sorted(tail | constants_feeding_only(model.graph, tail))
+
+
+def downstream(graph: onnx.GraphProto, names: set[str], producers: dict) -> set[str]:
+    """`names` and every node that reads, directly or not, an output of one of them."""
+    reached = set(names)
     grew = True
     while grew:
         grew = False
-        for node in model.graph.node:
-            if node.name not in tail and any(
-                producers.get(i) is not None and producers[i].name in tail for i in node.input
-            ):
-                tail.add(node.name)
+        for node in graph.node:
+            if node.name not in reached and any(i in producers and producers[i].name in reached for i in node.input):
+                reached.add(node.name)
                 grew = True
+    return reached
+
+
+def constants_feeding_only(graph: onnx.GraphProto, names: set[str]) -> set[str]:
+    """Nodes without inputs (constants) whose outputs only nodes in `names` read: they belong with them."""
     consumers: dict[str, set[str]] = {}
-    for node in model.graph.node:
+    for node in graph.node:
         for i in node.input:
             consumers.setdefault(i, set()).add(node.name)
-    for node in model.graph.node:  # constants that only feed the tail belong to it
-        if not node.input and all(consumers.get(o, set()) <= tail for o in node.output):
-            tail.add(node.name)
-    return sorted(tail)
+    return {
+        node.name
+        for node in graph.node
+        if not node.input and all(consumers.get(o, set()) <= names for o in node.output)
+    }
 
 
 def sort_nodes(graph: onnx.GraphProto) -> None:
@@ -94,31 +105,10 @@ def convert_fp16(fp32_path: str | Path, out_path: str | Path) -> Path:
     graph = model.graph
     tail = set(error_tail(model))
     head = [n for n in graph.node if n.name not in tail]
-    head_inputs = {i for n in head for i in n.input}
     tail_inputs = {i for n in graph.node if n.name in tail for i in n.input}
-    for i, init in enumerate(graph.initializer):
-        if init.name in head_inputs and init.data_type == onnx.TensorProto.FLOAT:
-            if init.name in tail_inputs:
-                raise ValueError(f"initializer {init.name} feeds both fp16 and fp32 nodes")
-            arr = numpy_helper.to_array(init).astype(np.float16)
-            graph.initializer[i].CopyFrom(numpy_helper.from_array(arr, init.name))
-    for node in head:
-        for attr in node.attribute:
-            if node.op_type == "Cast" and attr.name == "to" and attr.i == onnx.TensorProto.FLOAT:
-                attr.i = onnx.TensorProto.FLOAT16
-            if node.op_type == "Constant" and attr.name == "value" and attr.t.data_type == onnx.TensorProto.FLOAT:
-                attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float16), attr.t.name))
-    head_outputs = {o for n in head for o in n.output}
-    for name in sorted(tail_inputs & head_outputs):
-        cast_out = f"{name}_fp32"
-        for node in graph.node:
-            if node.name in tail:
-                for k, inp in enumerate(node.input):
-                    if inp == name:
-                        node.input[k] = cast_out
-        graph.node.append(
-            onnx.helper.make_node("Cast", [name], [cast_out], name=f"{name}_to_fp32", to=onnx.TensorProto.FLOAT)
-        )
+    halve_initializers(graph, head, tail_inputs)
+    halve_casts_and_constants(head)
+    cast_tail_inputs_to_float(graph, head, tail, tail_inputs)
     del graph.value_info[:]
     sort_nodes(graph)
     tmp = out_path.with_name(f".{out_path.name}.tmp")
@@ -126,6 +116,48 @@ def convert_fp16(fp32_path: str | Path, out_path: str | Path) -> Path:
     check_onnx(tmp)
     tmp.replace(out_path)
     return out_path
+
+
+def halve_initializers(graph: onnx.GraphProto, head: list[onnx.NodeProto], tail_inputs: set[str]) -> None:
+    """float32 weights the fp16 head reads become float16; a weight the float32 tail also reads cannot be both."""
+    head_inputs = {i for n in head for i in n.input}
+    for i, init in enumerate(graph.initializer):
+        if init.name in head_inputs and init.data_type == onnx.TensorProto.FLOAT:
+            if init.name in tail_inputs:
+                raise ValueError(f"initializer {init.name} feeds both fp16 and fp32 nodes")
+            arr = numpy_helper.to_array(init).astype(np.float16)
+            graph.initializer[i].CopyFrom(numpy_helper.from_array(arr, init.name))
+
+
+def halve_casts_and_constants(head: list[onnx.NodeProto]) -> None:
+    """In the head, Casts to float32 cast to float16 instead and float32 Constant values become float16."""
+    for node in head:
+        for attr in node.attribute:
+            if node.op_type == "Cast" and attr.name == "to" and attr.i == onnx.TensorProto.FLOAT:
+                attr.i = onnx.TensorProto.FLOAT16
+            if node.op_type == "Constant" and attr.name == "value" and attr.t.data_type == onnx.TensorProto.FLOAT:
+                attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float16), attr.t.name))
+
+
+def cast_tail_inputs_to_float(
+    graph: onnx.GraphProto, head: list[onnx.NodeProto], tail: set[str], tail_inputs: set[str]
+) -> None:
+    """Each head output the tail reads passes one Cast back to float32 (appended; `sort_nodes` orders it)."""
+    head_outputs = {o for n in head for o in n.output}
+    for name in sorted(tail_inputs & head_outputs):
+        cast_out = f"{name}_fp32"
+        for node in graph.node:
+            if node.name in tail:
+                replace_input(node, name, cast_out)
+        graph.node.append(
+            onnx.helper.make_node("Cast", [name], [cast_out], name=f"{name}_to_fp32", to=onnx.TensorProto.FLOAT)
+        )
+
+
+def replace_input(node: onnx.NodeProto, old: str, new: str) -> None:
+    for k, inp in enumerate(node.input):
+        if inp == old:
+            node.input[k] = new
 
 
 def check_onnx(path: str | Path) -> None:

@@ -1,4 +1,4 @@
-"""The int8 graph: the fp32 graph with the CAE's big layers quantised, for CPU line PCs (issue 3).
+"""The int8 graph: the fp32 graph with the CAE's big layers quantised, for CPU line PCs (the CPU speed target).
 
 What is quantised: the CAE's first layer (both its parts: fine maps at the grid, coarse maps at their native size)
 and its last layer. At paper settings they hold 40.6 of the graph's 63.6 GMAC per image. They become int8 weights

@@ -85,7 +85,7 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
-def read_json(path: str | Path, what: str) -> dict:
+def read_json(path: str | Path, what: str) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise BundleError(f"{what} not found: {path}")
@@ -98,7 +98,7 @@ def read_json(path: str | Path, what: str) -> dict:
     return data
 
 
-def read_metadata(bundle_dir: str | Path) -> dict:
+def read_metadata(bundle_dir: str | Path) -> dict[str, Any]:
     """Metadata of a bundle, checked for the fields every consumer relies on."""
     bundle_dir = Path(bundle_dir)
     if not bundle_dir.is_dir():
@@ -117,14 +117,14 @@ def read_metadata(bundle_dir: str | Path) -> dict:
     return meta
 
 
-def write_metadata(bundle_dir: str | Path, meta: dict) -> None:
+def write_metadata(bundle_dir: str | Path, meta: dict[str, Any]) -> None:
     meta = dict(meta)
     meta["format"] = FORMAT
     meta["format_version"] = FORMAT_VERSION
     atomic_write_json(Path(bundle_dir) / METADATA, meta)
 
 
-def model_id(meta: dict) -> str:
+def model_id(meta: dict[str, Any]) -> str:
     """Short id of the exported graph (its hash), published with every result."""
     graph = meta.get("graph") or {}
     return str(graph.get("sha256", meta.get("training", {}).get("checkpoint_sha256", "untrained")))[:12]

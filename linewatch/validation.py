@@ -12,6 +12,8 @@ requests) is a pydantic model, and every refusal reads the same way, naming the 
 Schemas declare scalars with pydantic's strict types (`StrictInt`, `StrictFloat`, `StrictBool`, `StrictStr`, or
 `Field(strict=True)`): no "5" for 5 and no 1 for true, because a config that only works because a string was
 coerced will be misread by a person. Containers stay lax (a YAML/JSON list fills a tuple; a string fills a Path).
+A model's own checks raise `expected(...)` / `Problem` (a ValueError that may point at a key below the model), so
+cross-field refusals read like pydantic's own.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_core import ErrorDetails
 
 from linewatch.errors import ConfigError, LinewatchError
 
 M = TypeVar("M", bound=BaseModel)
+_NOTHING = object()
 
 # pydantic error types -> what we say was expected (the rest fall back to pydantic's own message)
 _EXPECTED = {
@@ -43,6 +47,23 @@ _EXPECTED = {
     "path_type": "a path",
     "none_required": "null",
 }
+
+
+class Problem(ValueError):
+    """What a model's own check found, at `at` (a key path below the field or model whose validator raised it).
+
+    Cross-field checks run on a whole model, but the person has to edit one key: `at` lets a check on `Config` say
+    `cameras[1].name` instead of `<top level>`."""
+
+    def __init__(self, text: str, at: tuple[str | int, ...] = ()):
+        super().__init__(text)
+        self.text = text
+        self.at = at
+
+
+def expected(what: str, got: Any = _NOTHING, at: tuple[str | int, ...] = ()) -> Problem:
+    """`expected WHAT, got TYPE VALUE` (at `at`), the wording of every other refusal."""
+    return Problem(f"expected {what}" + ("" if got is _NOTHING else f", got {show_value(got)}"), at)
 
 
 class StrictModel(BaseModel):
@@ -76,26 +97,40 @@ def validate(
 def describe_error(exc: ValidationError, source: object, model: type[BaseModel] | None = None) -> str:
     """The first of pydantic's errors in our words (one problem at a time is what a person fixes)."""
     errors = exc.errors(include_url=False)
-    err = errors[0]
-    loc = [part for part in err["loc"] if not _is_union_tag(part)]
-    # a union's members fail one by one at the same place: say what any of them would have accepted
-    alike = [e for e in errors if [p for p in e["loc"] if not _is_union_tag(p)] == loc and e["type"] in _EXPECTED]
-    where = key_path(loc) or "<top level>"
+    loc = _person_loc(errors[0]["loc"])
+    loc, what = _own_words(errors[0], loc, model) or (loc, _expected_got(errors, loc))
+    return f"{source}: {key_path(loc) or '<top level>'}: {what}"
+
+
+def _person_loc(loc: tuple[Any, ...]) -> list[Any]:
+    return [part for part in loc if not _is_union_tag(part)]
+
+
+def _own_words(err: ErrorDetails, loc: list[Any], model: type[BaseModel] | None) -> tuple[list[Any], str] | None:
+    """(where, what) for refusals that are not `expected …, got …`: unknown and missing keys, a model's own checks."""
     kind = err["type"]
-    ctx = err.get("ctx") or {}
     if kind == "extra_forbidden":
         known = _known_keys(model, loc[:-1]) if model is not None else []
-        hint = f" (known keys here: {', '.join(known)})" if known else ""
-        return f"{source}: {where}: unknown key{hint}"
+        return loc, "unknown key" + (f" (known keys here: {', '.join(known)})" if known else "")
     if kind == "missing":
-        return f"{source}: {where}: required key missing"
+        return loc, "required key missing"
     if kind in ("value_error", "assertion_error"):
-        return f"{source}: {where}: {ctx.get('error', err['msg'])}"
+        problem = (err.get("ctx") or {}).get("error", err["msg"])
+        if isinstance(problem, Problem):
+            return [*loc, *problem.at], problem.text
+        return loc, str(problem)
+    return None
+
+
+def _expected_got(errors: list[ErrorDetails], loc: list[Any]) -> str:
+    err = errors[0]
+    # a union's members fail one by one at the same place: say what any of them would have accepted
+    alike = [e for e in errors if _person_loc(e["loc"]) == loc and e["type"] in _EXPECTED]
     if len(alike) > 1:
         expected = " or ".join(dict.fromkeys(_EXPECTED[e["type"]] for e in alike))
     else:
-        expected = _expected(kind, ctx, err["msg"])
-    return f"{source}: {where}: expected {expected}, got {show_value(err.get('input'))}"
+        expected = _expected(err["type"], err.get("ctx") or {}, err["msg"])
+    return f"expected {expected}, got {show_value(err.get('input'))}"
 
 
 def key_path(loc: list[Any] | tuple[Any, ...]) -> str:
@@ -122,9 +157,9 @@ def _expected(kind: str, ctx: dict[str, Any], msg: str) -> str:
     if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
         op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[kind]
         bound = next(iter(ctx.values()))
-        return f"a value {op} {bound}"
+        return f"a value {op} {bound:g}" if isinstance(bound, float) else f"a value {op} {bound}"
     if kind == "too_short":
-        return f"at least {ctx.get('min_length')} item(s)"
+        return "a non-empty list" if ctx.get("min_length") == 1 else f"at least {ctx.get('min_length')} item(s)"
     if kind == "too_long":
         return f"at most {ctx.get('max_length')} item(s)"
     if kind == "string_too_short":

@@ -194,9 +194,16 @@ def test_save_refuses_a_version_that_is_not_new(model):
     [
         (lambda d: d.update(schema="other"), "not a linewatch calibration"),
         (lambda d: d.update(schema_version=2), "unsupported schema_version 2"),
-        (lambda d: d.pop("pixel_threshold"), "missing key.*pixel_threshold"),
-        (lambda d: d.update(pixel_threshold="0.5"), "'pixel_threshold' must be a finite number"),
-        (lambda d: d.update(min_defect_area=-1), "'min_defect_area'"),
+        (lambda d: d.pop("pixel_threshold"), "pixel_threshold: required key missing"),
+        (lambda d: d.pop("image_threshold"), "image_threshold: required key missing"),  # never guessed
+        (lambda d: d.update(pixel_threshold="0.5"), "pixel_threshold: expected a number, got str '0.5'"),
+        (lambda d: d.update(pixel_threshold=float("inf")), "pixel_threshold: expected a finite number"),
+        (lambda d: d.update(min_defect_area=-1), "min_defect_area: expected a value >= 0, got int -1"),
+        (lambda d: d.update(min_defect_area=True), "min_defect_area: expected an integer, got bool True"),
+        (lambda d: d.update(fpr_target=1.5), "fpr_target: expected a value < 1"),
+        (lambda d: d.update(previous_version=0), "previous_version: expected a value >= 1"),
+        (lambda d: d.update(settings=[]), "settings: expected a mapping"),
+        (lambda d: d.update(model_sha256="AB" * 32), "model_sha256: expected 64 lowercase hex digits"),
         (lambda d: d.update(model_sha256="ab" * 32), "calibrated for model abababababab.*re-exported"),
     ],
 )
@@ -209,6 +216,30 @@ def test_invalid_files_are_refused_naming_the_file(model, edit, message):
     with pytest.raises(BundleError, match=message) as err:
         load_calibration(model)
     assert str(path) in str(err.value)
+
+
+def test_unknown_keys_of_a_newer_writer_are_ignored(model):
+    written = write_calibration(model, 0.3)
+    path = model / bundle.CALIBRATION
+    data = json.loads(path.read_text())
+    data["added_in_a_later_version"] = {"anything": [1, 2]}
+    path.write_text(json.dumps(data))
+    assert load_calibration(model) == written
+
+
+def test_deeply_nested_file_is_refused_naming_it_not_a_recursion_error(model):
+    write_calibration(model, 0.3)
+    path = model / bundle.CALIBRATION
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(BundleError, match="nested too deeply") as err:
+        load_calibration(model)
+    assert str(path) in str(err.value)
+    path.write_text('{"settings": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(BundleError, match="nested too deeply"):
+        load_calibration(model)
+    write_calibration(model, 0.4)  # a new calibration still replaces it; the broken one is kept aside
+    assert load_calibration(model).pixel_threshold == 0.4
+    assert list((model / bundle.CALIBRATION_HISTORY).glob("invalid_*.json"))
 
 
 def test_truncated_file_is_never_loaded(model):

@@ -151,7 +151,7 @@ def test_http_stream_outage_goes_offline_then_reconnects():
         queue_size=1000,
         open_timeout_ms=1000,
         read_timeout_ms=1000,
-        reconnect=ReconnectConfig(0.05, 0.4),
+        reconnect=ReconnectConfig(initial_s=0.05, max_s=0.4),
     )
     cam, queue = run_camera(cfg)  # nothing listens yet
     server = MjpegServer(port, lambda i: grey(200))

@@ -611,3 +611,82 @@ def test_exit_when_sources_end_inspects_every_frame_of_a_file_then_exits_0(calib
     final = status_fields(sub.status("cam1"))
     assert final["state"] == "finished" and final["captured"] == final["results"] == 6 and final["dropped"] == 0
     assert final["verdicts"] == {"OK": 4, "NOK": 2, "ERROR": 0}
+
+
+# --- the publish path in-process: real engine, real publisher, real SUB socket -----------------------------
+
+
+@pytest.fixture
+def daemon_in_process(calibrated, tmp_path):
+    """A Daemon built from a real config (cameras not started): its publish path is called directly."""
+    from linewatch.line.config import load_config
+    from linewatch.line.daemon import Daemon
+
+    video = write_video(tmp_path / "line.avi", [grey()] * 2)
+    cameras = [{"name": name, "kind": "video", "source": str(video)} for name in ("cam1", "cam2")]
+    config, endpoint = write_config(tmp_path, calibrated, cameras)
+    daemon = Daemon(load_config(config))
+    sub = Subscriber(endpoint)
+    try:
+        sub.until(lambda: daemon.publish_status() or sub.statuses, 10, "the subscription to reach the publisher")
+        yield daemon, sub
+    finally:
+        sub.close()
+        daemon._close_sockets()
+
+
+def frame_of(camera: str, index: int, image: np.ndarray):
+    from linewatch.line.frames import Frame
+
+    return Frame(camera, index, time.time(), time.monotonic(), image)
+
+
+def test_a_frame_with_120_regions_publishes_all_of_them_counted_and_the_largest_100(daemon_in_process):
+    from linewatch.line.inference import judge_frames
+    from linewatch.protocol.wire import decode_mask_png
+
+    daemon, sub = daemon_in_process
+    image = grey()
+    for i in range(120):  # 2×2 white squares 2 px apart: 120 separate 8-connected regions of 4 px
+        y, x = 4 * (i // 16) + 1, 4 * (i % 16) + 1
+        image[y : y + 2, x : x + 2] = 255
+    image[1:3, 1:4] = 255  # one of them larger (6 px): listed first
+    daemon.publish_results(judge_frames(daemon.model, [frame_of("cam1", 7, image)]))
+    sub.until(lambda: sub.results, 5, "the result")
+    header, mask = sub.results[0], decode_mask_png(sub.masks[0])
+    assert header["verdict"] == "NOK" and header["frame_index"] == 7
+    assert header["regions_total"] == 120 and len(header["regions"]) == 100
+    assert header["regions"][0] == {"bbox": [1, 1, 3, 2], "area": 6, "peak": 1.0}
+    assert {r["area"] for r in header["regions"][1:]} == {4}
+    assert header["mask"] == {"format": "png", "width": 64, "height": 64}
+    np.testing.assert_array_equal(mask > 0, image[:, :, 0] == 255)
+
+
+def test_a_result_that_cannot_be_published_is_counted_and_the_rest_of_its_batch_goes_out(daemon_in_process):
+    from concurrent.futures import Future
+
+    from linewatch.line.inference import Result, judge_frames
+    from linewatch.protocol.wire import Verdict
+
+    daemon, sub = daemon_in_process
+    frames = [
+        frame_of(cam, i, with_white_square() if i % 2 else grey()) for i, cam in enumerate(["cam1"] * 2 + ["cam2"])
+    ]
+    bad_frame = frame_of("cam1", 99, grey())
+    bad_frame.future, frames[1].future = Future(), Future()
+    results = judge_frames(daemon.model, frames)
+    claims_ok = Result(bad_frame, Verdict.OK, daemon.model, score=float("nan"))  # a bug: OK without a score
+    daemon.publish_results([results[0], claims_ok, results[1], results[2], *judge_frames(daemon.model, frames[:1])])
+    sub.until(lambda: len(sub.results) >= 4, 5, "the other results")
+    sub.poll(0.3)
+    got = [(h["camera"], h["seq"], h["frame_index"], h["verdict"]) for h in sub.results]
+    assert got == [("cam1", 1, 0, "OK"), ("cam1", 2, 1, "NOK"), ("cam2", 1, 2, "OK"), ("cam1", 3, 0, "OK")]
+    with pytest.raises(Exception, match="could not be published"):
+        bad_frame.future.result(0)
+    reply = frames[1].future.result(0)
+    assert reply["header"] == sub.results[1] and reply["header"]["run_id"] == daemon.publisher.run_id
+    daemon.publish_status()
+    sub.until(lambda: len(sub.statuses) >= 2 and sub.field("cam1", "publish_dropped") == 1, 5, "the count")
+    cam1, cam2 = status_fields(sub.status("cam1")), status_fields(sub.status("cam2"))
+    assert (cam1["results"], cam1["publish_dropped"], cam1["verdicts"]) == (3, 1, {"OK": 2, "NOK": 1, "ERROR": 0})
+    assert (cam2["results"], cam2["publish_dropped"]) == (1, 0)

@@ -21,12 +21,14 @@ from linewatch.line.publisher import ResultPublisher
 from linewatch.protocol.wire import (
     SCHEMA_VERSION,
     ProtocolError,
+    ResultHeader,
+    Verdict,
     camera_prefix,
+    check_result_header,
     decode_mask_png,
     decode_message,
     encode_json,
     encode_mask_png,
-    result_header,
     result_topic,
     status_topic,
 )
@@ -34,22 +36,30 @@ from linewatch.protocol.wire import (
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def header_for(camera: str, seq: int, **kw) -> dict:
+def header_for(camera: str, seq: int, **kw) -> ResultHeader:
     args = dict(
         camera=camera,
         seq=seq,
         frame_time=1_700_000_000.25,
         verdict="NOK",
-        score=0.75,
-        pixel_threshold=0.5,
-        image_threshold=0.6,
+        image_score=0.75,
+        thresholds={"pixel": 0.5, "image": 0.6},
         calibration_version=2,
         model_id="0123456789ab",
         regions=[{"bbox": (3, 4, 5, 6), "area": 20, "peak": 0.9}],
+        regions_total=1,
         part_id=f"P-{seq}",
+        error=None,
+        frame_index=None,
+        mask=None,
     )
     args.update(kw)
-    return result_header(**args)
+    return ResultHeader(**args)
+
+
+def wire(header: ResultHeader) -> dict:
+    """The header as a publisher sends it (stamped)."""
+    return header.model_dump(mode="json") | {"publish_time": 1_700_000_000.5, "run_id": "0123456789ab"}
 
 
 def sub_socket(ctx: zmq.Context, endpoint: str, prefix: bytes) -> zmq.Socket:
@@ -100,11 +110,12 @@ def test_result_header_round_trip_over_a_real_socket():
         "line-2_cam",
         7,
         regions=[
-            {"bbox": [1, 1, 2, 2], "area": 4, "peak": 0.6},
             {"bbox": [30, 10, 20, 10], "area": 200, "peak": np.float32(0.9)},
+            {"bbox": [1, 1, 2, 2], "area": 4, "peak": 0.6},
         ],
+        regions_total=2,
         frame_index=np.int64(41),
-        mask_size=(60, 40),
+        mask={"width": 60, "height": 40},
     )
     ctx = zmq.Context()
     pub = ResultPublisher("tcp://127.0.0.1:*", 100)
@@ -113,7 +124,7 @@ def test_result_header_round_trip_over_a_real_socket():
         before = time.time()
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and not sub.poll(50):
-            pub.publish_result(dict(header), encode_mask_png(mask))
+            pub.publish_result(header, encode_mask_png(mask))
         msg = decode_message(sub.recv_multipart())
     finally:
         sub.close()
@@ -135,38 +146,41 @@ def test_result_header_round_trip_over_a_real_socket():
 
 def test_header_rules_never_let_an_uninspected_part_pass():
     with pytest.raises(ValueError, match="needs a finite image score"):
-        header_for("cam1", 1, verdict="OK", score=float("nan"))
+        header_for("cam1", 1, verdict="OK", image_score=float("nan"))
     with pytest.raises(ValueError, match="use verdict ERROR"):
-        header_for("cam1", 1, verdict="OK", reason="camera offline")
+        header_for("cam1", 1, verdict="OK", error="camera offline")
     with pytest.raises(ValueError, match="needs a reason"):
         header_for("cam1", 1, verdict="ERROR")
     with pytest.raises(ValueError, match="verdict"):
         header_for("cam1", 1, verdict="GOOD")
     with pytest.raises(ValueError, match="seq"):
         header_for("cam1", 0)
-    err = header_for("cam1", 3, verdict="ERROR", score=float("inf"), reason="inference failed: boom")
-    data = json.loads(encode_json(err))  # strict JSON: no NaN/Infinity tokens
+    err = header_for("cam1", 3, verdict="ERROR", image_score=float("inf"), error="inference failed: boom")
+    data = json.loads(encode_json(wire(err)))  # strict JSON: no NaN/Infinity tokens
     assert data["image_score"] is None and data["error"] == "inference failed: boom"
-    # the agreed aliases give the same header
-    alias = result_header(
-        "cam1",
-        3,
-        1_700_000_000.25,
-        "ERROR",
-        image_score=float("inf"),
-        thresholds={"pixel": 0.5, "image": 0.6},
-        calibration_version=2,
-        model_id="0123456789ab",
-        regions=[{"bbox": (3, 4, 5, 6), "area": 20, "peak": 0.9}],
-        part_id="P-3",
-        error="inference failed: boom",
-    )
-    assert {k: v for k, v in alias.items() if k != "publish_time"} == {
-        k: v for k, v in err.items() if k != "publish_time"
-    }
-    many = header_for("cam1", 1, regions=[{"bbox": [i, 0, 1, 1], "area": i, "peak": 1.0} for i in range(1, 251)])
-    assert many["regions_total"] == 250 and len(many["regions"]) == 100
-    assert [r["area"] for r in many["regions"][:2]] == [250, 249]
+    assert err.verdict is Verdict.ERROR and data["verdict"] == "ERROR"
+    # regions as documented: at most 100, largest first, regions_total counts them all
+    many = [{"bbox": [i, 0, 1, 1], "area": i, "peak": 1.0} for i in range(250, 149, -1)]
+    with pytest.raises(ValueError, match="at most 100"):
+        header_for("cam1", 1, regions=many, regions_total=250)
+    assert header_for("cam1", 1, regions=many[:100], regions_total=250).model_dump()["regions_total"] == 250
+    with pytest.raises(ValueError, match="largest first"):
+        header_for("cam1", 1, regions=many[:2][::-1], regions_total=2)
+    with pytest.raises(ValueError, match="regions_total"):
+        header_for("cam1", 1, regions=many[:2], regions_total=1)
+
+
+def test_one_schema_builds_and_checks_headers_and_ignores_unknown_fields():
+    header = wire(header_for("cam1", 5, mask={"width": 8, "height": 8}))
+    assert check_result_header(header).seq == 5
+    assert check_result_header(dict(header, added_in_a_later_release={"x": 1})).camera == "cam1"
+    for key in ("publish_time", "run_id", "regions_total"):
+        with pytest.raises(ProtocolError, match=key):
+            check_result_header({k: v for k, v in header.items() if k != key})
+    with pytest.raises(ProtocolError, match="frame_index"):
+        check_result_header(dict(header, frame_index=True))  # strict: no bool for an int
+    with pytest.raises(ProtocolError, match="regions"):
+        check_result_header(dict(header, regions=[{"bbox": [1, 2, 3], "area": 1, "peak": 0.5}]))
 
 
 def test_mask_png_round_trip_at_a_configured_resolution():
@@ -191,11 +205,11 @@ def test_mask_png_round_trip_at_a_configured_resolution():
 
 
 def test_decode_message_rejects_what_does_not_follow_the_protocol():
-    header = header_for("cam1", 1, mask_size=(8, 8))
+    header = wire(header_for("cam1", 1, mask={"width": 8, "height": 8}))
     png = encode_mask_png(np.ones((8, 8), bool))
     good = [result_topic("cam1"), encode_json(header), png]
     assert decode_message(good).seq == 1
-    no_mask = header_for("cam1", 2)
+    no_mask = wire(header_for("cam1", 2))
     assert decode_message([result_topic("cam1"), encode_json(no_mask), b""]).mask is None
     bad = {
         "frame count": good[:1],
@@ -253,7 +267,7 @@ def test_the_subscriber_example_in_protocol_md_runs(tmp_path):
         mask[2:6, 3:9] = True
         while time.monotonic() < deadline and sum(" NOK " in line for line in lines) < 3:
             seq += 1
-            pub.publish_result(header_for("cam1", seq, mask_size=(16, 16)), encode_mask_png(mask))
+            pub.publish_result(header_for("cam1", seq, mask={"width": 16, "height": 16}), encode_mask_png(mask))
             pub.publish_status("cam1", {"state": "online"})
             time.sleep(0.05)
     finally:

@@ -12,22 +12,25 @@ import zmq
 from linewatch.errors import ConfigError
 from linewatch.line.publisher import ResultPublisher
 from linewatch.protocol.client import Subscriber
-from linewatch.protocol.wire import encode_mask_png, result_header
+from linewatch.protocol.wire import ResultHeader, encode_mask_png
 
 
-def make_header(camera: str, seq: int, mask_size=None) -> dict:
-    return result_header(
-        camera,
-        seq,
-        time.time(),
-        "NOK",
-        0.9,
-        0.5,
-        None,
-        1,
-        "abcdefabcdef",
-        [{"bbox": [1, 2, 3, 4], "area": 12, "peak": 0.9}],
-        mask_size=mask_size,
+def make_header(camera: str, seq: int, mask_size=None) -> ResultHeader:
+    return ResultHeader(
+        camera=camera,
+        seq=seq,
+        frame_time=time.time(),
+        part_id=None,
+        verdict="NOK",
+        image_score=0.9,
+        thresholds={"pixel": 0.5, "image": None},
+        calibration_version=1,
+        model_id="abcdefabcdef",
+        regions=[{"bbox": [1, 2, 3, 4], "area": 12, "peak": 0.9}],
+        regions_total=1,
+        error=None,
+        frame_index=None,
+        mask=None if mask_size is None else {"width": mask_size[0], "height": mask_size[1]},
     )
 
 
@@ -132,7 +135,7 @@ def test_close_is_bounded_and_later_publishes_are_counted_as_dropped():
     t0 = time.monotonic()
     pub.close()
     assert time.monotonic() - t0 < 5.0  # linger is bounded: close never hangs on a stalled subscriber
-    assert pub.publish_result(make_header("cam1", 500), None) is False
+    assert pub.publish_result(make_header("cam1", 500), None) is None
     assert pub.counters() == {"sent": 199, "status_sent": 0, "dropped": 1}
     stalled.close(linger=0)
     ctx.term()

@@ -26,7 +26,7 @@ from linewatch.protocol.curve import (
     load_key_pair,
     load_public_key,
 )
-from linewatch.protocol.wire import result_header
+from linewatch.protocol.wire import ResultHeader
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,6 +41,25 @@ def keys(tmp_path_factory):
     zmq.auth.create_certificates(root / "stranger", "stranger")
     (root / "allowed" / "plc1.key").write_bytes((root / "clients" / "plc1.key").read_bytes())
     return root
+
+
+def ok_header(camera: str, seq: int, part_id: str | None = None) -> ResultHeader:
+    return ResultHeader(
+        camera=camera,
+        seq=seq,
+        frame_time=time.time(),
+        part_id=part_id,
+        verdict="OK",
+        image_score=0.1,
+        thresholds={"pixel": 0.5, "image": None},
+        calibration_version=1,
+        model_id="m",
+        regions=[],
+        regions_total=0,
+        error=None,
+        frame_index=None,
+        mask=None,
+    )
 
 
 def pairs(keys: Path):
@@ -66,7 +85,7 @@ def test_only_the_allowed_key_receives_results(keys):
         deadline, seq = time.monotonic() + 1.5, 0
         while time.monotonic() < deadline:
             seq += 1
-            pub.publish_result(result_header("cam1", seq, time.time(), "OK", 0.1, 0.5, None, 1, "m", []), None)
+            pub.publish_result(ok_header("cam1", seq), None)
             pub.publish_status("cam1", {"state": "online"})
             for name, sub in subs.items():
                 while sub.recv(0) is not None:
@@ -85,12 +104,11 @@ def test_only_the_allowed_key_can_trigger(keys):
     def handler(camera, part_id):
         calls.append(part_id)
         future = Future()
-        future.set_result(
-            (result_header(camera, len(calls), time.time(), "OK", 0.1, 0.5, None, 1, "m", [], part_id=part_id), None)
-        )
+        sent = ok_header(camera, len(calls), part_id).model_dump(mode="json")
+        future.set_result((sent | {"publish_time": time.time(), "run_id": "0123456789ab"}, None))
         return future
 
-    with TriggerServer("tcp://127.0.0.1:*", curve, handler).start() as server:
+    with TriggerServer("tcp://127.0.0.1:*", handler, curve).start() as server:
         with TriggerClient(server.endpoint, server_key=curve.server_public, client_keys=plc1) as ok:
             assert ok.inspect("cam1", "SECURE-1", timeout_s=3).part_id == "SECURE-1"
         with TriggerClient(server.endpoint, server_key=curve.server_public, client_keys=stranger) as bad:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import os
@@ -210,7 +209,7 @@ def test_resume_continues_exactly(workspace):
     with pytest.raises(ConfigError, match="--resume"):  # without --resume the directory is refused
         train(settings, workspace["category"], out)
     with pytest.raises(ConfigError, match="layers"):  # a resumed run keeps the model's settings
-        train(dataclasses.replace(settings, layers="1:3"), workspace["category"], out, resume=True)
+        train(settings.model_copy(update={"layers": "1:3"}), workspace["category"], out, resume=True)
     result = run_train(*common, "--resume", "--epochs", "3")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming after epoch 2" in result.stderr

@@ -15,7 +15,7 @@ import zmq
 from linewatch.errors import LinewatchError
 from linewatch.line.trigger import TriggerServer
 from linewatch.protocol.client import TriggerClient, TriggerError, TriggerTimeout
-from linewatch.protocol.wire import decode_mask_png, encode_mask_png, result_header
+from linewatch.protocol.wire import ResultHeader, decode_mask_png, encode_mask_png
 
 MASK = np.zeros((24, 32), bool)
 MASK[5:9, 10:20] = True
@@ -46,21 +46,24 @@ class LineStandIn:
             future.set_exception(self.fail_with)
             return
         self.seq += 1
-        header = result_header(
-            camera,
-            self.seq,
-            time.time(),
-            "NOK",
-            0.8,
-            0.5,
-            None,
-            1,
-            "abcdefabcdef",
-            [{"bbox": [10, 5, 10, 4], "area": 40, "peak": 0.8}],
+        header = ResultHeader(
+            camera=camera,
+            seq=self.seq,
+            frame_time=time.time(),
             part_id="someone-else" if self.wrong_part else part_id,
-            mask_size=(32, 24),
+            verdict="NOK",
+            image_score=0.8,
+            thresholds={"pixel": 0.5, "image": None},
+            calibration_version=1,
+            model_id="abcdefabcdef",
+            regions=[{"bbox": [10, 5, 10, 4], "area": 40, "peak": 0.8}],
+            regions_total=1,
+            error=None,
+            frame_index=None,
+            mask={"width": 32, "height": 24},
         )
-        future.set_result({"header": header, "mask": encode_mask_png(MASK)})
+        published = header.model_dump(mode="json") | {"publish_time": time.time(), "run_id": "0123456789ab"}
+        future.set_result({"header": published, "mask": encode_mask_png(MASK)})
 
 
 @pytest.fixture
@@ -147,6 +150,27 @@ def test_garbage_gets_error_replies_and_the_server_keeps_serving(server, line):
     assert server.errors["bad_request"] >= 12 and line.calls[-1] == ("cam1", "after-garbage")
 
 
+def test_json_nested_too_deeply_is_a_bad_request_and_the_server_keeps_serving(server, line):
+    ctx = zmq.Context()
+    req = ctx.socket(zmq.REQ)
+    req.setsockopt(zmq.LINGER, 0)
+    req.connect(server.endpoint)
+    try:
+        for body in (b"[" * 3000, b'{"":' * 1000):  # both under the 4 KiB limit
+            req.send(body)
+            assert req.poll(2000), "no reply: the trigger thread died"
+            reply = json.loads(req.recv_multipart()[0])
+            assert reply["ok"] is False and reply["code"] == "bad_request" and "nested" in reply["error"], reply
+        req.send(b'{"camera": "cam1", "part_id": "after-nesting", "request_id": "r1"}')
+        assert req.poll(2000)
+        reply = json.loads(req.recv_multipart()[0])
+        assert reply["ok"] is True and reply["request_id"] == "r1" and reply["result"]["part_id"] == "after-nesting"
+    finally:
+        req.close()
+        ctx.term()
+    assert line.calls == [("cam1", "after-nesting")]
+
+
 def test_two_clients_are_answered_independently(server):
     ctx = zmq.Context()
     a, b = raw_dealer(ctx, server.endpoint), raw_dealer(ctx, server.endpoint)
@@ -228,7 +252,7 @@ def test_lazy_pirate_client_times_out_cleanly_and_recovers(line):
         with pytest.raises(TriggerTimeout, match="no reply"):
             client.inspect("cam1", "L-1", timeout_s=0.3, retries=1)
         assert 0.6 <= time.monotonic() - t0 < 5.0  # two 0.3 s tries, then give up (no hang)
-        # the daemon is back (curve passed first, as the daemon does): the same client works again
-        with TriggerServer(endpoint, None, line).start():
+        # the daemon is back: the same client works again
+        with TriggerServer(endpoint, line).start():
             assert client.inspect("cam1", "L-2", timeout_s=3).part_id == "L-2"
     assert ("cam1", "L-1") not in line.calls

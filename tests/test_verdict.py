@@ -39,6 +39,21 @@ def test_regions_match_an_independent_8_connected_labelling(seed):
     assert [r.area for r in j.regions] == sorted((r.area for r in j.regions), reverse=True)
 
 
+def test_regions_are_cut_at_100_largest_first_and_counted_in_full():
+    amap = np.zeros((64, 256), np.float32)
+    sizes = {}
+    for i in range(250):  # 250 separate squares (1 or 2 px wide), 4 px apart
+        y, x = divmod(i, 62)
+        side = 2 if i % 3 == 0 else 1
+        amap[4 * y + 1 : 4 * y + 1 + side, 4 * x + 1 : 4 * x + 1 + side] = 0.9
+        sizes[i] = side * side
+    j = judge(amap, 0.9, cal(0.5))
+    assert j.regions_total == 250 and len(j.regions) == 100
+    assert [r.area for r in j.regions] == sorted(sizes.values(), reverse=True)[:100]
+    assert j.mask.dtype == np.bool_ and j.mask.shape == amap.shape
+    np.testing.assert_array_equal(j.mask, amap > 0.5)
+
+
 def test_min_defect_area_counts_8_connected_pixels():
     amap = np.zeros((20, 20), np.float32)
     amap[2, 2] = amap[3, 3] = amap[4, 4] = 0.9  # a diagonal line: one region of 3 under 8-connectivity
@@ -53,6 +68,7 @@ def test_threshold_is_strict_and_a_clean_map_has_no_regions():
     amap = np.full((16, 16), 0.5, np.float32)
     j = judge(amap, 0.5, cal(0.5))
     assert (j.verdict, j.regions, j.reasons) == ("OK", [], [])
+    assert j.regions_total == 0 and not j.mask.any() and j.mask.shape == (16, 16)
     amap[8, 8] = np.nextafter(np.float32(0.5), np.float32(1))
     j = judge(amap, float(amap.max()), cal(0.5))
     assert j.verdict == "NOK" and j.regions[0].bbox == (8, 8, 1, 1) and "pixel threshold" in j.reasons[0]

@@ -7,11 +7,13 @@ and a report a person can read (plot, report.md, report.json; detection rate and
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -37,7 +39,11 @@ from linewatch.calibrate.thresholds import (
 )
 from linewatch.errors import ConfigError, DataError, LinewatchError
 from linewatch.images import list_images, load_for_model, read_mask, resize_to_model
-from linewatch.line.verdict import NOK, judge
+from linewatch.line.verdict import judge
+from linewatch.protocol.wire import Verdict
+
+if TYPE_CHECKING:
+    from linewatch.line.engine import Engine
 
 log = logging.getLogger("linewatch.calibrate.command")
 
@@ -51,7 +57,7 @@ REPORT_DIR = "calibration_report"
 # --- inputs ---------------------------------------------------------------------------------------------------
 
 
-def check_args(args) -> None:
+def check_args(args: argparse.Namespace) -> None:
     if args.rollback:
         return
     if bool(args.good) == bool(args.camera):
@@ -70,7 +76,7 @@ def check_args(args) -> None:
         raise ConfigError(f"--holdout must be in [0, 0.9], got {args.holdout}")
 
 
-def good_frames(args, size: tuple[int, int]) -> tuple[np.ndarray, list[str], dict]:
+def good_frames(args: argparse.Namespace, size: tuple[int, int]) -> tuple[np.ndarray, list[str], dict[str, Any]]:
     """(frames N×H×W×3 at model size, their names, settings describing the source)."""
     h, w = size
     if args.good:
@@ -94,17 +100,18 @@ def good_frames(args, size: tuple[int, int]) -> tuple[np.ndarray, list[str], dic
     )
 
 
-def score_frames(engine, frames: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+def score_frames(engine: Engine, frames: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
     from tqdm import tqdm
 
-    maps, scores = [], []
+    map_batches: list[np.ndarray] = []
+    score_batches: list[np.ndarray] = []
     with tqdm(total=len(frames), desc=f"scoring {what}", unit="img", file=sys.stderr, leave=False) as bar:
         for start in range(0, len(frames), BATCH):
             m, s = engine.score(frames[start : start + BATCH])
-            maps.append(m)
-            scores.append(s)
+            map_batches.append(m)
+            score_batches.append(s)
             bar.update(len(m))
-    maps, scores = np.concatenate(maps), np.concatenate(scores)
+    maps, scores = np.concatenate(map_batches), np.concatenate(score_batches)
     bad = ~np.isfinite(maps).all(axis=(1, 2)) | ~np.isfinite(scores)
     if bad.any():
         raise LinewatchError(
@@ -157,7 +164,7 @@ def set_thresholds(
         hold_pixel = realised_pixel_fpr(maps[hold], pixel, CONFIDENCE)
         if hold_pixel.misses(fpr):
             warnings.append(miss_message("pixel", fpr, hold_pixel))
-        if image is not None:
+        if image is not None and image_fpr is not None:  # image is set exactly when image_fpr is
             hold_image = realised_image_fpr(scores[hold], image, CONFIDENCE)
             if hold_image.misses(image_fpr):
                 warnings.append(miss_message("image", image_fpr, hold_image))
@@ -190,6 +197,9 @@ def miss_message(what: str, target: float, rate: RealisedRate) -> str:
 
 
 # --- defects (MVTec layout) ---------------------------------------------------------------------------------------
+
+# One defect type's counts: images, nok, regions (ground-truth regions) and overlap_sum (their summed coverage).
+Tally = dict[str, float]
 
 
 def defect_samples(root: str | Path) -> list[tuple[str, Path, Path | None]]:
@@ -235,36 +245,52 @@ def overlay_image(frame: np.ndarray, amap: np.ndarray, threshold: float, truth: 
     return out
 
 
-def evaluate_defects(engine, root: str | Path, cal: Calibration, report_dir: Path) -> tuple[dict, np.ndarray]:
+def evaluate_defects(
+    engine: Engine, root: str | Path, cal: Calibration, report_dir: Path
+) -> tuple[dict[str, Any], np.ndarray]:
     """Detection rate, PRO at the chosen threshold and good-image reject rate; writes a few overlays."""
     h, w = engine.input_size
     samples = defect_samples(root)
     frames = np.stack([load_for_model(p, h, w) for _, p, _ in samples])
     maps, scores = score_frames(engine, frames, "defect samples")
-    per_type: dict[str, dict] = {}
+    per_type: dict[str, Tally] = {}
     overlaps: list[float] = []
-    defect_pixels = []
-    overlays = []
+    defect_pixels: list[np.ndarray] = []
+    overlays: list[str] = []
     for i, (kind, image, mask_path) in enumerate(samples):
         verdict = judge(maps[i], scores[i], cal).verdict
-        entry = per_type.setdefault(kind, {"images": 0, "nok": 0, "regions": 0, "overlap_sum": 0.0})
-        entry["images"] += 1
-        entry["nok"] += verdict == NOK
-        truth = None
-        if mask_path is not None:
-            truth = read_mask(mask_path, (h, w))
-            ov = region_overlaps(maps[i] > cal.pixel_threshold, truth)
-            overlaps += ov
-            entry["regions"] += len(ov)
-            entry["overlap_sum"] += float(sum(ov))
+        truth = None if mask_path is None else read_mask(mask_path, (h, w))
+        tally = per_type.setdefault(kind, {"images": 0, "nok": 0, "regions": 0, "overlap_sum": 0.0})
+        overlaps += tally_sample(tally, verdict == Verdict.NOK, maps[i], cal.pixel_threshold, truth)
+        if truth is not None:
             defect_pixels.append(maps[i][truth])
         if len(overlays) < MAX_OVERLAYS and (truth is not None or kind == "good"):
             name = f"overlay_{kind}_{image.stem}_{verdict}.png"
             cv2.imwrite(str(report_dir / name), overlay_image(frames[i], maps[i], cal.pixel_threshold, truth))
             overlays.append(name)
+    result = defect_summary(root, per_type, overlaps, overlays)
+    return result, (np.concatenate(defect_pixels) if defect_pixels else np.empty(0, np.float32))
+
+
+def tally_sample(tally: Tally, nok: bool, amap: np.ndarray, threshold: float, truth: np.ndarray | None) -> list[float]:
+    """Count one image into its type's tally; returns the overlaps of its ground-truth regions (none if good)."""
+    tally["images"] += 1
+    tally["nok"] += nok
+    if truth is None:
+        return []
+    ov = region_overlaps(amap > threshold, truth)
+    tally["regions"] += len(ov)
+    tally["overlap_sum"] += float(sum(ov))
+    return ov
+
+
+def defect_summary(
+    root: str | Path, per_type: dict[str, Tally], overlaps: list[float], overlays: list[str]
+) -> dict[str, Any]:
+    """The report's `defects` section from the per-type tallies; rates are None where nothing was counted."""
     defect_types = {k: v for k, v in per_type.items() if k != "good"}
     n_def = sum(v["images"] for v in defect_types.values())
-    result = {
+    return {
         "root": str(Path(root).resolve()),
         "defect_images": n_def,
         "detection_rate": sum(v["nok"] for v in defect_types.values()) / n_def if n_def else None,
@@ -282,7 +308,6 @@ def evaluate_defects(engine, root: str | Path, cal: Calibration, report_dir: Pat
         "good_reject_rate": per_type["good"]["nok"] / per_type["good"]["images"] if "good" in per_type else None,
         "overlays": overlays,
     }
-    return result, (np.concatenate(defect_pixels) if defect_pixels else np.empty(0, np.float32))
 
 
 # --- report ---------------------------------------------------------------------------------------------------
@@ -350,7 +375,7 @@ def _rate_line(name: str, target: float | None, calib: float | None, rate: Reali
     return f"| {name} | {target:g} | {calib:.4g} | {held} |"
 
 
-def report_markdown(result: dict, cal: Calibration, th: Thresholds) -> str:
+def report_markdown(result: dict[str, Any], cal: Calibration, th: Thresholds) -> str:
     lines = [
         f"# Calibration v{cal.version}",
         "",
@@ -396,7 +421,7 @@ def report_markdown(result: dict, cal: Calibration, th: Thresholds) -> str:
 # --- command --------------------------------------------------------------------------------------------------
 
 
-def _emit_json(target: str | None, result: dict) -> None:
+def _emit_json(target: str | None, result: dict[str, Any]) -> None:
     if not target:
         return
     text = json.dumps(result, indent=2)
@@ -407,18 +432,20 @@ def _emit_json(target: str | None, result: dict) -> None:
         Path(target).write_text(text + "\n")
 
 
-def precision_for(args) -> str:
+def precision_for(args: argparse.Namespace) -> str:
     """--precision, else the daemon config's model.precision (thresholds must come from the graph that runs)."""
     if getattr(args, "precision", None):
-        return args.precision
+        precision: str = args.precision
+        return precision
     if getattr(args, "config", None):
         from linewatch.line.config import load_config
 
-        return load_config(args.config).model.precision
+        configured: str = load_config(args.config).model.precision
+        return configured
     return "fp32"
 
 
-def cli_rollback(args) -> int:
+def cli_rollback(args: argparse.Namespace) -> int:
     cal = rollback(args.model, precision_for(args))
     log.info(
         "rolled back: calibration v%d restored as v%d (replacing v%d); pixel threshold %.6g",
@@ -434,7 +461,7 @@ def cli_rollback(args) -> int:
     return 0
 
 
-def cli_calibrate(args) -> int:
+def cli_calibrate(args: argparse.Namespace) -> int:
     check_args(args)
     if args.rollback:
         return cli_rollback(args)

@@ -6,24 +6,33 @@ calibration can be restored. The format is documented in docs/CALIBRATION.md.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import math
 import re
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import AfterValidator, ConfigDict, Field, StrictInt, StrictStr, ValidationInfo, model_validator
 
 from linewatch import bundle
 from linewatch.errors import BundleError
+from linewatch.validation import Problem, TolerantModel, expected, validate
 
 log = logging.getLogger("linewatch.calibrate.store")
 
-SCHEMA = "linewatch-calibration"
-SCHEMA_VERSION = 1
+SchemaName = Literal["linewatch-calibration"]
+SchemaVersion = Literal[1]
+SCHEMA: SchemaName = "linewatch-calibration"
+SCHEMA_VERSION: SchemaVersion = 1
 HISTORY_NAME = re.compile(r"^calibration_v(\d+)\.json$")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _sha256_hex(value: str) -> str:
+    if not SHA256_HEX.match(value):
+        raise expected("64 lowercase hex digits (the graph's sha256)", value)
+    return value
 
 
 # --- file format --------------------------------------------------------------------------------------------
@@ -33,37 +42,13 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-@dataclass(frozen=True)
-class Calibration:
-    """The thresholds a bundle is judged with, plus how they were obtained (docs/CALIBRATION.md)."""
+FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Rate = Annotated[FiniteFloat, Field(ge=0, lt=1)]
+Version = Annotated[StrictInt, Field(ge=1)]
+Count = Annotated[StrictInt, Field(ge=0)]
 
-    version: int
-    model_sha256: str
-    pixel_threshold: float
-    image_threshold: float | None = None
-    min_defect_area: int = 0
-    created: str = field(default_factory=_now)
-    fpr_target: float | None = None
-    image_fpr_target: float | None = None
-    n_samples: int = 0
-    n_holdout: int = 0
-    holdout_pixel_fpr: dict | None = None
-    holdout_image_fpr: dict | None = None
-    settings: dict = field(default_factory=dict)
-    previous_version: int | None = None
-    restored_version: int | None = None
-    rolled_back_from: int | None = None
-    schema: str = SCHEMA
-    schema_version: int = SCHEMA_VERSION
-
-    def to_dict(self) -> dict:
-        data = dataclasses.asdict(self)
-        head = {"schema": data.pop("schema"), "schema_version": data.pop("schema_version")}
-        return {**head, **data}
-
-
-_FIELDS = {f.name: f for f in dataclasses.fields(Calibration)}
-_REQUIRED = (
+# keys a file must spell out even where code may leave them to a default: a reader must not guess a threshold
+FILE_KEYS = (
     "schema",
     "schema_version",
     "version",
@@ -75,65 +60,64 @@ _REQUIRED = (
 )
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+class Calibration(TolerantModel):
+    """The thresholds a bundle is judged with, plus how they were obtained (docs/CALIBRATION.md).
+
+    Tolerant: keys unknown to this version are additive fields of a newer writer and are ignored
+    (schema_version guards breaking changes)."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    schema_name: SchemaName = Field(SCHEMA, alias="schema")  # "schema" would shadow BaseModel.schema()
+    schema_version: SchemaVersion = SCHEMA_VERSION
+    version: Version
+    model_sha256: Annotated[StrictStr, AfterValidator(_sha256_hex)]
+    pixel_threshold: FiniteFloat
+    image_threshold: Union[FiniteFloat, None] = None
+    min_defect_area: Count = 0
+    created: StrictStr = Field(default_factory=_now, min_length=1)
+    fpr_target: Union[Rate, None] = None
+    image_fpr_target: Union[Rate, None] = None
+    n_samples: Count = 0
+    n_holdout: Count = 0
+    holdout_pixel_fpr: Union[dict[str, Any], None] = None
+    holdout_image_fpr: Union[dict[str, Any], None] = None
+    settings: dict[str, Any] = Field(default_factory=dict)
+    previous_version: Union[Version, None] = None
+    restored_version: Union[Version, None] = None
+    rolled_back_from: Union[Version, None] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_calibration_file(cls, data: Any, info: ValidationInfo) -> Any:
+        """For a file (context file=True): ours, of our version and with FILE_KEYS spelled out, before anything
+        else in it means something. Code that builds a Calibration may leave those keys to their defaults."""
+        if not (info.context or {}).get("file") or not isinstance(data, dict):
+            return data
+        if data.get("schema") != SCHEMA:
+            raise expected(f"{SCHEMA!r} (not a linewatch calibration)", data.get("schema"), ("schema",))
+        version = data.get("schema_version")
+        if type(version) is not int or version != SCHEMA_VERSION:
+            raise Problem(
+                f"unsupported schema_version {version!r} (this linewatch reads {SCHEMA_VERSION}); "
+                "recalibrate with this version",
+                ("schema_version",),
+            )
+        missing = [key for key in FILE_KEYS if key not in data]
+        if missing:
+            raise Problem("required key missing", (missing[0],))
+        return data
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True)
 
 
-def _is_real(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
-
-
-def calibration_from_dict(data: dict, source: str | Path) -> Calibration:
+def calibration_from_dict(data: dict[str, Any], source: str | Path) -> Calibration:
     """Validate a parsed calibration file; every problem names the file and the key."""
-
-    def bad(msg: str) -> BundleError:
-        return BundleError(f"{source}: {msg}")
-
-    if data.get("schema") != SCHEMA:
-        raise bad(f"not a linewatch calibration (schema={data.get('schema')!r}, expected {SCHEMA!r})")
-    if data.get("schema_version") != SCHEMA_VERSION:
-        raise bad(
-            f"unsupported schema_version {data.get('schema_version')!r} (this linewatch reads "
-            f"{SCHEMA_VERSION}); recalibrate with this version"
-        )
-    missing = [k for k in _REQUIRED if k not in data]
-    if missing:
-        raise bad(f"missing key(s) {', '.join(missing)}")
-    if not _is_int(data["version"]) or data["version"] < 1:
-        raise bad(f"'version' must be an integer >= 1, got {data['version']!r}")
-    if not isinstance(data["model_sha256"], str) or not re.fullmatch(r"[0-9a-f]{64}", data["model_sha256"]):
-        raise bad("'model_sha256' must be 64 lowercase hex digits")
-    if not isinstance(data["created"], str) or not data["created"]:
-        raise bad("'created' must be an ISO-8601 string")
-    if not _is_real(data["pixel_threshold"]):
-        raise bad(f"'pixel_threshold' must be a finite number, got {data['pixel_threshold']!r}")
-    if data["image_threshold"] is not None and not _is_real(data["image_threshold"]):
-        raise bad(f"'image_threshold' must be a finite number or null, got {data['image_threshold']!r}")
-    if not _is_int(data["min_defect_area"]) or data["min_defect_area"] < 0:
-        raise bad(f"'min_defect_area' must be an integer >= 0, got {data['min_defect_area']!r}")
-    for key in ("fpr_target", "image_fpr_target"):
-        if data.get(key) is not None and not (_is_real(data[key]) and 0 <= data[key] < 1):
-            raise bad(f"'{key}' must be a rate in [0, 1) or null, got {data[key]!r}")
-    for key in ("n_samples", "n_holdout"):
-        if key in data and not (_is_int(data[key]) and data[key] >= 0):
-            raise bad(f"'{key}' must be an integer >= 0, got {data[key]!r}")
-    for key in ("previous_version", "restored_version", "rolled_back_from"):
-        if data.get(key) is not None and not (_is_int(data[key]) and data[key] >= 1):
-            raise bad(f"'{key}' must be an integer >= 1 or null, got {data[key]!r}")
-    for key in ("holdout_pixel_fpr", "holdout_image_fpr"):
-        if data.get(key) is not None and not isinstance(data[key], dict):
-            raise bad(f"'{key}' must be an object or null")
-    if "settings" in data and not isinstance(data["settings"], dict):
-        raise bad("'settings' must be an object")
-    # keys unknown to this version are additive fields of a newer writer: ignored (schema_version guards breaks)
-    values = {k: v for k, v in data.items() if k in _FIELDS}
-    values["pixel_threshold"] = float(values["pixel_threshold"])
-    if values["image_threshold"] is not None:
-        values["image_threshold"] = float(values["image_threshold"])
-    return Calibration(**values)
+    return validate(Calibration, data, source, error=BundleError, context={"file": True})
 
 
-def bundle_graph(bundle_dir: str | Path, precision: str = "fp32") -> tuple[str, dict]:
+def bundle_graph(bundle_dir: str | Path, precision: str = "fp32") -> tuple[str, dict[str, Any]]:
     """(sha256 of the bundle's graph of that precision, the metadata's whole 'graph' section).
 
     Thresholds bind to the graph that computed them: an int8 graph's scores differ from fp32's by up to a few
@@ -155,11 +139,15 @@ def graph_sha256(bundle_dir: str | Path, precision: str = "fp32") -> str:
 
 
 def read_calibration_file(
-    path: str | Path, expected_sha256: str | None, precision: str = "fp32", graph: dict | None = None
+    path: str | Path, expected_sha256: str | None, precision: str = "fp32", graph: dict[str, Any] | None = None
 ) -> Calibration:
     """A validated calibration file; with expected_sha256, refused unless it was set with that graph."""
     path = Path(path)
-    cal = calibration_from_dict(bundle.read_json(path, "calibration"), path)
+    try:
+        data = bundle.read_json(path, "calibration")
+    except RecursionError:  # json gives up on deep nesting with RecursionError, not a decode error
+        raise BundleError(f"{path}: nested too deeply to be a calibration file") from None
+    cal = calibration_from_dict(data, path)
     if expected_sha256 is not None and cal.model_sha256 != expected_sha256:
         other = [p for p, (_, key, _) in bundle.PRECISIONS.items() if (graph or {}).get(key) == cal.model_sha256]
         if other:
@@ -200,9 +188,9 @@ def current_version(bundle_dir: Path) -> int | None:
     """Version of the current file if it parses at all (hash not checked: the number still must not repeat)."""
     try:
         v = json.loads((bundle_dir / bundle.CALIBRATION).read_text()).get("version")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return None
-    return v if _is_int(v) and v >= 1 else None
+    return v if type(v) is int and v >= 1 else None
 
 
 def next_version(bundle_dir: str | Path) -> int:
@@ -255,7 +243,7 @@ def write_calibration(
     """Write set thresholds (e.g. chosen by hand or by a test) as the next version of the bundle's calibration."""
     bundle_dir = Path(bundle_dir)
     fields.setdefault("settings", {"source_kind": "manual"})
-    cal = Calibration(
+    values = dict(
         version=next_version(bundle_dir),
         model_sha256=graph_sha256(bundle_dir, precision),
         pixel_threshold=float(pixel_threshold),
@@ -264,6 +252,7 @@ def write_calibration(
         previous_version=current_version(bundle_dir),
         **fields,
     )
+    cal = validate(Calibration, values, f"{bundle_dir / bundle.CALIBRATION} (about to be written)", BundleError)
     save_calibration(bundle_dir, cal)
     return cal
 
@@ -286,8 +275,12 @@ def rollback(bundle_dir: str | Path, precision: str = "fp32") -> Calibration:
     if not source.is_file():
         raise BundleError(f"cannot roll back: {source} (version {current.previous_version}) is missing")
     old = read_calibration_file(source, sha, precision, graph)
-    restored = dataclasses.replace(
-        old, version=next_version(bundle_dir), restored_version=old.version, rolled_back_from=current.version
+    restored = old.model_copy(
+        update={
+            "version": next_version(bundle_dir),
+            "restored_version": old.version,
+            "rolled_back_from": current.version,
+        }
     )
     save_calibration(bundle_dir, restored)
     return restored

@@ -7,15 +7,12 @@ in docs/CALIBRATION.md.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from dataclasses import dataclass
 from fractions import Fraction
 from statistics import NormalDist
 
 import numpy as np
-
-log = logging.getLogger("linewatch.calibrate.store")
 
 # Independent units per good image for the sample-size rule and the holdout bound: anomaly maps are smooth
 # (a 4-pixel regional grid seen through receptive fields of 100+ pixels, then upsampled), so neighbouring pixels
@@ -225,7 +222,7 @@ class RealisedRate:
     def misses(self, target: float) -> bool:
         return not (self.lower <= target <= self.upper)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
 
 

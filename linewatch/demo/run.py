@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 
 from linewatch.errors import ConfigError, LinewatchError
+from linewatch.protocol.wire import Verdict
 
 log = logging.getLogger("linewatch.demo.run")
 
@@ -312,11 +313,11 @@ def format_line(part: LinePart, header: dict, defect_area: int) -> str:
 
 
 def outcome_of(defective: bool, verdict: str) -> str:
-    if verdict == "ERROR":
+    if verdict == Verdict.ERROR:
         return "error"
     if defective:
-        return "detected" if verdict == "NOK" else "MISSED"
-    return "FALSE ALARM" if verdict == "NOK" else "correct pass"
+        return "detected" if verdict == Verdict.NOK else "MISSED"
+    return "FALSE ALARM" if verdict == Verdict.NOK else "correct pass"
 
 
 def defect_area(header: dict, min_defect_area: int) -> int:
@@ -332,14 +333,9 @@ def inspect_line(out: Path, parts: list[LinePart], s: Settings) -> dict[int, dic
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     n_frames = s.warmup_frames + len(parts)
     config = write_daemon_config(out, n_frames, endpoint, s)
-    by_frame = {p.frame_index: p for p in parts}
-    results: dict[int, dict] = {}
     log_path = out / "daemon.log"
     sub = Subscriber(endpoint, camera=CAMERA)  # connects before the daemon binds: no start-up results lost
-    with open(log_path, "w") as daemon_log:
-        daemon = subprocess.Popen(
-            linewatch_cmd("run", "--config", str(config)), stdout=daemon_log, stderr=subprocess.STDOUT
-        )
+    daemon = start_daemon(config, log_path)
     log.info(
         "daemon started (pid %d, results on %s, log %s); %d frames at %g fps",
         daemon.pid,
@@ -350,55 +346,10 @@ def inspect_line(out: Path, parts: list[LinePart], s: Settings) -> dict[int, dic
     )
     deadline = time.monotonic() + 90.0 + 3 * n_frames / s.fps
     try:
-        while len(results) < len(parts):
-            if daemon.poll() is not None:
-                raise LinewatchError(
-                    f"the daemon exited with {daemon.returncode} before all parts were "
-                    f"inspected ({len(results)} of {len(parts)}); its log {log_path} ends:\n" + _tail(log_path)
-                )
-            if time.monotonic() > deadline:
-                missing = [p.number for p in parts if p.number not in results]
-                raise LinewatchError(f"timed out: no result for part(s) {missing} (see {log_path})")
-            msg = sub.recv(timeout_s=0.5)
-            if msg is None:
-                continue
-            if msg.kind != "result":
-                dropped = msg.header.get("dropped", 0) + msg.header.get("publish_dropped", 0)
-                if dropped:
-                    raise LinewatchError(
-                        f"the daemon dropped {dropped} frame(s) of the demo video (status: "
-                        f"{msg.header}); see {log_path}"
-                    )
-                continue
-            index = msg.header.get("frame_index")
-            part = by_frame.get(index)
-            if part is None:
-                continue  # a warm-up frame
-            lost = [p.number for p in parts if p.frame_index < index and p.number not in results]
-            if lost:  # a PUB socket keeps order: an earlier part that did not arrive never will
-                raise LinewatchError(
-                    f"results for part(s) {lost} were never received (the subscriber joined "
-                    f"late or messages were dropped); see {log_path}"
-                )
-            area = defect_area(msg.header, s.min_defect_area)
-            mask = msg.mask_array() if msg.mask else None
-            results[part.number] = {
-                "header": msg.header,
-                "mask": mask,
-                "area": area,
-                "above_threshold": None if mask is None else int(np.count_nonzero(mask)),
-            }
-            print(format_line(part, msg.header, area), flush=True)
+        results = receive_results(sub, daemon, parts, s.min_defect_area, deadline, log_path)
     finally:
         sub.close()
-        if daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
-        try:
-            code = daemon.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
-            code = None
+        code = stop_daemon(daemon)
     if code != 0:
         raise LinewatchError(
             f"the daemon did not exit cleanly after SIGTERM (exit code {code}); its log "
@@ -406,6 +357,90 @@ def inspect_line(out: Path, parts: list[LinePart], s: Settings) -> dict[int, dic
         )
     log.info("daemon stopped with exit code 0 after SIGTERM")
     return results
+
+
+def start_daemon(config: Path, log_path: Path) -> subprocess.Popen:
+    with open(log_path, "w") as daemon_log:
+        return subprocess.Popen(
+            linewatch_cmd("run", "--config", str(config)), stdout=daemon_log, stderr=subprocess.STDOUT
+        )
+
+
+def stop_daemon(daemon: subprocess.Popen) -> int | None:
+    """SIGTERM if it still runs; its exit code, or None when it had to be killed after 30 s."""
+    if daemon.poll() is None:
+        daemon.send_signal(signal.SIGTERM)
+    try:
+        return daemon.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        daemon.kill()
+        daemon.wait()
+        return None
+
+
+def receive_results(
+    sub, daemon: subprocess.Popen, parts: list[LinePart], min_defect_area: int, deadline: float, log_path: Path
+) -> dict[int, dict]:
+    """One result per part, printed as it arrives; warm-up frames are skipped, anything lost is an error."""
+    by_frame = {p.frame_index: p for p in parts}
+    results: dict[int, dict] = {}
+    while len(results) < len(parts):
+        check_daemon_running(daemon, parts, results, deadline, log_path)
+        msg = sub.recv(timeout_s=0.5)
+        if msg is None:
+            continue
+        if msg.kind != "result":
+            check_nothing_dropped(msg.header, log_path)
+            continue
+        part = by_frame.get(msg.header.get("frame_index"))
+        if part is None:
+            continue  # a warm-up frame
+        check_none_lost(parts, results, part.frame_index, log_path)
+        results[part.number] = part_result(msg, min_defect_area)
+        print(format_line(part, msg.header, results[part.number]["area"]), flush=True)
+    return results
+
+
+def check_daemon_running(
+    daemon: subprocess.Popen, parts: list[LinePart], results: dict[int, dict], deadline: float, log_path: Path
+) -> None:
+    if daemon.poll() is not None:
+        raise LinewatchError(
+            f"the daemon exited with {daemon.returncode} before all parts were "
+            f"inspected ({len(results)} of {len(parts)}); its log {log_path} ends:\n" + _tail(log_path)
+        )
+    if time.monotonic() > deadline:
+        missing = [p.number for p in parts if p.number not in results]
+        raise LinewatchError(f"timed out: no result for part(s) {missing} (see {log_path})")
+
+
+def check_nothing_dropped(status: dict, log_path: Path) -> None:
+    """The demo's queue holds every frame: a status that reports dropped frames means a broken run."""
+    dropped = status.get("dropped", 0) + status.get("publish_dropped", 0)
+    if dropped:
+        raise LinewatchError(
+            f"the daemon dropped {dropped} frame(s) of the demo video (status: {status}); see {log_path}"
+        )
+
+
+def check_none_lost(parts: list[LinePart], results: dict[int, dict], frame_index: int, log_path: Path) -> None:
+    """A PUB socket keeps order: an earlier part whose result did not arrive never will."""
+    lost = [p.number for p in parts if p.frame_index < frame_index and p.number not in results]
+    if lost:
+        raise LinewatchError(
+            f"results for part(s) {lost} were never received (the subscriber joined "
+            f"late or messages were dropped); see {log_path}"
+        )
+
+
+def part_result(msg, min_defect_area: int) -> dict:
+    mask = msg.mask_array() if msg.mask else None
+    return {
+        "header": msg.header,
+        "mask": mask,
+        "area": defect_area(msg.header, min_defect_area),
+        "above_threshold": None if mask is None else int(np.count_nonzero(mask)),
+    }
 
 
 # --- step 4: report ---------------------------------------------------------------------------------------------

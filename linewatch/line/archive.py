@@ -12,6 +12,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
+from typing import TypeAlias
 
 import cv2
 import numpy as np
@@ -19,6 +20,9 @@ import numpy as np
 log = logging.getLogger("linewatch.line.archive")
 
 LOG_EVERY_S = 60.0
+
+# what write() takes: camera, seq, verdict, image, mask PNG, wall time
+_Item: TypeAlias = tuple[str, int, str, np.ndarray | None, bytes | None, float]
 
 
 class Archive:
@@ -32,7 +36,7 @@ class Archive:
         self._files: deque[tuple[Path, int]] = deque()  # oldest first
         self._bytes = 0
         self._last_log = 0.0
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._queue: queue.Queue[_Item | None] = queue.Queue(maxsize=queue_size)  # None: stop
         self._thread = threading.Thread(target=self._run, name="archive", daemon=True)
         try:
             self.folder.mkdir(parents=True, exist_ok=True)

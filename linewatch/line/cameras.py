@@ -13,8 +13,8 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import cv2
 import numpy as np
@@ -22,9 +22,11 @@ import numpy as np
 from linewatch.errors import ConfigError, DataError
 from linewatch.images import as_bgr, list_images, read_image
 from linewatch.line.config import CameraConfig, load_config
-from linewatch.line.frames import Frame, FrameQueue, fail_future
+from linewatch.line.frames import Frame, FrameQueue, TriggerFuture, fail_future
 
 log = logging.getLogger("linewatch.line.cameras")
+
+T = TypeVar("T")
 
 ONLINE, OFFLINE, RECONNECTING, FINISHED = "online", "offline", "reconnecting", "finished"
 LIVE_KINDS = ("device", "url", "gstreamer")
@@ -96,7 +98,7 @@ class FolderSource:
     def __init__(self, cfg: CameraConfig):
         self.cfg = cfg
         try:
-            self.files = list_images(cfg.source)
+            self.files = list_images(str(cfg.source))  # kind 'folder': the config made it a folder path
         except DataError as exc:
             raise SourceFailed(str(exc)) from exc
         self.pos = -1
@@ -161,7 +163,7 @@ class Camera:
         self._lock = threading.Lock()
         self._state = OFFLINE
         self._blocking_since: float | None = None
-        self._triggers: deque[tuple[str, Future, float]] = deque()
+        self._triggers: deque[tuple[str, TriggerFuture, float]] = deque()
         self.captured = 0
         self.skipped = 0  # triggered mode: frames nobody asked for
         self.frame_errors = 0
@@ -197,7 +199,7 @@ class Camera:
         since = self._blocking_since
         return 0.0 if since is None else (now or time.monotonic()) - since
 
-    def request_trigger(self, part_id: str, future: Future) -> None:
+    def request_trigger(self, part_id: str, future: TriggerFuture) -> None:
         """Attach this request to the next frame captured from now on."""
         with self._lock:
             self._triggers.append((part_id, future, time.monotonic()))
@@ -235,7 +237,7 @@ class Camera:
             )
             self._state = state
 
-    def _blocking(self, fn):
+    def _blocking(self, fn: Callable[[], T]) -> T:
         self._blocking_since = time.monotonic()
         try:
             return fn()
@@ -283,7 +285,7 @@ class Camera:
         if self._state != FINISHED:
             self._set_state(OFFLINE)
 
-    def _pump(self, source) -> None:
+    def _pump(self, source: CaptureSource | FolderSource) -> None:
         period = 1.0 / self.cfg.fps if self.cfg.fps > 0 else 0.0
         live = self.cfg.kind in LIVE_KINDS
         next_slot = time.monotonic()
@@ -301,16 +303,17 @@ class Camera:
             image = self._blocking(source.retrieve)
             self._deliver(image)
 
-    def _deliver(self, image: np.ndarray | str) -> None:
+    def _deliver(self, captured: np.ndarray | str) -> None:
         now_mono, now_wall = time.monotonic(), time.time()
-        error = None
-        if isinstance(image, str):
-            error, image = image, None
+        error: str | None = None
+        image: np.ndarray | None = None
+        if isinstance(captured, str):
+            error = captured
         else:
             try:
-                image = as_bgr(image)
+                image = as_bgr(captured)
             except DataError as exc:
-                error, image = str(exc), None
+                error = str(exc)
             if image is not None:
                 cropped = crop(image, self.cfg.roi)
                 if isinstance(cropped, str):
@@ -341,10 +344,8 @@ def grab_frames(config_path: str | Path, camera_name: str, n: int, timeout_s: fl
     if n < 1:
         raise ConfigError(f"frames to grab must be >= 1, got {n}")
     cfg = load_config(config_path).camera(camera_name)
-    from dataclasses import replace
-
     queue = FrameQueue()
-    camera = Camera(replace(cfg, mode="continuous", queue_size=n), queue)
+    camera = Camera(cfg.model_copy(update={"mode": "continuous", "queue_size": n}), queue)
     camera.start()
     frames: list[np.ndarray] = []
     deadline = time.monotonic() + timeout_s
@@ -352,8 +353,8 @@ def grab_frames(config_path: str | Path, camera_name: str, n: int, timeout_s: fl
         while len(frames) < n:
             batch = queue.take(n - len(frames), 0.0, 0.1)
             for frame in batch:
-                if frame.error is not None:
-                    raise DataError(f"camera {camera_name!r}: {frame.error}")
+                if frame.error is not None or frame.image is None:
+                    raise DataError(f"camera {camera_name!r}: {frame.error or 'no image'}")
                 frames.append(frame.image)
             if not batch and camera.state == FINISHED and queue.pending() == 0:
                 raise DataError(

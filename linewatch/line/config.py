@@ -1,159 +1,361 @@
-"""The daemon's config file: typed dataclasses, strictly validated on load (torch-free).
+"""The daemon's config file: pydantic models, strictly validated on load (torch-free).
 
 A line runs unattended, so a typo must stop the start-up with the file, the key path and what was expected,
-never be ignored: unknown keys, wrong types, out-of-range numbers and missing files are all refused.
-Relative paths are resolved against the config file's folder.
+never be ignored: unknown keys, wrong types, out-of-range numbers and missing files are all refused
+(`linewatch.validation` turns pydantic's errors into those messages). Relative paths are resolved against the
+config file's folder, which `load_config` passes to the validators as pydantic context. docs/CONFIG.md, the key
+reference, is generated from these models (`python -m linewatch.line.config_reference > docs/CONFIG.md`).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import argparse
 import logging
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from linewatch.bundle import PRECISIONS
 from linewatch.errors import ConfigError
+from linewatch.protocol.curve import check_bind_security
+from linewatch.protocol.wire import CAMERA_NAME, Verdict
+from linewatch.validation import Problem, StrictModel, expected, validate
 
 log = logging.getLogger("linewatch.line.config")
 
-CAMERA_KINDS = ("device", "video", "url", "gstreamer", "folder")
+CameraKind = Literal["device", "video", "url", "gstreamer", "folder"]
+CAMERA_KINDS: tuple[str, ...] = get_args(CameraKind)
 URL_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "rtmp://", "udp://", "tcp://", "srt://")
-VERDICTS = ("OK", "NOK", "ERROR")
 
 
-def _opt(default: Any = dataclasses.MISSING, *, doc: str = "", **rules: Any) -> Any:
-    """A field with validation rules: min, max, choices, exists ("file" | "dir"), nonempty."""
-    kwargs: dict[str, Any] = {"metadata": {"doc": doc, **rules}}
-    if isinstance(default, (list, dict, set)):
-        kwargs["default_factory"] = lambda d=default: type(d)(d)
-    elif default is not dataclasses.MISSING:
-        kwargs["default"] = default
-    return field(**kwargs)
+# --- paths: resolved against the config file's folder ------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    bundle: Path = _opt(exists="dir", doc="model bundle directory (metadata.json, model.onnx, calibration.json)")
-    precision: str = _opt(
+def _not_empty(value: Any) -> Any:
+    """An empty string would become Path('.'), the config's own folder: refuse it instead of guessing."""
+    if value == "":
+        raise expected("a path", value)
+    return value
+
+
+def _resolve(path: Path, base: Any) -> Path:
+    path = path.expanduser()
+    return path if path.is_absolute() or base is None else Path(base) / path
+
+
+def _resolved(value: Path, info: ValidationInfo) -> Path:
+    return _resolve(value, (info.context or {}).get("base"))
+
+
+def _missing(what: str, path: Path) -> Problem:
+    state = "does not exist" if not path.exists() else "is something else"
+    return Problem(f"expected {what}, but {path} {state}")
+
+
+def _existing_dir(path: Path) -> Path:
+    if not path.is_dir():
+        raise _missing("an existing directory", path)
+    return path
+
+
+def _existing_file(path: Path) -> Path:
+    if not path.is_file():
+        raise _missing("an existing file", path)
+    return path
+
+
+ResolvedPath = Annotated[Path, BeforeValidator(_not_empty), AfterValidator(_resolved)]
+ExistingDir = Annotated[ResolvedPath, AfterValidator(_existing_dir)]
+ExistingFile = Annotated[ResolvedPath, AfterValidator(_existing_file)]
+
+
+# --- sections -------------------------------------------------------------------------------------------------
+
+
+class ModelConfig(StrictModel):
+    bundle: ExistingDir = Field(description="model bundle directory (metadata.json, model.onnx, calibration.json)")
+    precision: Literal[tuple(PRECISIONS)] = Field(  # type: ignore[valid-type]
         "fp32",
-        choices=PRECISIONS,
-        doc="which of the bundle's graphs runs: fp32, fp16 (GPU), int8 (CPU); calibrate with the same one",
+        description="which of the bundle's graphs runs: fp32, fp16 (GPU), int8 (CPU); calibrate with the same one",
     )
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    providers: tuple[str, ...] = _opt(("auto",), nonempty=True, doc="ONNX Runtime providers: auto, cpu, cuda, tensorrt")
-    threads: int = _opt(0, min=0, doc="CPU provider intra-op threads (0 = ONNX Runtime default)")
-    max_batch: int = _opt(8, min=1, max=1024, doc="frames scored together, across cameras")
-    max_wait_ms: float = _opt(5.0, min=0, max=10_000, doc="how long a partial batch waits for more frames")
-    warmup: bool = _opt(True, doc="score dummy batches before READY (TensorRT builds its engines then)")
+class EngineConfig(StrictModel):
+    providers: tuple[StrictStr, ...] = Field(
+        ("auto",), min_length=1, description="ONNX Runtime providers: auto, cpu, cuda, tensorrt"
+    )
+    threads: StrictInt = Field(0, ge=0, description="CPU provider intra-op threads (0 = ONNX Runtime default)")
+    max_batch: StrictInt = Field(8, ge=1, le=1024, description="frames scored together, across cameras")
+    max_wait_ms: StrictFloat = Field(5.0, ge=0, le=10_000, description="how long a partial batch waits for more frames")
+    warmup: StrictBool = Field(True, description="score dummy batches before READY (TensorRT builds its engines then)")
 
 
-@dataclass(frozen=True)
-class ReconnectConfig:
-    initial_s: float = _opt(0.5, min=0.01, doc="first wait after a failure")
-    max_s: float = _opt(30.0, min=0.01, doc="longest wait between attempts (the wait doubles up to this)")
+class ReconnectConfig(StrictModel):
+    initial_s: StrictFloat = Field(0.5, ge=0.01, description="first wait after a failure")
+    max_s: StrictFloat = Field(
+        30.0, ge=0.01, description="longest wait between attempts (the wait doubles up to this); at least initial_s"
+    )
+
+    @field_validator("max_s")
+    @classmethod
+    def _not_below_initial(cls, max_s: float, info: ValidationInfo) -> float:
+        initial = info.data.get("initial_s")
+        if initial is not None and max_s < initial:
+            raise expected(f"a value >= initial_s ({initial})", max_s)
+        return max_s
 
 
-@dataclass(frozen=True)
-class CameraConfig:
-    name: str = _opt(nonempty=True, doc="unique name, used in topics: letters, digits, '-', '_'")
-    kind: Literal["device", "video", "url", "gstreamer", "folder"] = _opt(doc="source type")
-    source: Union[int, str] = _opt(doc="device index, file, URL, pipeline string or folder")
-    loop: bool = _opt(True, doc="video/folder: start again at the end (false: the camera finishes)")
-    fps: float = _opt(0.0, min=0, doc="cap on inspected frames per second (0 = no cap)")
-    roi: Union[tuple[int, ...], None] = _opt(None, doc="crop [x, y, width, height] in source pixels")
-    queue_size: int = _opt(4, min=1, max=10_000, doc="frames waiting for inference; the oldest is dropped")
-    open_timeout_ms: int = _opt(5000, min=1, doc="url: FFmpeg open timeout")
-    read_timeout_ms: int = _opt(5000, min=1, doc="url: FFmpeg read timeout")
-    stall_s: float = _opt(5.0, min=0.1, doc="no frame for this long: the camera is offline and reopened")
-    mode: Literal["continuous", "triggered"] = _opt("continuous", doc="triggered: inspect only frames asked for")
-    reconnect: ReconnectConfig = _opt(ReconnectConfig(), doc="backoff between reconnect attempts")
+def _device_source(source: int | str, base: Any) -> int | str:
+    if not (isinstance(source, int) and source >= 0) and not (isinstance(source, str) and source.startswith("/dev/")):
+        raise expected("a device index >= 0 or a /dev/ path for kind 'device'", source)
+    return source
 
 
-@dataclass(frozen=True)
-class MaskConfig:
-    enabled: bool = _opt(True, doc="send the anomaly mask PNG with each result")
-    width: int = _opt(0, min=0, doc="mask width in pixels (0 = model input width)")
-    height: int = _opt(0, min=0, doc="mask height in pixels (0 = model input height)")
+def _file_source(kind: str, source: int | str, base: Any) -> str:
+    if not isinstance(source, str) or not source:
+        raise expected(f"a path for kind {kind!r}", source)
+    path = _resolve(Path(source), base)
+    if kind == "video" and not path.is_file():
+        raise _missing("an existing video file", path)
+    if kind == "folder" and not path.is_dir():
+        raise _missing("an existing image folder", path)
+    return str(path)
 
 
-@dataclass(frozen=True)
-class PublishConfig:
-    endpoint: str = _opt("tcp://127.0.0.1:5555", nonempty=True, doc="ZeroMQ PUB bind endpoint")
-    hwm: int = _opt(1000, min=1, doc="messages queued per subscriber before new ones are dropped (counted)")
-    status_interval_s: float = _opt(1.0, min=0.05, max=60, doc="period of the per-camera status (life bit)")
-    mask: MaskConfig = _opt(MaskConfig())
+def _url_source(source: int | str, base: Any) -> str:
+    if not isinstance(source, str) or not source.lower().startswith(URL_SCHEMES):
+        raise expected("a URL starting with " + ", ".join(URL_SCHEMES), source)
+    return source
 
 
-@dataclass(frozen=True)
-class TriggerConfig:
-    enabled: bool = _opt(False, doc="serve trigger requests {camera, part_id} on a ROUTER socket")
-    endpoint: str = _opt("tcp://127.0.0.1:5556", nonempty=True, doc="ZeroMQ ROUTER bind endpoint")
-    timeout_s: float = _opt(5.0, min=0.01, doc="a triggered frame not inspected within this time: error reply")
+def _gstreamer_source(source: int | str, base: Any) -> str:
+    if not isinstance(source, str) or "appsink" not in source:
+        raise expected("a GStreamer pipeline string ending in an appsink", source)
+    return source
 
 
-@dataclass(frozen=True)
-class SecurityConfig:
-    curve: bool = _opt(False, doc="CURVE authentication + encryption on the result and trigger sockets")
-    server_secret_key_file: Union[Path, None] = _opt(None, exists="file", doc="server key pair (zmq.auth format)")
-    authorized_keys_dir: Union[Path, None] = _opt(None, exists="dir", doc="folder of allowed clients' public keys")
-    allow_insecure_bind: bool = _opt(False, doc="allow binding beyond loopback without CURVE (trusted networks)")
+_SOURCE_CHECKS = {
+    "device": _device_source,
+    "video": lambda source, base: _file_source("video", source, base),
+    "folder": lambda source, base: _file_source("folder", source, base),
+    "url": _url_source,
+    "gstreamer": _gstreamer_source,
+}
 
 
-@dataclass(frozen=True)
-class ArchiveConfig:
-    enabled: bool = _opt(False, doc="keep frames and masks of failed parts")
-    dir: Union[Path, None] = _opt(None, doc="archive folder (created if missing)")
-    max_mb: float = _opt(1024.0, min=0.001, doc="size cap; the oldest files are deleted first")
-    verdicts: tuple[str, ...] = _opt(("NOK", "ERROR"), choices=VERDICTS, doc="which verdicts to keep")
-    queue_size: int = _opt(64, min=1, doc="frames waiting to be written; more are skipped (counted)")
+class CameraConfig(StrictModel):
+    name: StrictStr = Field(description="unique name, part of the ZeroMQ topics: ASCII letters, digits, '-', '_'")
+    kind: CameraKind = Field(
+        description="source type: device (V4L2/DirectShow), video (file), url (FFmpeg stream), gstreamer "
+        "(pipeline), folder (images in name order)"
+    )
+    source: Union[StrictInt, StrictStr] = Field(
+        description="device: index >= 0 or a /dev/ path; video: file; url: rtsp, rtsps, http, https, rtmp, udp, tcp "
+        "or srt URL; gstreamer: pipeline ending in an appsink; folder: image folder"
+    )
+    loop: StrictBool = Field(True, description="video/folder: start again at the end (false: the camera finishes)")
+    fps: StrictFloat = Field(0.0, ge=0, description="cap on inspected frames per second (0 = no cap)")
+    roi: Union[tuple[StrictInt, ...], None] = Field(
+        None,
+        description="crop [x, y, width, height] in source pixels (x, y >= 0; width, height > 0); null = whole frame",
+    )
+    queue_size: StrictInt = Field(4, ge=1, le=10_000, description="frames waiting for inference; the oldest is dropped")
+    open_timeout_ms: StrictInt = Field(5000, ge=1, description="url: FFmpeg open timeout")
+    read_timeout_ms: StrictInt = Field(5000, ge=1, description="url: FFmpeg read timeout")
+    stall_s: StrictFloat = Field(
+        5.0,
+        ge=0.1,
+        description="a read blocked longer than this reports the camera offline; it is reopened only when the "
+        "read fails (url: read_timeout_ms)",
+    )
+    mode: Literal["continuous", "triggered"] = Field(
+        "continuous",
+        description="continuous: inspect every frame; triggered: only frames asked for by a trigger (needs "
+        "trigger.enabled)",
+    )
+    reconnect: ReconnectConfig = Field(
+        default_factory=ReconnectConfig, description="backoff between reconnect attempts"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _topic_safe(cls, name: str) -> str:
+        # the wire protocol's own rule: a name it would refuse to publish must not pass check-config
+        if not CAMERA_NAME.match(name):
+            raise expected("ASCII letters, digits, '-' or '_' only (the name is part of the topic)", name)
+        return name
+
+    @field_validator("source")
+    @classmethod
+    def _fits_kind(cls, source: int | str, info: ValidationInfo) -> int | str:
+        kind = info.data.get("kind")  # no kind: its own error is reported instead
+        check = _SOURCE_CHECKS.get(kind) if isinstance(kind, str) else None
+        return source if check is None else check(source, (info.context or {}).get("base"))
+
+    @field_validator("roi")
+    @classmethod
+    def _is_a_box(cls, roi: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if roi is not None and (len(roi) != 4 or roi[0] < 0 or roi[1] < 0 or roi[2] <= 0 or roi[3] <= 0):
+            raise expected("[x, y, width, height] with x, y >= 0 and width, height > 0", list(roi))
+        return roi
 
 
-@dataclass(frozen=True)
-class MetricsConfig:
-    enabled: bool = _opt(False, doc="serve Prometheus metrics over HTTP")
-    host: str = _opt("127.0.0.1", doc="listen address")
-    port: int = _opt(9108, min=0, max=65535, doc="listen port (0 = any free port)")
+def _zmq_endpoint(endpoint: str) -> str:
+    if "://" not in endpoint:
+        raise expected("a ZeroMQ endpoint such as tcp://127.0.0.1:5555", endpoint)
+    return endpoint
 
 
-@dataclass(frozen=True)
-class LoggingConfig:
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _opt("INFO")
+Endpoint = Annotated[StrictStr, Field(min_length=1), AfterValidator(_zmq_endpoint)]
 
 
-@dataclass(frozen=True)
-class HealthConfig:
-    inference_stall_s: float = _opt(
+class MaskConfig(StrictModel):
+    enabled: StrictBool = Field(True, description="send the anomaly mask PNG with each result")
+    width: StrictInt = Field(0, ge=0, description="mask width in pixels (0 = model input width)")
+    height: StrictInt = Field(0, ge=0, description="mask height in pixels (0 = model input height)")
+
+
+class PublishConfig(StrictModel):
+    endpoint: Endpoint = Field(
+        "tcp://127.0.0.1:5555",
+        description="ZeroMQ PUB bind endpoint; beyond loopback only with security.curve or "
+        "security.allow_insecure_bind",
+    )
+    hwm: StrictInt = Field(
+        1000, ge=1, description="messages queued per subscriber before new ones are dropped (counted)"
+    )
+    status_interval_s: StrictFloat = Field(
+        1.0, ge=0.05, le=60, description="period of the per-camera status (life bit)"
+    )
+    mask: MaskConfig = Field(default_factory=MaskConfig, description="the defect mask sent with each result")
+
+
+class TriggerConfig(StrictModel):
+    enabled: StrictBool = Field(
+        False, description="serve trigger requests {camera, part_id} on a ROUTER socket; needed by triggered cameras"
+    )
+    endpoint: Endpoint = Field(
+        "tcp://127.0.0.1:5556",
+        description="ZeroMQ ROUTER bind endpoint, not publish.endpoint; beyond loopback as for publish.endpoint",
+    )
+    timeout_s: StrictFloat = Field(
+        5.0, ge=0.01, description="a triggered frame not inspected within this time: error reply"
+    )
+
+
+class SecurityConfig(StrictModel):
+    curve: StrictBool = Field(False, description="CURVE authentication + encryption on the result and trigger sockets")
+    server_secret_key_file: Union[ExistingFile, None] = Field(
+        None, description="server key pair (zmq.auth format); required when curve is true"
+    )
+    authorized_keys_dir: Union[ExistingDir, None] = Field(
+        None, description="folder of allowed clients' public keys; required when curve is true"
+    )
+    allow_insecure_bind: StrictBool = Field(
+        False, description="allow binding beyond loopback without CURVE (trusted networks)"
+    )
+
+    @model_validator(mode="after")
+    def _keys_for_curve(self) -> SecurityConfig:
+        for key in ("server_secret_key_file", "authorized_keys_dir"):
+            if self.curve and getattr(self, key) is None:
+                raise expected("a path when security.curve is true (required key missing)", at=(key,))
+        return self
+
+
+class ArchiveConfig(StrictModel):
+    enabled: StrictBool = Field(False, description="keep frames and masks of failed parts")
+    dir: Union[ResolvedPath, None] = Field(
+        None, description="archive folder (created if missing); required when enabled"
+    )
+    max_mb: StrictFloat = Field(1024.0, ge=0.001, description="size cap; the oldest files are deleted first")
+    verdicts: tuple[Verdict, ...] = Field(
+        (Verdict.NOK, Verdict.ERROR), description="which verdicts to keep: OK, NOK, ERROR"
+    )
+    queue_size: StrictInt = Field(64, ge=1, description="frames waiting to be written; more are skipped (counted)")
+
+    @model_validator(mode="after")
+    def _dir_when_enabled(self) -> ArchiveConfig:
+        if self.enabled and self.dir is None:
+            raise expected("a folder when archive.enabled is true (required key missing)", at=("dir",))
+        return self
+
+
+class MetricsConfig(StrictModel):
+    enabled: StrictBool = Field(False, description="serve Prometheus metrics over HTTP")
+    host: StrictStr = Field("127.0.0.1", description="listen address")
+    port: StrictInt = Field(9108, ge=0, le=65535, description="listen port (0 = any free port)")
+
+
+class LoggingConfig(StrictModel):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="least severe message logged (to stderr, i.e. journald under systemd)"
+    )
+
+
+class HealthConfig(StrictModel):
+    inference_stall_s: StrictFloat = Field(
         10.0,
-        min=0.5,
-        doc="frames waiting but no batch finished for this long: stop the systemd watchdog pings (systemd restarts us)",
+        ge=0.5,
+        description="frames waiting but no batch finished for this long: stop the systemd watchdog pings "
+        "(systemd restarts us)",
     )
-    camera_hang_s: float = _opt(60.0, min=1, doc="a capture call blocked this long: stop the watchdog pings")
-    drain_timeout_s: float = _opt(5.0, min=0, doc="on SIGTERM: time to inspect and publish what was captured")
-    exit_when_sources_end: bool = _opt(False, doc="stop (exit 0) once every camera has finished its file/folder")
+    camera_hang_s: StrictFloat = Field(
+        60.0, ge=1, description="a capture call blocked this long: stop the watchdog pings"
+    )
+    drain_timeout_s: StrictFloat = Field(
+        5.0, ge=0, description="on SIGTERM: time to inspect and publish what was captured"
+    )
+    exit_when_sources_end: StrictBool = Field(
+        False, description="stop (exit 0) once every camera has finished its file/folder"
+    )
 
 
-@dataclass(frozen=True)
-class Config:
-    model: ModelConfig
-    cameras: tuple[CameraConfig, ...] = _opt(nonempty=True)
-    engine: EngineConfig = _opt(EngineConfig())
-    publish: PublishConfig = _opt(PublishConfig())
-    trigger: TriggerConfig = _opt(TriggerConfig())
-    security: SecurityConfig = _opt(SecurityConfig())
-    archive: ArchiveConfig = _opt(ArchiveConfig())
-    metrics: MetricsConfig = _opt(MetricsConfig())
-    logging: LoggingConfig = _opt(LoggingConfig())
-    health: HealthConfig = _opt(HealthConfig())
-    path: Union[Path, None] = None  # set by load_config, not read from the file
+# --- the whole file -------------------------------------------------------------------------------------------
+
+
+class Config(StrictModel):
+    model: ModelConfig = Field(description="the model bundle that judges the frames")
+    cameras: tuple[CameraConfig, ...] = Field(
+        min_length=1, description="the cameras to inspect, one capture thread each (at least one)"
+    )
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="ONNX Runtime engine and batching")
+    publish: PublishConfig = Field(
+        default_factory=PublishConfig, description="results and per-camera status on a ZeroMQ PUB socket"
+    )
+    trigger: TriggerConfig = Field(
+        default_factory=TriggerConfig, description="PLC/MES request-reply: {camera, part_id} in, that part's result out"
+    )
+    security: SecurityConfig = Field(
+        default_factory=SecurityConfig, description="ZeroMQ CURVE on the result and trigger sockets"
+    )
+    archive: ArchiveConfig = Field(
+        default_factory=ArchiveConfig, description="frames and masks of failed parts kept on disk"
+    )
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus metrics over HTTP")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="log output")
+    health: HealthConfig = Field(default_factory=HealthConfig, description="watchdog and shutdown timings")
+
+    _path: Union[Path, None] = PrivateAttr(None)
+
+    @property
+    def path(self) -> Path | None:
+        """The file this config was read from: set by load_config, never a key of the file."""
+        return self._path
 
     def camera(self, name: str) -> CameraConfig:
         for cam in self.cameras:
@@ -161,205 +363,38 @@ class Config:
                 return cam
         raise ConfigError(f"{self.path}: no camera named {name!r} (have: {', '.join(c.name for c in self.cameras)})")
 
-
-# --- generic strict builder -------------------------------------------------------------------------------
-
-
-class _Ctx:
-    def __init__(self, file: Path):
-        self.file = file
-        self.base = file.parent
-
-    def missing(self, keypath: str, what: str, path: Path) -> ConfigError:
-        return ConfigError(f"{self.file}: {keypath}: expected {what}, but {path} does not exist")
-
-    def fail(self, keypath: str, expected: str, got: Any = dataclasses.MISSING) -> ConfigError:
-        msg = f"{self.file}: {keypath or '<top level>'}: expected {expected}"
-        if got is not dataclasses.MISSING:
-            msg += f", got {_show(got)}"
-        return ConfigError(msg)
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        _check_unique_names(self.cameras)
+        if self.trigger.enabled and self.trigger.endpoint == self.publish.endpoint:
+            raise expected(
+                "an endpoint different from publish.endpoint", self.trigger.endpoint, ("trigger", "endpoint")
+            )
+        _check_binds(self)
+        triggered = [c.name for c in self.cameras if c.mode == "triggered"]
+        if triggered and not self.trigger.enabled:
+            raise expected(
+                f"true when a camera is in triggered mode (camera {triggered[0]!r})", False, ("trigger", "enabled")
+            )
+        return self
 
 
-def _show(value: Any) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text if len(text) < 60 else text[:57] + '...'}"
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
-    if origin is tuple:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", Path: "a path"}.get(
-        tp, getattr(tp, "__name__", str(tp))
-    )
-
-
-def _convert(tp: Any, value: Any, key: str, ctx: _Ctx, rules: dict) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(arg, value, key, ctx, rules)
-            except ConfigError as exc:
-                errors.append(exc)
-        if len(errors) == 1:
-            raise errors[0]
-        raise ctx.fail(key, _type_name(tp), value)
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ctx.fail(key, _type_name(tp), value)
-        return value
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise ctx.fail(key, _type_name(tp), value)
-        item_tp = typing.get_args(tp)[0]
-        return tuple(_convert(item_tp, v, f"{key}[{i}]", ctx, rules) for i, v in enumerate(value))
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key, ctx)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ctx.fail(key, "true/false", value)
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ctx.fail(key, "an integer", value)
-        return _check_range(value, key, ctx, rules)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ctx.fail(key, "a number", value)
-        return _check_range(float(value), key, ctx, rules)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ctx.fail(key, "a string", value)
-        if "choices" in rules and value not in rules["choices"]:
-            raise ctx.fail(key, "one of " + ", ".join(rules["choices"]), value)
-        return value
-    if tp is Path:
-        if not isinstance(value, str) or not value:
-            raise ctx.fail(key, "a path", value)
-        path = Path(value).expanduser()
-        path = path if path.is_absolute() else (ctx.base / path)
-        exists = rules.get("exists")
-        if exists == "dir" and not path.is_dir():
-            raise ctx.missing(key, "an existing directory", path)
-        if exists == "file" and not path.is_file():
-            raise ctx.missing(key, "an existing file", path)
-        return path
-    raise TypeError(f"config field type not supported: {tp}")
-
-
-def _check_range(value: float, key: str, ctx: _Ctx, rules: dict) -> Any:
-    if "min" in rules and value < rules["min"]:
-        raise ctx.fail(key, f"a value >= {rules['min']}", value)
-    if "max" in rules and value > rules["max"]:
-        raise ctx.fail(key, f"a value <= {rules['max']}", value)
-    return value
-
-
-def _build(cls: type, data: Any, keypath: str, ctx: _Ctx) -> Any:
-    if not isinstance(data, dict):
-        raise ctx.fail(keypath, "a mapping", data)
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "path"}
-    unknown = sorted(set(map(str, data)) - set(fields))
-    if unknown:
-        where = f"{keypath}.{unknown[0]}" if keypath else unknown[0]
-        raise ConfigError(f"{ctx.file}: {where}: unknown key (known keys here: {', '.join(fields)})")
-    values = {}
-    for name, f in fields.items():
-        key = f"{keypath}.{name}" if keypath else name
-        if name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ctx.fail(key, f"{_type_name(hints[name])} (required key missing)")
-            continue
-        rules = dict(f.metadata)
-        value = _convert(hints[name], data[name], key, ctx, rules)
-        if rules.get("nonempty") and not value:
-            raise ctx.fail(key, f"a non-empty {_type_name(hints[name])}", value)
-        values[name] = value
-    return cls(**values)
-
-
-# --- cross-field checks -----------------------------------------------------------------------------------
-
-
-def _check_camera(cam: CameraConfig, key: str, ctx: _Ctx) -> CameraConfig:
-    if not all(c.isalnum() or c in "-_" for c in cam.name):
-        raise ctx.fail(f"{key}.name", "letters, digits, '-' or '_' only (it is part of the topic)", cam.name)
-    src, skey = cam.source, f"{key}.source"
-    if cam.kind == "device":
-        if not (isinstance(src, int) and src >= 0) and not (isinstance(src, str) and src.startswith("/dev/")):
-            raise ctx.fail(skey, "a device index >= 0 or a /dev/ path for kind 'device'", src)
-    elif cam.kind in ("video", "folder"):
-        if not isinstance(src, str) or not src:
-            raise ctx.fail(skey, f"a path for kind {cam.kind!r}", src)
-        path = Path(src).expanduser()
-        path = path if path.is_absolute() else ctx.base / path
-        if cam.kind == "video" and not path.is_file():
-            raise ctx.missing(skey, "an existing video file", path)
-        if cam.kind == "folder" and not path.is_dir():
-            raise ctx.missing(skey, "an existing image folder", path)
-        cam = dataclasses.replace(cam, source=str(path))
-    elif cam.kind == "url":
-        if not isinstance(src, str) or not src.lower().startswith(URL_SCHEMES):
-            raise ctx.fail(skey, "a URL starting with " + ", ".join(URL_SCHEMES), src)
-    elif cam.kind == "gstreamer":
-        if not isinstance(src, str) or "appsink" not in src:
-            raise ctx.fail(skey, "a GStreamer pipeline string ending in an appsink", src)
-    if cam.roi is not None:
-        if len(cam.roi) != 4 or cam.roi[0] < 0 or cam.roi[1] < 0 or cam.roi[2] <= 0 or cam.roi[3] <= 0:
-            raise ctx.fail(f"{key}.roi", "[x, y, width, height] with x, y >= 0 and width, height > 0", list(cam.roi))
-    if cam.reconnect.max_s < cam.reconnect.initial_s:
-        raise ctx.fail(
-            f"{key}.reconnect.max_s", f"a value >= initial_s ({cam.reconnect.initial_s})", cam.reconnect.max_s
-        )
-    return cam
-
-
-def _check(cfg: Config, ctx: _Ctx) -> Config:
-    cams, seen = [], set()
-    for i, cam in enumerate(cfg.cameras):
+def _check_unique_names(cameras: tuple[CameraConfig, ...]) -> None:
+    seen: set[str] = set()
+    for i, cam in enumerate(cameras):
         if cam.name in seen:
-            raise ctx.fail(f"cameras[{i}].name", "a unique camera name", cam.name)
+            raise expected("a unique camera name", cam.name, ("cameras", i, "name"))
         seen.add(cam.name)
-        cams.append(_check_camera(cam, f"cameras[{i}]", ctx))
-    cfg = dataclasses.replace(cfg, cameras=tuple(cams))
-    for key, endpoint in (("publish.endpoint", cfg.publish.endpoint), ("trigger.endpoint", cfg.trigger.endpoint)):
-        if "://" not in endpoint:
-            raise ctx.fail(key, "a ZeroMQ endpoint such as tcp://127.0.0.1:5555", endpoint)
-    if cfg.trigger.enabled and cfg.trigger.endpoint == cfg.publish.endpoint:
-        raise ctx.fail("trigger.endpoint", "an endpoint different from publish.endpoint", cfg.trigger.endpoint)
-    sec = cfg.security
-    if sec.curve and (sec.server_secret_key_file is None or sec.authorized_keys_dir is None):
-        missing = "server_secret_key_file" if sec.server_secret_key_file is None else "authorized_keys_dir"
-        raise ctx.fail(f"security.{missing}", "a path when security.curve is true (required key missing)")
-    from linewatch.protocol.curve import check_bind_security
 
-    binds = [("publish.endpoint", cfg.publish.endpoint)]
-    binds += [("trigger.endpoint", cfg.trigger.endpoint)] if cfg.trigger.enabled else []
-    for key, endpoint in binds:
+
+def _check_binds(cfg: Config) -> None:
+    """Clear-text binds beyond loopback are refused here too, so check-config catches what the sockets would."""
+    binds = [("publish", cfg.publish.endpoint)] + ([("trigger", cfg.trigger.endpoint)] if cfg.trigger.enabled else [])
+    for section, endpoint in binds:
         try:
-            check_bind_security(endpoint, sec.curve, sec.allow_insecure_bind, key)
+            check_bind_security(endpoint, cfg.security.curve, cfg.security.allow_insecure_bind, key="")
         except ConfigError as exc:
-            raise ConfigError(f"{ctx.file}: {exc}") from None
-    if cfg.archive.enabled and cfg.archive.dir is None:
-        raise ctx.fail("archive.dir", "a folder when archive.enabled is true (required key missing)")
-    if any(c.mode == "triggered" for c in cfg.cameras) and not cfg.trigger.enabled:
-        name = next(c.name for c in cfg.cameras if c.mode == "triggered")
-        raise ctx.fail("trigger.enabled", f"true when a camera is in triggered mode (camera {name!r})", False)
-    return cfg
+            raise Problem(str(exc).strip(), (section, "endpoint")) from None
 
 
 def load_config(path: str | Path) -> Config:
@@ -373,9 +408,11 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{path}: cannot read: {exc}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    ctx = _Ctx(path.resolve())
-    cfg = _build(Config, data if data is not None else {}, "", ctx)
-    cfg = dataclasses.replace(_check(cfg, ctx), path=path.resolve())
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a linewatch config") from None
+    file = path.resolve()
+    cfg = validate(Config, {} if data is None else data, file, context={"base": file.parent})
+    cfg._path = file
     return cfg
 
 
@@ -388,7 +425,7 @@ def describe(cfg: Config) -> str:
     )
 
 
-def cli_check_config(args) -> int:
+def cli_check_config(args: argparse.Namespace) -> int:
     """`linewatch check-config FILE`: validate only; exit 0 and a one-line summary, or exit 2 with the reason."""
     cfg = load_config(args.config)
     print(f"{cfg.path}: OK: {describe(cfg)}")

@@ -11,7 +11,7 @@ engine or a hung capture call stops the pings, so systemd's WatchdogSec restarts
 
 from __future__ import annotations
 
-import dataclasses
+import argparse
 import logging
 import os
 import queue
@@ -20,16 +20,24 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
-from typing import Any, Callable
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from linewatch.errors import LinewatchError
+from linewatch.errors import ConfigError, LinewatchError
 from linewatch.line.cameras import FINISHED, Camera
 from linewatch.line.config import Config, load_config
-from linewatch.line.frames import FrameQueue
-from linewatch.line.inference import ERROR, InferenceWorker, Model, Result, load_model
+from linewatch.line.frames import FrameQueue, TriggerFuture
+from linewatch.line.inference import InferenceWorker, Model, Result, load_model, result_header
 from linewatch.line.systemd_notify import SystemdNotifier
+from linewatch.protocol.wire import Verdict, encode_mask_png
+
+if TYPE_CHECKING:
+    from linewatch.line.archive import Archive
+    from linewatch.line.prometheus import DaemonMetrics
+    from linewatch.line.trigger import TriggerServer
+    from linewatch.protocol.curve import CurveConfig
 
 log = logging.getLogger("linewatch.line.daemon")
 
@@ -42,16 +50,17 @@ class CameraStats:
     """What the status topic reports per camera, beyond the capture thread's own counters."""
 
     def __init__(self) -> None:
-        self.seq = 0  # results made (published or dropped by the publisher)
-        self.publish_dropped = 0
+        self.seq = 0  # results handed to ZeroMQ: the last seq sent
+        self.publish_dropped = 0  # results that got no seq: refused by the socket, or no valid header
         self.shutdown_dropped = 0
-        self.verdicts = {"OK": 0, "NOK": 0, "ERROR": 0}
+        self.verdicts = dict.fromkeys(Verdict, 0)
         self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self.done_times: deque[float] = deque()
         self.lock = threading.Lock()
 
-    def record(self, latency_s: float, now: float) -> None:
+    def record(self, verdict: Verdict, latency_s: float, now: float) -> None:
         with self.lock:
+            self.verdicts[Verdict(verdict)] += 1
             self.latencies.append(latency_s)
             self.done_times.append(now)
 
@@ -67,14 +76,6 @@ class CameraStats:
         return fps, float(p50) * 1000, float(p99) * 1000
 
 
-def binary_mask(result: Result) -> np.ndarray | None:
-    """Pixels above the calibrated threshold (uint8 0/255 at model size); none without a calibration."""
-    cal = result.model.calibration
-    if result.anomaly_map is None or cal is None:
-        return None
-    return np.where(result.anomaly_map > cal.pixel_threshold, 255, 0).astype(np.uint8)
-
-
 class PublishThread:
     """Mask encoding, publishing, trigger replies and archiving off the inference thread, so the engine only
     scores. Bounded: when publishing falls behind, the inference thread waits and the camera queues drop (counted).
@@ -82,9 +83,7 @@ class PublishThread:
 
     def __init__(self, publish: Callable[[list[Result]], None], max_batches: int = 4):
         self._publish = publish
-        self._queue: queue.Queue = queue.Queue(maxsize=max_batches)
-        self.busy = False
-        self.last_progress = time.monotonic()
+        self._queue: queue.Queue[list[Result] | None] = queue.Queue(maxsize=max_batches)  # None: stop
         self._thread = threading.Thread(target=self._run, name="publish", daemon=True)
 
     def start(self) -> None:
@@ -107,7 +106,7 @@ class PublishThread:
 
     def abandon(self) -> list[Result]:
         """Results still waiting (drain timeout): the caller fails their triggers."""
-        left = []
+        left: list[Result] = []
         while True:
             try:
                 item = self._queue.get_nowait()
@@ -117,20 +116,8 @@ class PublishThread:
                 left.extend(item)
 
     def _run(self) -> None:
-        while True:
-            results = self._queue.get()
-            if results is None:
-                return
-            self.busy = True
-            try:
-                self._publish(results)
-            except Exception:
-                log.exception("publishing %d results failed", len(results))
-                for result in results:
-                    result.frame.fail_trigger("result could not be published")
-            finally:
-                self.busy = False
-                self.last_progress = time.monotonic()
+        while (results := self._queue.get()) is not None:
+            self._publish(results)  # guards each result itself: a failure here is a bug, and health reports it
 
 
 class Daemon:
@@ -153,9 +140,9 @@ class Daemon:
         self.publisher = ResultPublisher(
             cfg.publish.endpoint, cfg.publish.hwm, self.curve, allow_insecure_bind=cfg.security.allow_insecure_bind
         )
-        self.trigger = None
-        self.metrics = None
-        self.archive = None
+        self.trigger: TriggerServer | None = None
+        self.metrics: DaemonMetrics | None = None
+        self.archive: Archive | None = None
         self.outbox = PublishThread(self.publish_results)
         self.worker = InferenceWorker(
             self.queue, self.model, self.outbox.submit, cfg.engine.max_batch, cfg.engine.max_wait_ms / 1000.0
@@ -169,13 +156,16 @@ class Daemon:
         self.notifier = SystemdNotifier()
 
     # --- wiring -----------------------------------------------------------------------------------------
-    def _curve_config(self):
+    def _curve_config(self) -> CurveConfig | None:
         sec = self.cfg.security
         if not sec.curve:
             return None
         from linewatch.protocol.curve import CurveConfig
 
-        return CurveConfig.from_files(sec.server_secret_key_file, sec.authorized_keys_dir)
+        key_file, keys_dir = sec.server_secret_key_file, sec.authorized_keys_dir
+        if key_file is None or keys_dir is None:  # SecurityConfig refuses curve without them
+            raise ConfigError("security.curve needs server_secret_key_file and authorized_keys_dir")
+        return CurveConfig.from_files(key_file, keys_dir)
 
     def start(self) -> None:
         cfg = self.cfg
@@ -188,6 +178,8 @@ class Daemon:
         if cfg.archive.enabled:
             from linewatch.line.archive import Archive
 
+            if cfg.archive.dir is None:  # ArchiveConfig refuses enabled without it
+                raise ConfigError("archive.enabled needs archive.dir")
             self.archive = Archive(cfg.archive.dir, int(cfg.archive.max_mb * 1024 * 1024), cfg.archive.queue_size)
             self.archive.start()
         if cfg.trigger.enabled:
@@ -196,7 +188,7 @@ class Daemon:
             self.trigger = TriggerServer(
                 cfg.trigger.endpoint,
                 self.handle_trigger,
-                self.curve,
+                curve=self.curve,
                 timeout_s=cfg.trigger.timeout_s,
                 allow_insecure_bind=cfg.security.allow_insecure_bind,
             )
@@ -215,67 +207,74 @@ class Daemon:
 
     # --- results ----------------------------------------------------------------------------------------
     def publish_results(self, results: list[Result]) -> None:
-        """Publishing thread: header + mask out, trigger replies, archive, counters."""
-        from linewatch.protocol.wire import encode_mask_png, result_header
-
-        mask_cfg = self.cfg.publish.mask
+        """Publishing thread: each result out on its own, so one that cannot be published (counted, its trigger
+        failed) never takes the rest of the batch, other cameras' results included, with it."""
         if self.metrics:
             self.metrics.batch_size.observe(len(results))
         for result in results:
             with self.publish_lock:
                 if self.abandoned:
                     return
-                self._publish_one(result, mask_cfg, encode_mask_png, result_header)
+                self._publish_one(result)
 
-    def _publish_one(self, result: Result, mask_cfg, encode_mask_png, result_header) -> None:
+    def _publish_one(self, result: Result) -> None:
+        stats = self.stats[result.frame.camera]
+        try:
+            sent = self._send(result, stats.seq + 1)
+        except Exception:  # the one place a failed publish is caught: a bug, logged with its traceback
+            log.exception("camera %s: result of frame %d not published", result.frame.camera, result.frame.index)
+            sent = None
+        if sent is None:
+            self._count_dropped(result, stats)
+        else:
+            self._count_published(result, stats, *sent)
+
+    def _send(self, result: Result, seq: int) -> tuple[dict[str, Any], bytes | None] | None:
+        """(header as sent, mask PNG), or None when the socket refused it: `seq` is used only if it went out."""
+        mask_png, mask_size = self._encode_mask(result)
+        header = self.publisher.publish_result(result_header(result, seq, mask_size), mask_png)
+        return None if header is None else (header, mask_png)
+
+    def _encode_mask(self, result: Result) -> tuple[bytes | None, tuple[int, int] | None]:
+        """(PNG, (width, height)) of the judged mask at the configured size; (None, None) without one."""
+        mask_cfg = self.cfg.publish.mask
+        if not mask_cfg.enabled or result.judgement is None:
+            return None, None
+        mask = result.judgement.mask
+        size = (mask_cfg.width or mask.shape[1], mask_cfg.height or mask.shape[0])
+        return encode_mask_png(mask, size), size
+
+    def _count_published(
+        self, result: Result, stats: CameraStats, header: dict[str, Any], mask_png: bytes | None
+    ) -> None:
         frame = result.frame
-        stats = self.stats[frame.camera]
-        stats.seq += 1
-        mask_png = None
-        mask = binary_mask(result) if mask_cfg.enabled else None
-        if mask is not None:
-            size = (mask_cfg.width or mask.shape[1], mask_cfg.height or mask.shape[0])
-            mask_png = encode_mask_png(mask, size)
-        model = result.model
-        cal = model.calibration
-        header = result_header(
-            camera=frame.camera,
-            seq=stats.seq,
-            frame_time=frame.captured_wall,
-            part_id=frame.part_id,
-            verdict=result.verdict,
-            score=result.score,
-            pixel_threshold=None if cal is None else cal.pixel_threshold,
-            image_threshold=None if cal is None else cal.image_threshold,
-            calibration_version=model.calibration_version,
-            model_id=model.model_id,
-            regions=[_region_dict(r) for r in result.regions],
-            reason=result.reason,
-            frame_index=frame.index,
-            mask_size=None if mask_png is None else size,
-        )
-        sent = self.publisher.publish_result(header, mask_png)
+        stats.seq = header["seq"]
         now = time.monotonic()
         latency = now - frame.captured_mono
-        stats.record(latency, now)
-        stats.verdicts[result.verdict] = stats.verdicts.get(result.verdict, 0) + 1
-        if not sent:
-            stats.publish_dropped += 1
+        stats.record(result.verdict, latency, now)
         if frame.future is not None:
             _resolve(frame.future, {"header": header, "mask": mask_png})
-        if self.archive is not None and result.verdict in self.cfg.archive.verdicts:
-            if not self.archive.submit(frame.camera, stats.seq, result.verdict, frame.image, mask_png):
-                if self.metrics:
-                    self.metrics.archive_errors.inc()
+        self._archive(result, stats.seq, mask_png)
         if self.metrics:
             self.metrics.verdicts.labels(frame.camera, result.verdict).inc()
             self.metrics.latency.labels(frame.camera).observe(latency)
-            if not sent:
-                self.metrics.publish_drops.labels(frame.camera).inc()
-        if result.verdict == ERROR:
+        if result.verdict == Verdict.ERROR:
             log.debug("camera %s seq %d: ERROR: %s", frame.camera, stats.seq, result.reason)
 
-    def handle_trigger(self, camera: str, part_id: str) -> Future:
+    def _count_dropped(self, result: Result, stats: CameraStats) -> None:
+        stats.publish_dropped += 1
+        result.frame.fail_trigger("result could not be published")
+        if self.metrics:
+            self.metrics.publish_drops.labels(result.frame.camera).inc()
+
+    def _archive(self, result: Result, seq: int, mask_png: bytes | None) -> None:
+        if self.archive is None or result.verdict not in self.cfg.archive.verdicts:
+            return
+        frame = result.frame
+        if not self.archive.submit(frame.camera, seq, result.verdict, frame.image, mask_png) and self.metrics:
+            self.metrics.archive_errors.inc()
+
+    def handle_trigger(self, camera: str, part_id: str) -> TriggerFuture:
         """Trigger server callback: the next frame captured from `camera` is inspected for `part_id`."""
         if self.stopping:
             raise LinewatchError("daemon is stopping")
@@ -284,7 +283,7 @@ class Daemon:
             raise LinewatchError(f"unknown camera {camera!r} (known: {', '.join(self.cameras)})")
         if cam.state == FINISHED:
             raise LinewatchError(f"camera {camera!r} has finished its source")
-        future: Future = Future()
+        future: TriggerFuture = Future()
         cam.request_trigger(part_id, future)
         return future
 
@@ -311,7 +310,7 @@ class Daemon:
             "stopping": self.stopping,
         }
 
-    def _camera_totals(self) -> dict[str, dict]:
+    def _camera_totals(self) -> dict[str, dict[str, int]]:
         return {
             name: {
                 "captured": cam.captured,
@@ -355,7 +354,7 @@ class Daemon:
         return None
 
     def _systemd_status(self) -> str:
-        states = {}
+        states: dict[str, list[str]] = {}
         for cam in self.cameras.values():
             states.setdefault(cam.state, []).append(cam.name)
         parts = [f"{k}: {','.join(v)}" for k, v in sorted(states.items())]
@@ -368,11 +367,13 @@ class Daemon:
         """SIGHUP: re-read the config's model settings, load bundle + calibration, swap only if all is valid."""
         self.notifier.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
+            if self.cfg.path is None:
+                raise ConfigError("the config was not read from a file: nothing to reload")
             new_cfg = load_config(self.cfg.path)
             changed = [
-                f.name
-                for f in dataclasses.fields(Config)
-                if f.name not in ("model", "path") and getattr(new_cfg, f.name) != getattr(self.cfg, f.name)
+                name
+                for name in Config.model_fields
+                if name != "model" and getattr(new_cfg, name) != getattr(self.cfg, name)
             ]
             if changed:
                 log.warning(
@@ -401,7 +402,7 @@ class Daemon:
         old = self.model
         self.model = model
         self.worker.model = model
-        self.cfg = dataclasses.replace(self.cfg, model=new_cfg.model)
+        self.cfg = self.cfg.model_copy(update={"model": new_cfg.model})
         log.info(
             "reloaded: model %s -> %s, calibration %s -> %s",
             old.model_id,
@@ -482,8 +483,8 @@ class Daemon:
                 frame.fail_trigger("daemon stopping: frame not inspected and published in time")
             lost = 0
             with self.publish_lock:
-                for name, stats in self.stats.items():  # taken by inference but never published
-                    gone = self.queue.taken[name] - stats.seq
+                for name, stats in self.stats.items():  # taken by inference, never published nor counted
+                    gone = self.queue.taken[name] - stats.seq - stats.publish_dropped
                     stats.shutdown_dropped += gone
                     lost += gone
             log.error(
@@ -494,7 +495,7 @@ class Daemon:
         for frame in self.queue.take(10**9, 0.0, 0.0):
             self.stats[frame.camera].shutdown_dropped += 1
             frame.fail_trigger("daemon stopping: frame not inspected in time")
-        self.publish_status()  # final counts: captured == results + dropped + skipped
+        self.publish_status()  # final counts: captured == results + publish_dropped + dropped + skipped
         totals = {n: self.camera_status(n, time.monotonic()) for n in self.cameras}
         for name, st in totals.items():
             log.info(
@@ -530,7 +531,7 @@ def _watchdog_interval(status_interval: float) -> float:
     return min(status_interval, half) if half else status_interval
 
 
-def _resolve(future: Future, value: Any) -> None:
+def _resolve(future: TriggerFuture, value: dict[str, Any]) -> None:
     """Hand a result to a trigger request, unless it was cancelled meanwhile (trigger timeout)."""
     try:
         future.set_result(value)
@@ -538,27 +539,22 @@ def _resolve(future: Future, value: Any) -> None:
         pass
 
 
-def _region_dict(region) -> dict:
-    x, y, w, h = (int(v) for v in region.bbox)
-    return {"bbox": [x, y, w, h], "area": int(region.area), "peak": float(region.peak)}
-
-
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
-def cli_run(args) -> int:
+def cli_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     logging.getLogger().setLevel(getattr(logging, cfg.logging.level))
     if getattr(args, "verbose", False):
         logging.getLogger().setLevel(logging.DEBUG)
     daemon = Daemon(cfg)
 
-    def on_term(signum, _frame):
+    def on_term(signum: int, _frame: FrameType | None) -> None:
         log.info("%s received: stopping", signal.Signals(signum).name)
         daemon.stop_requested.set()
 
-    def on_hup(_signum, _frame):
+    def on_hup(_signum: int, _frame: FrameType | None) -> None:
         daemon.reload_requested.set()
 
     signal.signal(signal.SIGTERM, on_term)

@@ -12,7 +12,7 @@ import io
 import logging
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -30,7 +30,7 @@ GPU_PROVIDERS = (TENSORRT, CUDA)
 TRT_CACHE_DIR = "trt_cache"
 
 
-def _ort():
+def _ort() -> Any:  # the onnxruntime module: no type information shipped
     import onnxruntime
 
     return onnxruntime
@@ -45,7 +45,7 @@ def parse_providers(providers: str | Sequence[str]) -> tuple[list[str], bool]:
     if not items or items == ["auto"]:
         available = set(_ort().get_available_providers())
         return [p for p in AUTO_ORDER if p in available], False
-    names = []
+    names: list[str] = []
     for item in items:
         name = PROVIDER_NAMES.get(item.lower(), item if item in AUTO_ORDER else None)
         if name is None:
@@ -55,7 +55,7 @@ def parse_providers(providers: str | Sequence[str]) -> tuple[list[str], bool]:
     return names, True
 
 
-def graph_file(bundle_dir: Path, meta: dict, precision: str = "fp32") -> tuple[Path, str]:
+def graph_file(bundle_dir: Path, meta: dict[str, Any], precision: str = "fp32") -> tuple[Path, str]:
     """(path of the graph to load, its expected sha256) from the bundle metadata."""
     meta_path = bundle_dir / bundle.METADATA
     graph = meta.get("graph")
@@ -78,9 +78,40 @@ def graph_file(bundle_dir: Path, meta: dict, precision: str = "fp32") -> tuple[P
     return path, actual
 
 
+def with_fallback_providers(wanted: list[str]) -> list[str]:
+    """`wanted` plus where nodes go that its providers cannot run: CUDA behind TensorRT, the CPU last."""
+    wanted = list(wanted)
+    if TENSORRT in wanted and CUDA not in wanted and CUDA in _ort().get_available_providers():
+        wanted.insert(wanted.index(TENSORRT) + 1, CUDA)  # nodes TensorRT rejects run on CUDA, not the CPU
+    if CPU not in wanted:
+        wanted.append(CPU)  # ONNX Runtime places nodes a GPU provider cannot run on the CPU
+    return wanted
+
+
+def session_options(threads: int | None, cpu_arena: bool) -> Any:  # onnxruntime.SessionOptions
+    """All graph optimisations; the CPU memory arena only when asked; a fixed intra-op thread count if given."""
+    ort = _ort()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # ORT's CPU arena grows in powers of two and keeps the peak: at 256² f_{1:12} it raised peak RSS from
+    # ~520 to ~700 MB for ~9% less CPU time per image (docs/BENCHMARKS.md); off unless asked for
+    so.enable_cpu_mem_arena = bool(cpu_arena)
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {threads}")
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    return so
+
+
 def provider_options(
-    name: str, bundle_dir: Path, precision: str, size: tuple[int, int], max_batch: int, trt_cache_dir: Path | None
-) -> dict:
+    name: str,
+    bundle_dir: Path,
+    precision: str,
+    size: tuple[int, int],
+    max_batch: int,
+    trt_cache_dir: str | Path | None,
+) -> dict[str, str]:
     h, w = size
     if name == TENSORRT:
         cache = Path(trt_cache_dir) if trt_cache_dir else bundle_dir / TRT_CACHE_DIR
@@ -91,7 +122,10 @@ def provider_options(
                 f"TensorRT engine cache directory {cache} cannot be created: {exc} "
                 f"(pass trt_cache_dir= a writable directory)"
             ) from exc
-        shape = lambda n: f"{bundle.INPUT_NAME}:{n}x{h}x{w}x3"  # noqa: E731
+
+        def shape(n: int) -> str:
+            return f"{bundle.INPUT_NAME}:{n}x{h}x{w}x3"
+
         return {
             "trt_engine_cache_enable": "True",
             "trt_engine_cache_path": str(cache),
@@ -127,7 +161,7 @@ def preload_gpu_libraries() -> None:
 
 
 @contextlib.contextmanager
-def _quiet_fallback(quiet: bool):
+def _quiet_fallback(quiet: bool) -> Iterator[None]:
     """Keep ONNX Runtime's fallback chatter (printed to stdout, logged to stderr) out of `auto` probing."""
     if not quiet:
         yield
@@ -157,7 +191,6 @@ class Engine:
         max_batch: int = 32,
         cpu_arena: bool = False,
     ):
-        ort = _ort()
         self.bundle_dir = Path(bundle_dir)
         self.metadata = bundle.read_metadata(self.bundle_dir)
         self.model_id = bundle.model_id(self.metadata)
@@ -167,11 +200,8 @@ class Engine:
         self.graph_path, self.graph_sha256 = graph_file(self.bundle_dir, self.metadata, self.precision)
 
         wanted, explicit = parse_providers(providers)
-        asked = list(wanted) if explicit else []  # before the fallbacks below are added
-        if TENSORRT in wanted and CUDA not in wanted and CUDA in ort.get_available_providers():
-            wanted.insert(wanted.index(TENSORRT) + 1, CUDA)  # nodes TensorRT rejects run on CUDA, not the CPU
-        if CPU not in wanted:
-            wanted = wanted + [CPU]  # ONNX Runtime places nodes a GPU provider cannot run on the CPU
+        asked = list(wanted) if explicit else []  # before the fallbacks are added
+        wanted = with_fallback_providers(wanted)
         options = [
             provider_options(p, self.bundle_dir, self.precision, self.input_size, max_batch, trt_cache_dir)
             for p in wanted
@@ -179,34 +209,13 @@ class Engine:
         if any(p in GPU_PROVIDERS for p in wanted):
             with _quiet_fallback(quiet=True):
                 preload_gpu_libraries()
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # ORT's CPU arena grows in powers of two and keeps the peak: at 256² f_{1:12} it raised peak RSS from
-        # ~520 to ~700 MB for ~9% less CPU time per image (docs/BENCHMARKS.md); off unless asked for
-        so.enable_cpu_mem_arena = bool(cpu_arena)
-        if threads is not None:
-            if threads < 1:
-                raise ConfigError(f"threads must be >= 1, got {threads}")
-            so.intra_op_num_threads = int(threads)
-            so.inter_op_num_threads = 1
-        try:
-            with _quiet_fallback(quiet=not explicit):
-                self.session = ort.InferenceSession(
-                    str(self.graph_path), so, providers=wanted, provider_options=options
-                )
-        except Exception as exc:  # ORT raises its own exception types (InvalidGraph, Fail, InvalidProtobuf...)
-            raise BundleError(f"{self.graph_path}: ONNX Runtime cannot load the graph: {exc}") from exc
+        self.session = self._open_session(session_options(threads, cpu_arena), wanted, options, quiet=not explicit)
         self.providers = list(self.session.get_providers())
-        missing = [p for p in asked if p not in self.providers]
-        if missing:
-            raise ConfigError(
-                f"provider(s) {', '.join(missing)} requested but ONNX Runtime could not load them "
-                f"(using {', '.join(self.providers)}); check the CUDA/TensorRT libraries"
-            )
+        self._check_asked_providers_loaded(asked)
         self._check_io()
         self._device = "cuda" if self.providers[0] in GPU_PROVIDERS else "cpu"
         self._lock = threading.Lock()
-        self._bindings: dict[int, tuple] = {}
+        self._bindings: dict[int, tuple[Any, Any, Any]] = {}  # batch size -> ORT (IOBinding, map, score)
         log.info(
             "engine %s: %s on %s (%dx%d, %s)",
             self.model_id,
@@ -216,6 +225,22 @@ class Engine:
             w,
             self.precision,
         )
+
+    def _open_session(self, so: Any, providers: list[str], options: list[dict[str, str]], quiet: bool) -> Any:
+        try:
+            with _quiet_fallback(quiet=quiet):
+                return _ort().InferenceSession(str(self.graph_path), so, providers=providers, provider_options=options)
+        except Exception as exc:  # ORT raises its own exception types (InvalidGraph, Fail, InvalidProtobuf...)
+            raise BundleError(f"{self.graph_path}: ONNX Runtime cannot load the graph: {exc}") from exc
+
+    def _check_asked_providers_loaded(self, asked: list[str]) -> None:
+        """ONNX Runtime falls back to the CPU silently; a provider asked for by name must really be in use."""
+        missing = [p for p in asked if p not in self.providers]
+        if missing:
+            raise ConfigError(
+                f"provider(s) {', '.join(missing)} requested but ONNX Runtime could not load them "
+                f"(using {', '.join(self.providers)}); check the CUDA/TensorRT libraries"
+            )
 
     def _check_io(self) -> None:
         h, w = self.input_size

@@ -10,11 +10,15 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any, TypeAlias
 
 import numpy as np
 
 from linewatch.errors import LinewatchError
+
+# a trigger request's answer: {"header": the result header as published, "mask": mask PNG or None}
+TriggerFuture: TypeAlias = Future[dict[str, Any]]
 
 
 @dataclass
@@ -28,15 +32,14 @@ class Frame:
     image: np.ndarray | None
     error: str | None = None
     part_id: str | None = None
-    future: Future | None = None
-    extra: dict = field(default_factory=dict)
+    future: TriggerFuture | None = None
 
     def fail_trigger(self, reason: str) -> None:
         if self.future is not None:
             fail_future(self.future, reason)
 
 
-def fail_future(future: Future, reason: str) -> None:
+def fail_future(future: Future[Any], reason: str) -> None:
     """Fail a trigger request, unless it was answered or cancelled (timed out) meanwhile."""
     try:
         future.set_exception(LinewatchError(reason))

@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
 
@@ -20,10 +20,23 @@ from linewatch import bundle
 from linewatch.errors import BundleError, LinewatchError
 from linewatch.images import resize_to_model
 from linewatch.line.frames import Frame, FrameQueue
+from linewatch.line.verdict import Judgement, judge
+from linewatch.protocol.wire import ProtocolError, ResultHeader, Verdict
+from linewatch.validation import validate
+
+if TYPE_CHECKING:
+    from linewatch.calibrate.store import Calibration
 
 log = logging.getLogger("linewatch.line.inference")
 
-OK, NOK, ERROR = "OK", "NOK", "ERROR"
+
+class Scorer(Protocol):
+    """The Scorer protocol of docs/DESIGN.md (linewatch.line.engine.Engine implements it)."""
+
+    @property
+    def input_size(self) -> tuple[int, int]: ...
+
+    def score(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 @dataclass(frozen=True)
@@ -31,8 +44,8 @@ class Model:
     """Everything a reload swaps in one assignment: engine, calibration and their identities."""
 
     bundle_dir: Path
-    engine: Any
-    calibration: Any | None
+    engine: Scorer
+    calibration: Calibration | None
     uncalibrated_reason: str | None
     model_id: str
     input_size: tuple[int, int]
@@ -41,8 +54,15 @@ class Model:
     def calibration_version(self) -> int | None:
         return None if self.calibration is None else int(self.calibration.version)
 
+    @property
+    def thresholds(self) -> dict[str, float | None]:
+        cal = self.calibration
+        if cal is None:
+            return {"pixel": None, "image": None}
+        return {"pixel": cal.pixel_threshold, "image": cal.image_threshold}
 
-def load_calibration_or_reason(bundle_dir: Path, precision: str = "fp32") -> tuple[Any | None, str | None]:
+
+def load_calibration_or_reason(bundle_dir: Path, precision: str = "fp32") -> tuple[Calibration | None, str | None]:
     """(calibration, None), or (None, why) when the bundle is not calibrated (results are then ERROR)."""
     if not (bundle_dir / bundle.CALIBRATION).is_file():
         return None, f"uncalibrated: no {bundle.CALIBRATION} in {bundle_dir} (run linewatch calibrate)"
@@ -81,10 +101,10 @@ def load_model(
         raise BundleError(reason)
     if reason:
         log.error("%s: every result will be ERROR", reason)
-    return Model(bundle_dir, engine, calibration, reason, bundle.model_id(meta), tuple(engine.input_size))
+    return Model(bundle_dir, engine, calibration, reason, bundle.model_id(meta), engine.input_size)
 
 
-def warm_up(engine, max_batch: int) -> float:
+def warm_up(engine: Scorer, max_batch: int) -> float:
     """Run the batch sizes the worker will use first, so lazy provider set-up (TensorRT engine builds, CUDA
     allocations) happens before READY=1 and not while the watchdog is counting."""
     t0 = time.monotonic()
@@ -97,32 +117,55 @@ def warm_up(engine, max_batch: int) -> float:
     return seconds
 
 
-@dataclass
+@dataclass(frozen=True)
 class Result:
+    """What became of one frame: ERROR with the reason, or the judgement behind OK/NOK."""
+
     frame: Frame
-    verdict: str
+    verdict: Verdict
     model: Model
     score: float | None = None
-    anomaly_map: np.ndarray | None = None
-    regions: list = field(default_factory=list)
+    judgement: Judgement | None = None
     reason: str | None = None
-    inspected_mono: float = 0.0
+
+
+def result_header(result: Result, seq: int, mask_size: tuple[int, int] | None = None) -> ResultHeader:
+    """The wire header of a result, checked by the protocol's schema: ProtocolError for a result that must not go
+    out (OK without a finite score, say). `mask_size=(width, height)` exactly when a mask PNG goes with it."""
+    frame, model, judgement = result.frame, result.model, result.judgement
+    fields = {
+        "camera": frame.camera,
+        "seq": seq,
+        "frame_time": frame.captured_wall,
+        "part_id": frame.part_id,
+        "verdict": result.verdict,
+        "image_score": result.score,
+        "thresholds": model.thresholds,
+        "calibration_version": model.calibration_version,
+        "model_id": model.model_id,
+        "regions": [] if judgement is None else judgement.regions,
+        "regions_total": 0 if judgement is None else judgement.regions_total,
+        "error": result.reason,
+        "frame_index": frame.index,
+        "mask": None if mask_size is None else {"width": mask_size[0], "height": mask_size[1]},
+    }
+    return validate(ResultHeader, fields, f"camera {frame.camera} result {seq}", error=ProtocolError)
 
 
 def judge_frames(model: Model, frames: list[Frame]) -> list[Result]:
     """Score a batch and judge each frame; every frame in gives exactly one result out, in order."""
-    results: list[Result | None] = [None] * len(frames)
+    results: dict[int, Result] = {}  # frame index -> its result
     height, width = model.input_size
     batch, slots = [], []
     for i, frame in enumerate(frames):
         if frame.error is not None or frame.image is None:
-            results[i] = Result(frame, ERROR, model, reason=frame.error or "no image")
+            results[i] = Result(frame, Verdict.ERROR, model, reason=frame.error or "no image")
             continue
         try:
             batch.append(resize_to_model(frame.image, height, width))
             slots.append(i)
         except Exception as exc:
-            results[i] = Result(frame, ERROR, model, reason=f"cannot prepare frame: {exc}")
+            results[i] = Result(frame, Verdict.ERROR, model, reason=f"cannot prepare frame: {exc}")
     if batch:
         try:
             maps, scores = model.engine.score(np.stack(batch))
@@ -135,32 +178,23 @@ def judge_frames(model: Model, frames: list[Frame]) -> list[Result]:
         except Exception as exc:
             log.error("inference failed for %d frames: %s", len(batch), exc)
             for i in slots:
-                results[i] = Result(frames[i], ERROR, model, reason=f"inference failed: {exc}")
+                results[i] = Result(frames[i], Verdict.ERROR, model, reason=f"inference failed: {exc}")
         else:
             for k, i in enumerate(slots):
                 results[i] = _judge_one(model, frames[i], maps[k], float(scores[k]))
-    now = time.monotonic()
-    for result in results:
-        result.inspected_mono = now
-    return results  # type: ignore[return-value]
+    return [results[i] for i in range(len(frames))]
 
 
 def _judge_one(model: Model, frame: Frame, amap: np.ndarray, score: float) -> Result:
     if not np.isfinite(score) or not np.all(np.isfinite(amap)):
-        return Result(frame, ERROR, model, reason="non-finite anomaly score")
+        return Result(frame, Verdict.ERROR, model, reason="non-finite anomaly score")
     if model.calibration is None:
-        return Result(frame, ERROR, model, score=score, anomaly_map=amap, reason=model.uncalibrated_reason)
-    from linewatch.line.verdict import judge
-
+        return Result(frame, Verdict.ERROR, model, score=score, reason=model.uncalibrated_reason)
     try:
         judgement = judge(amap, score, model.calibration)
     except Exception as exc:
-        return Result(frame, ERROR, model, score=score, anomaly_map=amap, reason=f"cannot judge: {exc}")
-    if judgement.verdict not in (OK, NOK):
-        return Result(
-            frame, ERROR, model, score=score, anomaly_map=amap, reason=f"unexpected verdict {judgement.verdict!r}"
-        )
-    return Result(frame, judgement.verdict, model, score=score, anomaly_map=amap, regions=list(judgement.regions))
+        return Result(frame, Verdict.ERROR, model, score=score, reason=f"cannot judge: {exc}")
+    return Result(frame, judgement.verdict, model, score=score, judgement=judgement)
 
 
 class InferenceWorker:
@@ -183,9 +217,6 @@ class InferenceWorker:
         self.max_wait_s = max_wait_s
         self.idle_wake_s = idle_wake_s
         self.last_progress = time.monotonic()  # updated after each batch and each idle wake
-        self.frames_done = 0
-        self.batches = 0
-        self.callback_errors = 0
         self.in_flight: list[Frame] = []  # the batch being scored/published, for accounting at shutdown
         self._draining = threading.Event()
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
@@ -218,15 +249,6 @@ class InferenceWorker:
                     return
                 continue
             self.in_flight = batch
-            results = judge_frames(self.model, batch)
-            try:
-                self.on_results(results)
-            except Exception:
-                self.callback_errors += 1
-                log.exception("publishing %d results failed", len(results))
-                for result in results:
-                    result.frame.fail_trigger("result could not be published")
+            self.on_results(judge_frames(self.model, batch))  # hands over only: publishing guards each result
             self.in_flight = []
-            self.frames_done += len(batch)
-            self.batches += 1
             self.last_progress = time.monotonic()

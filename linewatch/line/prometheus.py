@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from typing import Callable
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
     CollectorRegistry,
@@ -17,7 +18,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily
 
-log = logging.getLogger("linewatch.evaluation.metrics")
+log = logging.getLogger("linewatch.line.prometheus")
 
 CAMERA_STATES = ("online", "offline", "reconnecting", "finished")
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -49,9 +50,9 @@ class DaemonMetrics:
         self.archive_errors = Counter(
             "linewatch_archive_errors", "Archive writes that failed or were skipped", registry=r
         )
-        self._server = None
+        self._server: WSGIServer | None = None
 
-    def watch_cameras(self, totals: Callable[[], dict[str, dict]]) -> None:
+    def watch_cameras(self, totals: Callable[[], dict[str, dict[str, int]]]) -> None:
         """Counters kept by the capture threads and queues, read at scrape time: {camera: {captured, dropped,
         reconnects}}."""
         self.registry.register(_CameraTotals(totals))
@@ -76,10 +77,10 @@ class DaemonMetrics:
 
 
 class _CameraTotals:
-    def __init__(self, totals: Callable[[], dict[str, dict]]):
+    def __init__(self, totals: Callable[[], dict[str, dict[str, int]]]):
         self._totals = totals
 
-    def collect(self):
+    def collect(self) -> list[CounterMetricFamily]:
         frames = CounterMetricFamily("linewatch_frames_captured", "Frames captured", labels=["camera"])
         drops = CounterMetricFamily(
             "linewatch_dropped_frames", "Frames dropped before inspection (queue full or shutdown)", labels=["camera"]

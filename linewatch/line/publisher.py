@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 import uuid
+from typing import Any
 
 import zmq
 
@@ -22,6 +23,7 @@ from linewatch.protocol.curve import (
     start_authenticator,
 )
 from linewatch.protocol.wire import (
+    ResultHeader,
     encode_json,
     result_topic,
     status_header,
@@ -37,8 +39,8 @@ class ResultPublisher:
     """PUB bound on `endpoint`. Thread-safe: a lock serialises the inference thread's results and the main
     thread's status (each send is a non-blocking hand-over to ZeroMQ's I/O thread: microseconds).
 
-    `publish_result` stamps `publish_time` and `run_id` (random per publisher, so subscribers can tell a
-    restart, where every camera's seq starts again at 1, from lost messages) into the header it is given.
+    Every message gets `publish_time` and `run_id` here, at send time and nowhere else: `run_id` is random per
+    publisher, so subscribers can tell a restart (every camera's seq starts again at 1) from lost messages.
     """
 
     def __init__(
@@ -79,18 +81,20 @@ class ResultPublisher:
         self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         log.info("publishing results on %s%s", self.endpoint, " (CURVE)" if curve else "")
 
-    def publish_result(self, header: dict, mask_png: bytes | None) -> bool:
-        """Send `[topic, header, mask or b""]`; False (and counted in `dropped`) when it could not be sent."""
-        topic = result_topic(header["camera"])
-        header["publish_time"] = time.time()
-        header["run_id"] = self.run_id
-        return self._send([topic, encode_json(header), mask_png or b""], "sent")
+    def publish_result(self, header: ResultHeader, mask_png: bytes | None) -> dict[str, Any] | None:
+        """Send `[topic, header, mask or b""]`; the header as sent (stamped), or None when the socket refused it
+        (counted in `dropped`)."""
+        sent = header.model_copy(update=self._stamp()).model_dump(mode="json")
+        frames = [result_topic(header.camera), encode_json(sent), mask_png or b""]
+        return sent if self._send(frames, "sent") else None
 
-    def publish_status(self, camera: str, status: dict) -> bool:
+    def publish_status(self, camera: str, status: dict[str, Any]) -> bool:
         """Send one camera's status (the life bit): `[topic, {schema_version, kind, camera, ..., **status}]`."""
-        header = status_header(camera, status)
-        header["run_id"] = self.run_id
+        header = status_header(camera, status) | self._stamp()
         return self._send([status_topic(camera), encode_json(header)], "status_sent")
+
+    def _stamp(self) -> dict[str, Any]:
+        return {"publish_time": time.time(), "run_id": self.run_id}
 
     def _send(self, frames: list[bytes], counter: str) -> bool:
         with self._lock:
@@ -109,7 +113,7 @@ class ResultPublisher:
                 log.warning("publish failed: %s", exc)
                 return False
 
-    def counters(self) -> dict:
+    def counters(self) -> dict[str, int]:
         return {"sent": self.sent, "status_sent": self.status_sent, "dropped": self.dropped}
 
     def close(self, linger_ms: int | None = None) -> None:
@@ -129,5 +133,5 @@ class ResultPublisher:
     def __enter__(self) -> "ResultPublisher":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

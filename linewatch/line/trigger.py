@@ -15,9 +15,10 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
 import zmq
+from pydantic import Field, StrictInt, StrictStr, field_validator
 
 from linewatch.errors import ConfigError, LinewatchError
 from linewatch.protocol.curve import (
@@ -35,6 +36,7 @@ from linewatch.protocol.wire import (
     json_object,
     jsonable,
 )
+from linewatch.validation import TolerantModel, validate
 
 log = logging.getLogger("linewatch.line.trigger")
 
@@ -53,39 +55,34 @@ TIMEOUT = "timeout"  # no result within timeout_s
 FAILED = "failed"  # the request was accepted but no result came (frame dropped, shutdown, ...)
 INTERNAL = "internal"
 
-Handler = Callable[[str, str], Future]
+Handler = Callable[[str, str], Future[Any]]
 
 
 @dataclass
 class _Pending:
     envelope: list[bytes]
-    request: dict
-    future: Future
+    request: dict[str, Any]  # the ids a reply echoes: camera, part_id, request_id
+    future: Future[Any]
     deadline: float
 
 
 class TriggerServer:
     """ROUTER on `endpoint`; `handler(camera, part_id)` returns a Future resolving to `(header, mask_png)` or
-    `{"header": ..., "mask": ...}`, or raising (its text goes back as the error). The handler runs in this
-    server's thread and must return at once. A KeyError from it, or an error whose text starts with
-    "unknown camera", is answered with code unknown_camera.
-
-    `handler` and `curve` may be passed in either order (the daemon passes `curve` first). Call `start()`,
-    then `close()`.
+    `{"header": ..., "mask": ...}` with the header as published, or raising (its text goes back as the error).
+    The handler runs in this server's thread and must return at once. A KeyError from it, or an error whose text
+    starts with "unknown camera", is answered with code unknown_camera. Call `start()`, then `close()`.
     """
 
     def __init__(
         self,
         endpoint: str,
-        handler: Handler | CurveConfig | None = None,
-        curve: CurveConfig | Handler | None = None,
+        handler: Handler,
+        curve: CurveConfig | None = None,
         *,
         timeout_s: float = 10.0,
         allow_insecure_bind: bool = False,
         max_pending: int = MAX_PENDING,
     ):
-        if not callable(handler) and callable(curve):
-            handler, curve = curve, handler
         if not callable(handler):
             raise TypeError("TriggerServer needs a handler(camera, part_id) -> Future")
         check_bind_security(endpoint, curve is not None, allow_insecure_bind, "trigger endpoint")
@@ -143,7 +140,7 @@ class TriggerServer:
     def __enter__(self) -> "TriggerServer":
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     @property
@@ -158,7 +155,7 @@ class TriggerServer:
         self._wake_w.close()
         self._wake_r.close()
 
-    def _wake(self, _future: Future | None = None) -> None:
+    def _wake(self, _future: Future[Any] | None = None) -> None:
         try:
             self._wake_w.send(b"\0")
         except OSError:
@@ -211,9 +208,8 @@ class TriggerServer:
         if envelope is None:
             log.debug("trigger: unroutable message of %d frames ignored", len(frames))
             return
-        request: dict = {}
         try:
-            request = parse_request(body)
+            request = parse_request(body).model_dump()
         except RequestError as exc:
             self._reply_error(envelope, exc.request, BAD_REQUEST, str(exc))
             return
@@ -243,7 +239,9 @@ class TriggerServer:
         if not self._pending:
             return
         now = time.monotonic()
-        done, expired, waiting = [], [], []
+        done: list[_Pending] = []
+        expired: list[_Pending] = []
+        waiting: list[_Pending] = []
         for item in self._pending:  # one pass: a future finishing meanwhile is seen in the next round
             (done if item.future.done() else expired if now >= item.deadline else waiting).append(item)
         if not done and not expired:
@@ -275,7 +273,7 @@ class TriggerServer:
         reply = _reply_base(request) | {"ok": True, "result": header}
         self._send(item.envelope, [encode_json(reply), mask or b""])
 
-    def _reply_error(self, envelope: list[bytes], request: dict, code: str, message: str) -> None:
+    def _reply_error(self, envelope: list[bytes], request: dict[str, Any], code: str, message: str) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
         reply = _reply_base(request) | {"ok": False, "code": code, "error": message}
         self._send(envelope, [encode_json(reply), b""])
@@ -289,10 +287,30 @@ class TriggerServer:
 
 
 # --- pure helpers ------------------------------------------------------------------------------------------
-class RequestError(ValueError):
-    def __init__(self, message: str, request: dict | None = None):
+class RequestError(ProtocolError):
+    """A request that gets a bad_request reply; `request` holds the ids that could be read, to echo them."""
+
+    def __init__(self, message: str, request: dict[str, Any] | None = None):
         super().__init__(message)
         self.request = request or {}
+
+
+Id = Annotated[StrictStr, Field(min_length=1, max_length=MAX_PART_ID_CHARS)]
+
+
+class TriggerRequest(TolerantModel):
+    """`{"camera", "part_id", "request_id"?}`; other keys are ignored. An explicit null request_id is refused."""
+
+    camera: Id
+    part_id: Id
+    request_id: StrictStr | StrictInt = None  # type: ignore[assignment]
+
+    @field_validator("request_id")
+    @classmethod
+    def _short_enough(cls, value: str | int) -> str | int:
+        if not _echoable(value):
+            raise ValueError(f"at most {MAX_PART_ID_CHARS} characters, to be echoed")
+        return value
 
 
 def split_envelope(frames: list[bytes]) -> tuple[list[bytes] | None, list[bytes]]:
@@ -304,27 +322,19 @@ def split_envelope(frames: list[bytes]) -> tuple[list[bytes] | None, list[bytes]
     return frames[:1], frames[1:]
 
 
-def parse_request(body: list[bytes]) -> dict:
-    """The request object of a body `[JSON]`; RequestError (with whatever ids could be read) otherwise."""
+def parse_request(body: list[bytes]) -> TriggerRequest:
+    """The request of a body `[JSON]`; RequestError (with whatever ids could be read) otherwise."""
     if len(body) != 1:
         raise RequestError(f"expected one frame with a JSON object, got {len(body)} frames")
     data = body[0]
     if len(data) > MAX_REQUEST_BYTES:
         raise RequestError(f"request of {len(data)} bytes: at most {MAX_REQUEST_BYTES}")
     request = json_object(data, RequestError)
-    ids = {k: request[k] for k in ("request_id", "part_id", "camera") if _echoable(request.get(k))}
-    for key in ("camera", "part_id"):
-        value = request.get(key)
-        if value is None:
-            raise RequestError(f"field {key!r} is missing", ids)
-        if not isinstance(value, str) or not value or len(value) > MAX_PART_ID_CHARS:
-            raise RequestError(
-                f"field {key!r} = {value!r:.80}: expected a non-empty string of at most {MAX_PART_ID_CHARS} characters",
-                ids,
-            )
-    if "request_id" in request and not _echoable(request["request_id"]):
-        raise RequestError("field 'request_id': expected a string or integer", ids)
-    return request
+    try:
+        return validate(TriggerRequest, request, "request", error=RequestError)
+    except RequestError as exc:
+        exc.request = {k: request[k] for k in ("request_id", "part_id", "camera") if _echoable(request.get(k))}
+        raise
 
 
 def _echoable(value: Any) -> bool:
@@ -333,7 +343,7 @@ def _echoable(value: Any) -> bool:
     )
 
 
-def _reply_base(request: dict) -> dict:
+def _reply_base(request: dict[str, Any]) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
         "kind": REPLY,
@@ -343,7 +353,7 @@ def _reply_base(request: dict) -> dict:
     }
 
 
-def unpack_result(value: Any) -> tuple[dict, bytes | None]:
+def unpack_result(value: Any) -> tuple[dict[str, Any], bytes | None]:
     """A handler future's value: `(header, mask_png)` or `{"header": ..., "mask": ...}`."""
     if isinstance(value, dict) and "header" in value:
         header, mask = value["header"], value.get("mask")

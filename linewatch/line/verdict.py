@@ -10,12 +10,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import cv2
 import numpy as np
 
-OK, NOK = "OK", "NOK"
-MAX_REGIONS = 64  # regions reported per frame (largest first); the verdict itself always considers all of them
+from linewatch.protocol.wire import MAX_REGIONS, Verdict
+
+
+class CalibrationLike(Protocol):
+    """What `judge` reads of a calibration (linewatch.calibrate.store.Calibration, or any object with these)."""
+
+    @property
+    def pixel_threshold(self) -> float: ...
+
+    @property
+    def image_threshold(self) -> float | None: ...
+
+    @property
+    def min_defect_area(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -27,13 +40,20 @@ class Region:
 
 @dataclass(frozen=True)
 class Judgement:
-    verdict: str
+    """The verdict and what it rests on. `mask` is the thresholded map the regions were found in (the published
+    mask); `regions` are the largest ones, cut for reporting, `regions_total` counts them all."""
+
+    verdict: Verdict
+    mask: np.ndarray  # bool H×W: map > pixel threshold
     regions: list[Region] = field(default_factory=list)
+    regions_total: int = 0
     image_score: float = 0.0
     reasons: list[str] = field(default_factory=list)
 
 
-def judge(anomaly_map: np.ndarray, image_score: float, calibration, max_regions: int = MAX_REGIONS) -> Judgement:
+def judge(
+    anomaly_map: np.ndarray, image_score: float, calibration: CalibrationLike, max_regions: int = MAX_REGIONS
+) -> Judgement:
     """OK/NOK for one H×W anomaly map; `calibration` needs pixel_threshold, image_threshold, min_defect_area."""
     amap = np.asarray(anomaly_map)
     if amap.ndim != 2 or amap.size == 0:
@@ -47,14 +67,15 @@ def judge(anomaly_map: np.ndarray, image_score: float, calibration, max_regions:
 
     threshold = float(calibration.pixel_threshold)
     min_area = max(1, int(calibration.min_defect_area))
+    mask = amap > threshold
     reasons: list[str] = []
     regions: list[Region] = []
+    total = 0
     if top > threshold:
-        mask = (amap > threshold).view(np.uint8)
-        n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8, ltype=cv2.CV_32S)
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
         areas = stats[1:, cv2.CC_STAT_AREA]
-        order = np.argsort(-areas, kind="stable")[:max_regions]
-        for i in order:
+        total = n - 1
+        for i in np.argsort(-areas, kind="stable")[:max_regions]:
             x, y, w, h, area = (int(v) for v in stats[i + 1, :5])
             window = amap[y : y + h, x : x + w]
             peak = float(window[labels[y : y + h, x : x + w] == i + 1].max())
@@ -68,4 +89,4 @@ def judge(anomaly_map: np.ndarray, image_score: float, calibration, max_regions:
     image_threshold = calibration.image_threshold
     if image_threshold is not None and image_score > float(image_threshold):
         reasons.append(f"image score {image_score:.6g} > image threshold {float(image_threshold):.6g}")
-    return Judgement(NOK if reasons else OK, regions, image_score, reasons)
+    return Judgement(Verdict.NOK if reasons else Verdict.OK, mask, regions, total, image_score, reasons)

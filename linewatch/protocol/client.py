@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Iterator
+from typing import Any, Iterator
 
 import zmq
 
@@ -47,7 +47,7 @@ class TriggerTimeout(LinewatchError):
     """No reply in time: the daemon is down, unreachable, or refused our CURVE key."""
 
 
-def _curve_options(socket: zmq.Socket, server_key: bytes | None, client_keys: tuple[bytes, bytes] | None) -> None:
+def _curve_options(socket: zmq.SyncSocket, server_key: bytes | None, client_keys: tuple[bytes, bytes] | None) -> None:
     if server_key is None and client_keys is None:
         return
     if server_key is None or client_keys is None:
@@ -65,7 +65,7 @@ class CameraTrack:
         self.missed = 0
         self.restarts = 0
         self.last_heard: float | None = None  # monotonic, any message
-        self.last_status: dict | None = None
+        self.last_status: dict[str, Any] | None = None
 
     def on_result(self, seq: int, run_id: str | None) -> int:
         """Count the results skipped before `seq`; a new run_id (daemon restart) starts counting again."""
@@ -81,7 +81,7 @@ class CameraTrack:
         self.run_id, self.last_seq = run_id, seq
         return gap
 
-    def on_status(self, status: dict) -> int:
+    def on_status(self, status: dict[str, Any]) -> int:
         """Trailing losses: each status carries the camera's result count (`results`, the last seq made). One
         status later every result counted in it must have arrived (a PUB socket keeps order per subscriber),
         so what is still missing then was lost."""
@@ -188,7 +188,7 @@ class Subscriber:
         track = self.tracks.get(camera)
         return bool(track and track.last_heard is not None and time.monotonic() - track.last_heard <= within_s)
 
-    def last_status(self, camera: str) -> dict | None:
+    def last_status(self, camera: str) -> dict[str, Any] | None:
         track = self.tracks.get(camera)
         return None if track is None else track.last_status
 
@@ -199,7 +199,7 @@ class Subscriber:
     def __enter__(self) -> "Subscriber":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -220,7 +220,7 @@ class TriggerClient:
         self._context = zmq.Context()
         self._socket = self._connect()
 
-    def _connect(self) -> zmq.Socket:
+    def _connect(self) -> zmq.SyncSocket:
         sock = self._context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         _curve_options(sock, self._server_key, self._client_keys)
@@ -231,7 +231,9 @@ class TriggerClient:
         self._socket.close(linger=0)
         self._socket = self._connect()
 
-    def request(self, request: dict, timeout_s: float = 5.0, retries: int = 0) -> tuple[dict, bytes]:
+    def request(
+        self, request: dict[str, Any], timeout_s: float = 5.0, retries: int = 0
+    ) -> tuple[dict[str, Any], bytes]:
         """Send one raw request object; (reply JSON, mask frame) of the matching reply."""
         request = dict(request)
         request.setdefault("request_id", uuid.uuid4().hex)
@@ -284,11 +286,11 @@ class TriggerClient:
     def __enter__(self) -> "TriggerClient":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def _parse_reply(frames: list[bytes]) -> tuple[dict, bytes]:
+def _parse_reply(frames: list[bytes]) -> tuple[dict[str, Any], bytes]:
     if frames and frames[0] == b"":
         frames = frames[1:]
     if len(frames) != 2:

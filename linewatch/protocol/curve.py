@@ -8,14 +8,19 @@ nothing at all: the handshake is refused before any message is sent.
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from linewatch.errors import ConfigError
+
+if TYPE_CHECKING:
+    from zmq.auth.thread import ThreadAuthenticator
 
 LOCAL_TRANSPORTS = ("ipc", "inproc")
 LOOPBACK_NAMES = ("localhost", "lo")
@@ -31,7 +36,7 @@ class CurveConfig:
 
     @classmethod
     def from_files(
-        cls, server_secret_key_file: str | os.PathLike, authorized_keys_dir: str | os.PathLike
+        cls, server_secret_key_file: str | os.PathLike[str], authorized_keys_dir: str | os.PathLike[str]
     ) -> "CurveConfig":
         public, secret = load_key_pair(server_secret_key_file)
         keys_dir = Path(authorized_keys_dir)
@@ -44,7 +49,7 @@ class CurveConfig:
         return cls(public, secret, keys_dir)
 
 
-def load_key_pair(path: str | os.PathLike) -> tuple[bytes, bytes]:
+def load_key_pair(path: str | os.PathLike[str]) -> tuple[bytes, bytes]:
     """(public, secret) z85 keys from a `.key_secret` file; ConfigError naming the file otherwise."""
     path = Path(path)
     if not path.is_file():
@@ -55,7 +60,7 @@ def load_key_pair(path: str | os.PathLike) -> tuple[bytes, bytes]:
     return public, secret
 
 
-def load_public_key(value: str | os.PathLike) -> bytes:
+def load_public_key(value: str | os.PathLike[str]) -> bytes:
     """A public key given as 40 z85 characters or as a `.key`/`.key_secret` certificate file."""
     from zmq.utils import z85
 
@@ -85,7 +90,7 @@ def authorized_public_keys(keys_dir: Path) -> list[Path]:
     return sorted(p for p in Path(keys_dir).glob("*.key") if p.is_file())
 
 
-def start_authenticator(context: zmq.Context, curve: CurveConfig):
+def start_authenticator(context: zmq.Context[Any], curve: CurveConfig) -> ThreadAuthenticator:
     """ZAP handler for `context` that admits only the allowed client keys. Stop it with `.stop()`."""
     from zmq.auth.thread import ThreadAuthenticator
 
@@ -95,14 +100,14 @@ def start_authenticator(context: zmq.Context, curve: CurveConfig):
     return auth
 
 
-def apply_server_curve(socket: zmq.Socket, curve: CurveConfig) -> None:
+def apply_server_curve(socket: zmq.Socket[Any], curve: CurveConfig) -> None:
     """Make `socket` a CURVE server (call before bind; start_authenticator on its context restricts clients)."""
     socket.curve_secretkey = curve.server_secret
     socket.curve_publickey = curve.server_public
     socket.curve_server = True
 
 
-def apply_client_curve(socket: zmq.Socket, server_public: bytes, client_keys: tuple[bytes, bytes]) -> None:
+def apply_client_curve(socket: zmq.Socket[Any], server_public: bytes, client_keys: tuple[bytes, bytes]) -> None:
     """Make `socket` a CURVE client of the server with `server_public`, as (public, secret) `client_keys`."""
     public, secret = client_keys
     socket.curve_serverkey = server_public
@@ -143,7 +148,7 @@ def check_bind_security(
     )
 
 
-def cli_keygen(args) -> int:
+def cli_keygen(args: argparse.Namespace) -> int:
     """`linewatch keygen DIR [--name NAME]`: a CURVE key pair, secret file readable by its owner only."""
     import zmq.auth
 

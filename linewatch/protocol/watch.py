@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from linewatch.errors import ConfigError
 from linewatch.protocol.client import Subscriber
@@ -15,7 +17,7 @@ from linewatch.protocol.wire import RESULT, Message, encode_json
 SILENT_AFTER_S = 5.0  # no status for this long: say so (the daemon publishes one per camera per second)
 
 
-def format_result(header: dict) -> str:
+def format_result(header: dict[str, Any]) -> str:
     """`time camera seq part verdict score regions`, plus the error text for ERROR."""
     stamp = datetime.fromtimestamp(header["frame_time"]).isoformat(timespec="milliseconds")
     score = header.get("image_score")
@@ -32,31 +34,31 @@ def format_result(header: dict) -> str:
     return line
 
 
-def mask_filename(header: dict) -> str:
+def mask_filename(header: dict[str, Any]) -> str:
     part = header.get("part_id")
     safe = "" if not part else "_" + re.sub(r"[^A-Za-z0-9_.-]", "_", part)[:80]
     return f"{header['camera']}_{header['seq']:08d}{safe}_{header['verdict']}.png"
 
 
-def _client_curve(args) -> tuple[bytes | None, tuple[bytes, bytes] | None]:
+def _client_curve(args: argparse.Namespace) -> tuple[bytes | None, tuple[bytes, bytes] | None]:
     from linewatch.protocol.curve import load_key_pair, load_public_key
 
     server_key = getattr(args, "server_key", None)
     key_file = getattr(args, "client_key_file", None)
     if bool(server_key) != bool(key_file):
         raise ConfigError("CURVE needs both --server-key and --client-key-file")
-    if not server_key:
+    if not server_key or not key_file:  # both or neither, checked above
         return None, None
     return load_public_key(server_key), load_key_pair(key_file)
 
 
-def cli_watch(args) -> int:
+def cli_watch(args: argparse.Namespace) -> int:
     server_key, client_keys = _client_curve(args)
     save = Path(args.save) if args.save else None
     if save is not None:
         save.mkdir(parents=True, exist_ok=True)
     shown = 0
-    states: dict[str, str] = {}
+    states: dict[str, object] = {}  # the status's `state`, whatever JSON it holds
     warned_silent: set[str] = set()
     print(f"watching {args.connect}" + (f" camera {args.camera}" if args.camera else ""), file=sys.stderr, flush=True)
     with Subscriber(args.connect, args.camera, server_key=server_key, client_keys=client_keys) as sub:

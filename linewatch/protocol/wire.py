@@ -8,20 +8,21 @@ matches `cam10`. Additive header fields keep SCHEMA_VERSION; removing or changin
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 import re
-import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 import numpy as np
+from pydantic import BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, model_validator
 
 from linewatch.errors import LinewatchError
+from linewatch.validation import TolerantModel, validate
 
 SCHEMA_VERSION = 1
 TOPIC_ROOT = b"linewatch/"
-VERDICTS = ("OK", "NOK", "ERROR")
 RESULT, STATUS = "result", "status"
 MAX_REGIONS = 100  # regions listed per header (largest first); `regions_total` counts them all
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -31,6 +32,17 @@ MASK_PNG_COMPRESSION = 1  # zlib level 1 + run-length strategy: a binary 256² m
 
 class ProtocolError(LinewatchError):
     """A message that does not follow docs/PROTOCOL.md (wrong frames, bad JSON, missing or mistyped fields)."""
+
+
+class Verdict(str, enum.Enum):
+    """The three verdicts; a str, so `Verdict.OK == "OK"` and JSON carries the plain text (StrEnum needs 3.11)."""
+
+    OK = "OK"
+    NOK = "NOK"
+    ERROR = "ERROR"
+
+    def __str__(self) -> str:  # "OK" in f-strings and as a dict key in JSON, on every Python version
+        return self.value
 
 
 # --- topics --------------------------------------------------------------------------------------------------
@@ -73,119 +85,111 @@ def jsonable(value: Any) -> Any:
         return [jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
         return jsonable(value.tolist())
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if value is None or isinstance(value, str):
+    value = _number(value)
+    if isinstance(value, float):
+        return _finite_or_none(value)
+    if value is None or isinstance(value, (str, int)):
         return value
     return str(value)
 
 
-def encode_json(obj: dict) -> bytes:
+def encode_json(obj: dict[str, Any]) -> bytes:
     return json.dumps(jsonable(obj), separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
-def _finite_or_none(value: Any) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
+def _number(value: Any) -> Any:
+    """A numpy scalar as the Python number it holds (JSON and the strict schema types know no numpy)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _finite_or_none(value: Any) -> Any:
+    value = _number(value)
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 # --- headers -----------------------------------------------------------------------------------------------
-def result_header(
-    camera: str,
-    seq: int,
-    frame_time: float,
-    verdict: str,
-    score: float | None = None,
-    pixel_threshold: float | None = None,
-    image_threshold: float | None = None,
-    calibration_version: int | None = None,
-    model_id: str | None = None,
-    regions: Iterable[dict] = (),
-    part_id: str | None = None,
-    reason: str | None = None,
-    frame_index: int | None = None,
-    mask_size: Sequence[int] | None = None,
-    *,
-    image_score: float | None = None,
-    thresholds: dict | None = None,
-    error: str | None = None,
-    mask_shape: Sequence[int] | None = None,
-    max_regions: int = MAX_REGIONS,
-) -> dict:
-    """The JSON header of one result (docs/PROTOCOL.md, "Result header").
+# The result header's one schema: the daemon builds what it sends with it, clients check what they receive with
+# it. Tolerant: a reader ignores fields it does not know (docs/PROTOCOL.md promises additive fields).
+Int = Annotated[StrictInt, BeforeValidator(_number)]
+Time = Annotated[StrictFloat, Field(allow_inf_nan=False)]
+Reading = Annotated[StrictFloat | None, BeforeValidator(_finite_or_none)]  # not finite: null
+CameraName = Annotated[StrictStr, Field(pattern=CAMERA_NAME.pattern)]
 
-    `seq` counts this camera's results from 1 (a gap tells subscribers what they missed). `frame_time` is the
-    capture wall-clock time (Unix seconds). Aliases: `image_score` = `score`, `thresholds={"pixel", "image"}` =
-    the two threshold arguments, `error` = `reason`, `mask_shape=(h, w)` = `mask_size=(w, h)`; pass `mask_size`
-    exactly when a mask PNG goes with the header. ERROR needs a reason; OK and NOK need a finite score and no
-    reason, so a header can never claim a good part that was not inspected. `publish_time` is stamped again by
-    the publisher at send time; `run_id` is added by the publisher.
+
+class RegionHeader(TolerantModel):
+    """One defect region; built straight from `linewatch.line.verdict.Region` (read by attribute)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    bbox: tuple[Int, Int, Int, Int]  # x, y, w, h in model-input pixels
+    area: Annotated[Int, Field(ge=0)]
+    peak: Reading
+
+
+class Thresholds(TolerantModel):
+    pixel: Reading
+    image: Reading
+
+
+class MaskInfo(TolerantModel):
+    format: Literal["png"] = "png"
+    width: Annotated[Int, Field(ge=1)]
+    height: Annotated[Int, Field(ge=1)]
+
+
+class ResultHeader(TolerantModel):
+    """The JSON header of one result (docs/PROTOCOL.md, "Result messages").
+
+    The rules that keep a header from claiming a good part that was not inspected live here, so no writer can
+    skip them: ERROR needs an error text; OK and NOK need a finite score and no error. `publish_time` and
+    `run_id` are the publisher's to stamp at send time (see `SentResultHeader`).
     """
-    if verdict not in VERDICTS:
-        raise ValueError(f"verdict {verdict!r}: expected one of {', '.join(VERDICTS)}")
-    _camera_bytes(camera)
-    if isinstance(seq, bool) or not isinstance(seq, (int, np.integer)) or seq < 1:
-        raise ValueError(f"seq {seq!r}: expected an integer >= 1 (per-camera result count)")
-    score = image_score if score is None else score
-    reason = error if reason is None else reason
-    if thresholds is not None:
-        pixel_threshold = thresholds.get("pixel", pixel_threshold)
-        image_threshold = thresholds.get("image", image_threshold)
-    if mask_size is None and mask_shape is not None:
-        mask_size = (mask_shape[1], mask_shape[0])
-    score = _finite_or_none(score)
-    if verdict == "ERROR":
-        if not reason:
-            raise ValueError("an ERROR result needs a reason")
-    else:
-        if score is None:
-            raise ValueError(f"a {verdict} result needs a finite image score")
-        if reason:
-            raise ValueError(f"a {verdict} result cannot carry an error ({reason!r}): use verdict ERROR")
-    region_list = [_region(r) for r in regions]
-    region_list.sort(key=lambda r: -r["area"])
-    if part_id is not None and not isinstance(part_id, str):
-        raise ValueError(f"part_id {part_id!r}: expected a string or None")
-    now = time.time()
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "kind": RESULT,
-        "camera": camera,
-        "seq": int(seq),
-        "frame_time": float(frame_time),
-        "publish_time": now,
-        "part_id": part_id,
-        "verdict": verdict,
-        "image_score": score,
-        "thresholds": {"pixel": _finite_or_none(pixel_threshold), "image": _finite_or_none(image_threshold)},
-        "calibration_version": None if calibration_version is None else int(calibration_version),
-        "model_id": model_id,
-        "regions": region_list[:max_regions],
-        "regions_total": len(region_list),
-        "error": reason if verdict == "ERROR" else None,
-        "frame_index": None if frame_index is None else int(frame_index),
-        "mask": None
-        if mask_size is None
-        else {"format": "png", "width": int(mask_size[0]), "height": int(mask_size[1])},
-    }
+
+    schema_version: Literal[1] = 1  # SCHEMA_VERSION
+    kind: Literal["result"] = "result"
+    camera: CameraName
+    seq: Annotated[Int, Field(ge=1)]  # per-camera result number from 1: a gap tells subscribers what they missed
+    run_id: StrictStr | None = None
+    frame_time: Time
+    publish_time: Time | None = None
+    part_id: StrictStr | None
+    verdict: Verdict
+    image_score: Reading
+    thresholds: Thresholds
+    calibration_version: Int | None
+    model_id: StrictStr | None
+    regions: Annotated[list[RegionHeader], Field(max_length=MAX_REGIONS)]
+    regions_total: Annotated[Int, Field(ge=0)]
+    error: StrictStr | None
+    frame_index: Int | None
+    mask: MaskInfo | None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ResultHeader":
+        if self.verdict == Verdict.ERROR and not self.error:
+            raise ValueError("an ERROR result needs a reason (error text)")
+        if self.verdict != Verdict.ERROR and self.image_score is None:
+            raise ValueError(f"a {self.verdict} result needs a finite image score")
+        if self.verdict != Verdict.ERROR and self.error:
+            raise ValueError(f"a {self.verdict} result cannot carry an error ({self.error!r}): use verdict ERROR")
+        areas = [r.area for r in self.regions]
+        if areas != sorted(areas, reverse=True):
+            raise ValueError("regions must be listed largest first")
+        if self.regions_total < len(self.regions):
+            raise ValueError(f"regions_total {self.regions_total} is less than the {len(self.regions)} regions listed")
+        return self
 
 
-def _region(region: dict) -> dict:
-    try:
-        x, y, w, h = (int(v) for v in region["bbox"])
-        return {"bbox": [x, y, w, h], "area": int(region["area"]), "peak": _finite_or_none(region["peak"])}
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"region {region!r}: expected bbox [x, y, w, h], area and peak ({exc})") from None
+class SentResultHeader(ResultHeader):
+    """A result header as it travels: stamped by the publisher, so `publish_time` and `run_id` are there."""
+
+    run_id: StrictStr
+    publish_time: Time
 
 
-def status_header(camera: str, status: dict) -> dict:
-    """The JSON of a status message: the daemon's per-camera fields, flat, plus the protocol's own."""
+def status_header(camera: str, status: dict[str, Any]) -> dict[str, Any]:
+    """The JSON of a status message: the daemon's per-camera fields, flat, plus the protocol's own (the publisher
+    adds `publish_time` and `run_id` at send time)."""
     _camera_bytes(camera)
     reserved = {"schema_version", "kind", "camera", "publish_time", "run_id"} & status.keys()
     if reserved:
@@ -194,7 +198,6 @@ def status_header(camera: str, status: dict) -> dict:
         "schema_version": SCHEMA_VERSION,
         "kind": STATUS,
         "camera": camera,
-        "publish_time": time.time(),
         **jsonable(status),
     }
 
@@ -213,6 +216,7 @@ def encode_mask_png(mask: np.ndarray | None, size: Sequence[int] | None = None) 
     mask = np.asarray(mask)
     if mask.ndim != 2 or mask.size == 0:
         raise ValueError(f"mask of shape {mask.shape}: expected a non-empty 2-D array")
+    img: np.ndarray
     if mask.dtype == np.bool_:
         img = mask.astype(np.uint8) * 255
     elif mask.dtype == np.uint8:
@@ -258,16 +262,18 @@ class Message:
     """One decoded result or status message. `mask` is the PNG bytes (None when the result has no mask)."""
 
     topic: str
-    header: dict
+    header: dict[str, Any]  # decoded JSON; decode_message has checked kind and camera against the topic
     mask: bytes | None = None
 
     @property
     def kind(self) -> str:
-        return self.header["kind"]
+        kind: str = self.header["kind"]
+        return kind
 
     @property
     def camera(self) -> str:
-        return self.header["camera"]
+        camera: str = self.header["camera"]
+        return camera
 
     @property
     def seq(self) -> int | None:
@@ -285,44 +291,20 @@ class Message:
         return None if self.mask is None else decode_mask_png(self.mask)
 
 
-_RESULT_FIELDS: dict[str, tuple] = {
-    "seq": (int,),
-    "frame_time": (int, float),
-    "publish_time": (int, float),
-    "verdict": (str,),
-    "image_score": (int, float, type(None)),
-    "thresholds": (dict,),
-    "calibration_version": (int, type(None)),
-    "model_id": (str, type(None)),
-    "regions": (list,),
-    "part_id": (str, type(None)),
-    "error": (str, type(None)),
-    "mask": (dict, type(None)),
-}
-
-
-def _check_types(header: dict, fields: dict[str, tuple], what: str) -> None:
-    for key, types in fields.items():
-        if key not in header:
-            raise ProtocolError(f"{what}: field {key!r} is missing")
-        value = header[key]
-        if isinstance(value, bool) or not isinstance(value, types):
-            names = "/".join("null" if t is type(None) else t.__name__ for t in types)
-            raise ProtocolError(f"{what}: field {key!r} = {value!r:.80}: expected {names}")
-
-
-def json_object(data: bytes, error: type[Exception] = ProtocolError, prefix: str = "") -> dict:
+def json_object(data: bytes, error: type[Exception] = ProtocolError, prefix: str = "") -> dict[str, Any]:
     """One UTF-8 JSON object from a message frame, or `error` saying what is wrong with the bytes."""
     try:
         obj = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise error(f"{prefix}not UTF-8 JSON ({exc})") from None
+    except RecursionError:  # a few KiB of '[' nest deeper than the parser's stack
+        raise error(f"{prefix}JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise error(f"{prefix}expected a JSON object, got {type(obj).__name__}")
     return obj
 
 
-def parse_header(data: bytes, what: str = "header") -> dict:
+def parse_header(data: bytes, what: str = "header") -> dict[str, Any]:
     header = json_object(data, ProtocolError, f"{what}: ")
     version = header.get("schema_version")
     if version != SCHEMA_VERSION:
@@ -330,20 +312,12 @@ def parse_header(data: bytes, what: str = "header") -> dict:
     return header
 
 
-def check_result_header(header: dict, what: str = "result header") -> None:
-    """Field presence and types of a result header (also used on trigger replies)."""
-    _check_types(header, _RESULT_FIELDS, what)
-    if header["verdict"] not in VERDICTS:
-        raise ProtocolError(f"{what}: verdict {header['verdict']!r} is not one of {', '.join(VERDICTS)}")
-    if header["verdict"] == "ERROR" and not header["error"]:
-        raise ProtocolError(f"{what}: an ERROR verdict without an error text")
-    if header["verdict"] != "ERROR" and header["image_score"] is None:
-        raise ProtocolError(f"{what}: verdict {header['verdict']} without an image_score")
-    if not isinstance(header.get("camera"), str):
-        raise ProtocolError(f"{what}: field 'camera' missing or not a string")
+def check_result_header(header: dict[str, Any], what: str = "result header") -> SentResultHeader:
+    """A received result header (also the result in a trigger reply) against the schema; ProtocolError otherwise."""
+    return validate(SentResultHeader, header, what, error=ProtocolError)
 
 
-def check_mask_frame(header: dict, mask: bytes, what: str) -> bytes | None:
+def check_mask_frame(header: dict[str, Any], mask: bytes, what: str) -> bytes | None:
     """The mask frame must agree with the header: empty when header.mask is null, a PNG otherwise."""
     if header["mask"] is None:
         if mask:

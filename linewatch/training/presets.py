@@ -1,54 +1,19 @@
 """Training settings: two named presets, an optional YAML file and command-line flags, merged in that order.
 
-Every key is typed and range-checked; an unknown key is refused naming the key and the file, so a typo can
-never fall back to a default in silence.
+`TrainSettings` is a strict pydantic model (`linewatch.validation`): every key is typed and range-checked, and an
+unknown key is refused naming the key and the file, so a typo can never fall back to a default in silence.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BeforeValidator, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from linewatch.errors import ConfigError
 from linewatch.training.backbone import parse_layers
-
-
-@dataclass
-class TrainSettings:
-    """Defaults are the `fast` preset."""
-
-    preset: str = "fast"
-    # model
-    size: int = 128  # square input, pixels (frames are resized to size×size)
-    layers: str = "1:8"  # VGG19 ReLU layers, 1-based inclusive range (paper: 1:12)
-    padding: str = "reflect"  # reflect | zero (paper Table V: zero padding raises border false alarms)
-    align: str = "bilinear"  # bilinear (reference code) | nearest (paper text)
-    batchnorm: bool = False  # BatchNorm in the CAE as in the reference code (folded at export)
-    latent: int = 0  # c_d; 0 = PCA at `pca_variance` explained variance
-    pca_variance: float = 0.9
-    pca_samples: int = 20000  # regional vectors sampled across all training images for PCA
-    # optimisation
-    epochs: int = 8  # budget of passes over all training vectors
-    batch_vectors: int = 4096  # regional vectors per step (shuffled across images and positions)
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    patience: int = 3  # epochs without validation improvement before stopping
-    min_delta: float = 1e-4  # relative improvement that counts
-    val_fraction: float = 0.15  # share of good images held out for early stopping (at least 1)
-    seed: int = 0
-    # resources
-    extract_batch: int = 16  # images per backbone pass
-    cache_ram_mb: int = 4096  # features above this go to an on-disk cache in the output directory
-    device: str = ""  # "" = cuda if available, else cpu
-    # per-region error: standardised_sq_error (each channel's squared error over its training variance) or the
-    # paper's plain mean_sq_error; see linewatch/build/model.py DFRConfig.score
-    score: str = "standardised_sq_error"
-
-    def layer_list(self) -> list[int]:
-        return parse_layers(self.layers)
-
+from linewatch.validation import StrictModel, expected, validate
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's setting (Yang et al. 2020, Sec. IV): 256², f_{1:12}, c_d by PCA, Adam lr 1e-4. The paper runs 700
@@ -80,15 +45,71 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
-CHOICES = {
-    "preset": tuple(PRESETS),
-    "padding": ("reflect", "zero"),
-    "align": ("bilinear", "nearest"),
-    "score": ("standardised_sq_error", "mean_sq_error"),
-}
-POSITIVE = {"size", "epochs", "batch_vectors", "pca_samples", "extract_batch", "patience"}
-NON_NEGATIVE = {"latent", "weight_decay", "min_delta", "cache_ram_mb", "seed"}
-FIELD_TYPES = {f.name: f.type for f in fields(TrainSettings)}
+
+def _layers_as_text(value: Any) -> Any:
+    """YAML reads `layers: 12` as an integer; a single layer is still a valid spec, so it becomes "12"."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _valid_layers(spec: str) -> str:
+    try:
+        parse_layers(spec)
+    except ValueError as exc:
+        raise expected("a range like 1:12, a single layer like 12, or 1,3,5 (layers 1..16)", spec) from exc
+    return spec
+
+
+LayerSpec = Annotated[StrictStr, BeforeValidator(_layers_as_text), AfterValidator(_valid_layers)]
+
+
+class TrainSettings(StrictModel):
+    """Defaults are the `fast` preset."""
+
+    preset: Literal[tuple(PRESETS)] = Field("fast", description="named defaults: fast (CPU) or paper")  # type: ignore[valid-type]
+    # model
+    size: StrictInt = Field(128, ge=16, description="square input, pixels (frames are resized to size×size)")
+    layers: LayerSpec = Field("1:8", description="VGG19 ReLU layers, 1-based inclusive range (paper: 1:12)")
+    padding: Literal["reflect", "zero"] = Field(
+        "reflect", description="backbone padding (paper Table V: zero padding raises border false alarms)"
+    )
+    align: Literal["bilinear", "nearest"] = Field(
+        "bilinear", description="how feature maps are aligned: bilinear (reference code) or nearest (paper text)"
+    )
+    batchnorm: StrictBool = Field(False, description="BatchNorm in the CAE as in the reference code (folded at export)")
+    latent: StrictInt = Field(0, ge=0, description="c_d; 0 = PCA at `pca_variance` explained variance")
+    pca_variance: StrictFloat = Field(0.9, gt=0, lt=1, description="explained variance that chooses c_d")
+    pca_samples: StrictInt = Field(
+        20000, ge=1, description="regional vectors sampled across all training images for PCA"
+    )
+    # optimisation
+    epochs: StrictInt = Field(8, ge=1, description="budget of passes over all training vectors")
+    batch_vectors: StrictInt = Field(
+        4096, ge=1, description="regional vectors per step (shuffled across images and positions)"
+    )
+    lr: StrictFloat = Field(1e-3, gt=0, description="Adam learning rate")
+    weight_decay: StrictFloat = Field(0.0, ge=0, description="Adam weight decay")
+    patience: StrictInt = Field(3, ge=1, description="epochs without validation improvement before stopping")
+    min_delta: StrictFloat = Field(1e-4, ge=0, description="relative improvement that counts")
+    val_fraction: StrictFloat = Field(
+        0.15, gt=0, lt=1, description="share of good images held out for early stopping (at least 1)"
+    )
+    seed: StrictInt = Field(0, ge=0, description="split, CAE init and shuffling")
+    # resources
+    extract_batch: StrictInt = Field(16, ge=1, description="images per backbone pass")
+    cache_ram_mb: StrictInt = Field(
+        4096, ge=0, description="features above this go to an on-disk cache in the output directory"
+    )
+    device: StrictStr = Field("", description='torch device; "" = cuda if available, else cpu')
+    score: Literal["standardised_sq_error", "mean_sq_error"] = Field(
+        "standardised_sq_error",
+        description="per-region error: each channel's squared error over its training variance, or the paper's "
+        "plain mean (see linewatch/training/model.py DFRConfig.score)",
+    )
+
+    def layer_list(self) -> list[int]:
+        return parse_layers(self.layers)
+
+
 # CLI flag -> settings key (flags named as in linewatch/cli.py)
 CLI_KEYS = {
     "preset": "preset",
@@ -104,42 +125,10 @@ CLI_KEYS = {
 }
 
 
-def _check_value(key: str, value: Any, where: str) -> Any:
-    """Type- and range-check one setting; `where` names the file or flag for the error."""
-    kind = FIELD_TYPES[key]
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: {key}: expected true or false, got {value!r}")
-    elif kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: {key}: expected an integer, got {value!r}")
-    elif kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: {key}: expected a number, got {value!r}")
-        value = float(value)
-    elif kind == "str":
-        if key == "layers" and isinstance(value, int) and not isinstance(value, bool):
-            value = str(value)
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: {key}: expected a string, got {value!r}")
-    if key in CHOICES and value not in CHOICES[key]:
-        raise ConfigError(f"{where}: {key}: expected one of {', '.join(CHOICES[key])}, got {value!r}")
-    if key in POSITIVE and value <= 0:
-        raise ConfigError(f"{where}: {key}: must be > 0, got {value!r}")
-    if key in NON_NEGATIVE and value < 0:
-        raise ConfigError(f"{where}: {key}: must be >= 0, got {value!r}")
-    if key == "layers":
-        try:
-            parse_layers(value)
-        except ValueError as exc:
-            raise ConfigError(f"{where}: layers: {exc}") from exc
-    if key in ("pca_variance", "val_fraction") and not 0.0 < value < 1.0:
-        raise ConfigError(f"{where}: {key}: must be between 0 and 1 (exclusive), got {value!r}")
-    if key == "lr" and value <= 0:
-        raise ConfigError(f"{where}: lr: must be > 0, got {value!r}")
-    if key == "size" and value < 16:
-        raise ConfigError(f"{where}: size: at least 16 pixels, got {value!r}")
-    return value
+def _checked(values: dict[str, Any], source: object) -> dict[str, Any]:
+    """The given keys only, each checked and converted as in TrainSettings (the rest stay unset for merging)."""
+    settings = validate(TrainSettings, values, source)
+    return {key: getattr(settings, key) for key in values}
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -151,29 +140,25 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"training config not found: {path}")
     try:
         data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a training config") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of training settings at the top level")
-    out = {}
-    for key, value in data.items():
-        if key not in FIELD_TYPES:
-            raise ConfigError(f"{path}: {key}: unknown key (known keys: {', '.join(FIELD_TYPES)})")
-        out[key] = _check_value(key, value, str(path))
-    return out
+        validate(TrainSettings, data, path)  # refuses it with the file's name and what it holds
+    return _checked(data, path)
 
 
 def resolve_settings(args) -> TrainSettings:
     """Preset defaults < config file < command-line flags. The preset may come from the file or the flag."""
     from_file = read_config_file(args.config) if getattr(args, "config", None) else {}
     flags = {key: getattr(args, flag) for flag, key in CLI_KEYS.items() if getattr(args, flag, None) is not None}
-    flags = {key: _check_value(key, value, f"--{key}") for key, value in flags.items()}
+    flags = _checked(flags, "command line")
     preset = flags.get("preset") or from_file.get("preset") or "fast"
-    merged: dict[str, Any] = {**PRESETS[preset], **from_file, **flags, "preset": preset}
-    return TrainSettings(**merged)
+    return validate(TrainSettings, {**PRESETS[preset], **from_file, **flags, "preset": preset}, "training settings")
 
 
 def describe(settings: TrainSettings) -> str:
-    return ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(settings).items())
+    return ", ".join(f"{k}={v}" for k, v in settings.model_dump().items())

@@ -8,14 +8,17 @@ The run is deterministic for a seed and resumable from `train_state.pt` after ev
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import functools
 import logging
 import math
 import platform
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -183,7 +186,7 @@ def save_train_state(
 ) -> None:
     payload = {
         "version": STATE_VERSION,
-        "settings": dataclasses.asdict(settings),
+        "settings": settings.model_dump(),
         "config": dataclasses.asdict(config),
         "weights": weights.as_metadata(),
         "dataset_sha256": data_sha,
@@ -214,7 +217,7 @@ def load_train_state(path: Path) -> dict:
 
 def check_resumable(state: dict, settings: TrainSettings, data_sha: str, path: Path) -> None:
     old = state["settings"]
-    new = dataclasses.asdict(settings)
+    new = settings.model_dump()
     changed = sorted(k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k])
     if changed:
         diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
@@ -296,57 +299,264 @@ def features_identity(config: DFRConfig, weights: WeightsSource, data_sha: str, 
     }
 
 
+@dataclasses.dataclass
+class Run:
+    """What one training run works from, settled before any feature is extracted."""
+
+    settings: TrainSettings
+    data: str | Path  # as given: logged as given, recorded resolved
+    out: Path
+    device: torch.device
+    weights: WeightsSource
+    data_sha: str
+    train_paths: list[Path]
+    val_paths: list[Path]
+    state: dict | None  # the interrupted run's train_state.pt when resuming
+
+    @property
+    def state_path(self) -> Path:
+        return self.out / TRAIN_STATE
+
+    @property
+    def split(self) -> dict:
+        return {"train": [p.name for p in self.train_paths], "val": [p.name for p in self.val_paths]}
+
+
+@dataclasses.dataclass
+class Fit:
+    """The CAE in training and what `train_state.pt` keeps of it after every epoch."""
+
+    cae: StandardisedCAE
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator  # the batch shuffles
+    progress: Progress
+    best_cae: dict  # state dict of the epoch with the best validation loss
+
+
+def check_same_weights(state: dict, weights: WeightsSource, path: Path) -> None:
+    if state["weights"]["sha256"] != weights.sha256:
+        raise ConfigError(
+            f"--resume: VGG19 weights differ from the run saved in {path} "
+            f"({state['weights']['sha256']} -> {weights.sha256})"
+        )
+
+
+def start_run(
+    settings: TrainSettings, data: str | Path, out: Path, weights_path: str | None, random_init: bool, resume: bool
+) -> Run:
+    """Check --out, read and split the good images, find the weights; a resumed run must match the saved one."""
+    check_output_dir(out, resume)
+    device = pick_device(settings.device)
+    paths = good_images(data)
+    data_sha = dataset_sha256(paths)
+    state = load_train_state(out / TRAIN_STATE) if resume else None
+    if state is not None:
+        check_resumable(state, settings, data_sha, out / TRAIN_STATE)
+    weights = resolve(weights_path, random_init=random_init)
+    if state is not None:
+        check_same_weights(state, weights, out / TRAIN_STATE)
+    train_paths, val_paths = split_train_val(paths, settings.val_fraction, settings.seed)
+    log.info(
+        "training on %d good images, validating on %d (from %s); device %s",
+        len(train_paths),
+        len(val_paths),
+        data,
+        device,
+    )
+    log.info("settings: %s", describe(settings))
+    return Run(settings, data, out, device, weights, data_sha, train_paths, val_paths, state)
+
+
+def frozen_model(run: Run) -> DFR:
+    """The frozen DFR the CAE learns from: a fresh run's c_d is chosen after extraction, a resumed run has its own."""
+    torch.manual_seed(run.settings.seed)
+    config = DFRConfig(**run.state["config"]) if run.state else model_config(run.settings)
+    if run.state is None:
+        config.c_d = 0
+    return DFR(config, run.weights).to(run.device).eval()
+
+
+def measure_feature_scale(model: DFR, run: Run) -> None:
+    scale = set_feature_scale(model, run.train_paths, run.device, run.settings.extract_batch)
+    log.info("feature scale %.6g (unit mean square regional features)", scale)
+
+
+@contextlib.contextmanager
+def feature_stores(run: Run, config: DFRConfig):
+    """(train, val) stores, in RAM or on disk within the budget, named by what their features depend on.
+
+    An interrupted run keeps its finished on-disk features for --resume; a finished run deletes them.
+    """
+    budget = run.settings.cache_ram_mb * (1 << 20)
+    grid = config.grid[0] * config.grid[1]
+    identity = features_identity(config, run.weights, run.data_sha, run.split)
+    train_store = FeatureStore(
+        len(run.train_paths),
+        grid,
+        config.c_o,
+        budget,
+        run.out / ("train" + CACHE_SUFFIX),
+        identity={**identity, "part": "train"},
+    )
+    val_budget = budget if train_store.on_disk else budget - train_store.array.nbytes
+    val_store = FeatureStore(
+        len(run.val_paths),
+        grid,
+        config.c_o,
+        val_budget,
+        run.out / ("val" + CACHE_SUFFIX),
+        identity={**identity, "part": "val"},
+    )
+    finished = False
+    try:
+        yield train_store, val_store
+        finished = True
+    finally:
+        train_store.close(keep=not finished)
+        val_store.close(keep=not finished)
+
+
+def extract_features(model: DFR, run: Run, train_store: FeatureStore, val_store: FeatureStore) -> None:
+    """Fill each store that an interrupted run did not already finish, and mark it complete."""
+    for store, part_paths, part in ((train_store, run.train_paths, "train"), (val_store, run.val_paths, "val")):
+        if not store.reused:
+            extract_to_store(model, part_paths, store, run.device, run.settings.extract_batch, f"features ({part})")
+            store.mark_complete()
+
+
+def choose_latent(sample: np.ndarray, settings: TrainSettings, n_images: int) -> int:
+    """c_d: --latent, or the principal components that reach `pca_variance` of the sampled regional vectors."""
+    if settings.latent:
+        return settings.latent
+    c_d = pca_latent_dim(torch.from_numpy(sample), settings.pca_variance)
+    log.info(
+        "c_d = %d (PCA, %.0f %% variance of %d regional vectors from %d images)",
+        c_d,
+        100 * settings.pca_variance,
+        len(sample),
+        n_images,
+    )
+    return c_d
+
+
+def standardised_cae(run: Run, config: DFRConfig, train_store: FeatureStore) -> StandardisedCAE:
+    """A fresh run takes c_d and the input standardisation from one seeded sample of training vectors (and sets
+    c_d in `config`); a resumed run has both in its state."""
+    if run.state is None:
+        sample = sample_vectors(train_store, run.settings.pca_samples, np.random.default_rng(run.settings.seed))
+        mean, std = channel_statistics(sample)
+        config.c_d = choose_latent(sample, run.settings, len(run.train_paths))
+    else:
+        mean, std = run.state["input_norm"]["mean"], run.state["input_norm"]["std"]
+    try:
+        return StandardisedCAE(CAE(config.c_o, config.c_d, config.batchnorm), mean, std).to(run.device)
+    except ValueError as exc:
+        raise ConfigError(f"latent: {exc}") from exc
+
+
+def start_fit(run: Run, cae: StandardisedCAE) -> Fit:
+    """Adam and a seeded shuffle generator; a resumed run continues from its saved weights, states and progress."""
+    settings = run.settings
+    optimizer = torch.optim.Adam(cae.cae.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    generator = torch.Generator().manual_seed(settings.seed)
+    fit = Fit(cae, optimizer, generator, Progress(), copy.deepcopy(cae.cae.state_dict()))
+    if run.state is not None:
+        restore_fit(fit, run.state, settings.patience)
+    return fit
+
+
+def restore_fit(fit: Fit, state: dict, patience: int) -> None:
+    fit.cae.cae.load_state_dict(state["cae"])
+    fit.optimizer.load_state_dict(state["optimizer"])
+    fit.generator.set_state(state["generator"])
+    fit.progress, fit.best_cae = Progress(**state["progress"]), state["best_cae"]
+    fit.progress.stopped_early = fit.progress.bad_epochs >= patience  # patience may change on resume
+    log.info(
+        "resuming after epoch %d (best val loss %.5f at epoch %d)",
+        fit.progress.epoch,
+        fit.progress.best_val,
+        fit.progress.best_epoch,
+    )
+
+
+def save_run_state(run: Run, config: DFRConfig, fit: Fit) -> None:
+    """train_state.pt: everything --resume needs to continue exactly where this epoch ended."""
+    save_train_state(
+        run.state_path,
+        settings=run.settings,
+        config=config,
+        weights=run.weights,
+        data_sha=run.data_sha,
+        split=run.split,
+        progress=fit.progress,
+        cae=fit.cae,
+        best_cae=fit.best_cae,
+        optimizer=fit.optimizer,
+        generator=fit.generator,
+    )
+
+
+def train_epoch(
+    fit: Fit, train: FeatureStore, settings: TrainSettings, device: torch.device, block_images: int, bar: tqdm
+) -> float:
+    """One pass over every training vector in shuffled batches; returns the mean training loss."""
+    total, count = 0.0, 0
+    for x in epoch_batches(train, settings.batch_vectors, fit.generator, block_images):
+        x = x.to(device).float()
+        fit.optimizer.zero_grad(set_to_none=True)
+        loss = F.mse_loss(fit.cae.forward_vectors(x), x)
+        loss.backward()
+        fit.optimizer.step()
+        total += float(loss.detach()) * len(x)
+        count += len(x)
+        bar.update(1)
+        bar.set_postfix(
+            epoch=fit.progress.epoch + 1, loss=f"{float(loss.detach()):.4f}", best_val=f"{fit.progress.best_val:.4f}"
+        )
+    return total / count
+
+
+def record_epoch(fit: Fit, train_loss: float, val_loss: float, settings: TrainSettings) -> None:
+    """Count the epoch; keep its weights if the validation loss improved by `min_delta`, else spend patience."""
+    progress = fit.progress
+    if not math.isfinite(val_loss):
+        raise ValueError(
+            f"validation loss is {val_loss} at epoch {progress.epoch + 1}: training diverged (try a lower lr)"
+        )
+    progress.epoch += 1
+    progress.history.append({"epoch": progress.epoch, "train_loss": train_loss, "val_loss": val_loss})
+    if val_loss < progress.best_val * (1.0 - settings.min_delta):
+        progress.best_val, progress.best_epoch, progress.bad_epochs = val_loss, progress.epoch, 0
+        fit.best_cae = copy.deepcopy(fit.cae.cae.state_dict())
+    else:
+        progress.bad_epochs += 1
+        progress.stopped_early = progress.bad_epochs >= settings.patience
+
+
 def fit_cae(
-    cae: StandardisedCAE,
+    fit: Fit,
     train: FeatureStore,
     val: FeatureStore,
     settings: TrainSettings,
     device: torch.device,
-    progress: Progress,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-    best_cae: dict,
-    save_state,
-) -> dict:
-    """Epochs of shuffled vector batches until the budget or the patience runs out; returns the best weights."""
+    save_state: Callable[[], None],
+) -> None:
+    """Epochs of shuffled vector batches until the budget or the patience runs out; `fit.best_cae` ends best."""
+    progress = fit.progress
     block_images = train.images_per_block(settings.cache_ram_mb * (1 << 20) // 4)
     steps = steps_per_epoch(train, settings.batch_vectors, block_images)
     remaining = settings.epochs - progress.epoch
-    cae.train()
+    fit.cae.train()
     with tqdm(
         total=max(0, remaining) * steps, desc="train CAE", unit="step", mininterval=1.0, dynamic_ncols=True
     ) as bar:
         while progress.epoch < settings.epochs and not progress.stopped_early:
             started = time.perf_counter()
-            total, count = 0.0, 0
-            for x in epoch_batches(train, settings.batch_vectors, generator, block_images):
-                x = x.to(device).float()
-                optimizer.zero_grad(set_to_none=True)
-                loss = F.mse_loss(cae.forward_vectors(x), x)
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach()) * len(x)
-                count += len(x)
-                bar.update(1)
-                bar.set_postfix(
-                    epoch=progress.epoch + 1, loss=f"{float(loss.detach()):.4f}", best_val=f"{progress.best_val:.4f}"
-                )
-            train_loss = total / count
-            val_loss = reconstruction_loss(cae, val, device)
-            if not math.isfinite(val_loss):
-                raise ValueError(
-                    f"validation loss is {val_loss} at epoch {progress.epoch + 1}: training diverged (try a lower lr)"
-                )
-            progress.epoch += 1
-            progress.history.append({"epoch": progress.epoch, "train_loss": train_loss, "val_loss": val_loss})
-            if val_loss < progress.best_val * (1.0 - settings.min_delta):
-                progress.best_val, progress.best_epoch, progress.bad_epochs = val_loss, progress.epoch, 0
-                best_cae = copy.deepcopy(cae.cae.state_dict())
-            else:
-                progress.bad_epochs += 1
-                progress.stopped_early = progress.bad_epochs >= settings.patience
+            train_loss = train_epoch(fit, train, settings, device, block_images, bar)
+            val_loss = reconstruction_loss(fit.cae, val, device)
+            record_epoch(fit, train_loss, val_loss, settings)
             progress.fit_seconds += time.perf_counter() - started
-            save_state(best_cae)
+            save_state()
             log.info(
                 "epoch %d/%d: train loss %.5f, val loss %.5f (best %.5f at epoch %d)%s",
                 progress.epoch,
@@ -357,7 +567,56 @@ def fit_cae(
                 progress.best_epoch,
                 ", stopping early" if progress.stopped_early else "",
             )
-    return best_cae
+
+
+def with_best_cae(model: DFR, fit: Fit) -> DFR:
+    """The model with the best epoch's CAE, standardisation folded away, and the standardised score's 1/std²."""
+    fit.cae.cae.load_state_dict(fit.best_cae)
+    model.cae = fit.cae.folded()
+    if model.config.score != "mean_sq_error":
+        model.error_weight.copy_(1.0 / fit.cae.std.double().pow(2).float().to(model.error_weight.device))
+    return model.cpu().eval()
+
+
+def training_record(run: Run, progress: Progress, started: float, extract_seconds: float) -> dict:
+    """metadata.json's `training`: data, split sizes, epochs, losses, times and settings."""
+    return {
+        "data": str(Path(run.data).resolve()),
+        "dataset_sha256": run.data_sha,
+        "n_train": len(run.train_paths),
+        "n_val": len(run.val_paths),
+        "epochs": progress.epoch,
+        "best_epoch": progress.best_epoch,
+        "stopped_early": progress.stopped_early,
+        "seed": run.settings.seed,
+        "preset": run.settings.preset,
+        "best_val_loss": progress.best_val,
+        "train_seconds": round(time.perf_counter() - started, 2),
+        "extract_seconds": round(extract_seconds, 2),
+        "fit_seconds": round(progress.fit_seconds, 2),
+        "device": str(run.device),
+        "settings": run.settings.model_dump(),
+        "history": progress.history,
+    }
+
+
+def write_bundle(run: Run, model: DFR, training: dict) -> dict:
+    """model.pt (with the training record less its loss history), then metadata.json; returns the metadata."""
+    checkpoint = save_checkpoint(
+        model, run.out, extra={"training": {k: v for k, v in training.items() if k != "history"}}
+    )
+    training["checkpoint_sha256"] = bundle.sha256_file(checkpoint)
+    config = model.config
+    meta = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "input": {"height": config.height, "width": config.width, "layout": "NHWC", "dtype": "uint8", "color": "BGR"},
+        "dfr": config.as_metadata(),
+        "weights": run.weights.as_metadata(),
+        "training": training,
+        "versions": versions(),
+    }
+    bundle.write_metadata(run.out, meta)
+    return meta
 
 
 def train(
@@ -370,162 +629,22 @@ def train(
 ) -> dict:
     """Train a bundle in `out`; returns its metadata."""
     started = time.perf_counter()
-    out = Path(out)
-    check_output_dir(out, resume)
-    device = pick_device(settings.device)
-    paths = good_images(data)
-    data_sha = dataset_sha256(paths)
-    state_path = out / TRAIN_STATE
-    state = load_train_state(state_path) if resume else None
-    if state is not None:
-        check_resumable(state, settings, data_sha, state_path)
-    weights = resolve(weights_path, random_init=random_init)
-    if state is not None and state["weights"]["sha256"] != weights.sha256:
-        raise ConfigError(
-            f"--resume: VGG19 weights differ from the run saved in {state_path} "
-            f"({state['weights']['sha256']} -> {weights.sha256})"
-        )
-    train_paths, val_paths = split_train_val(paths, settings.val_fraction, settings.seed)
-    log.info(
-        "training on %d good images, validating on %d (from %s); device %s",
-        len(train_paths),
-        len(val_paths),
-        data,
-        device,
-    )
-    log.info("settings: %s", describe(settings))
-
-    torch.manual_seed(settings.seed)
-    config = DFRConfig(**state["config"]) if state else model_config(settings)
-    if state is None:
-        config.c_d = 0
-    model = DFR(config, weights).to(device).eval()
-    out.mkdir(parents=True, exist_ok=True)
-
-    t0 = time.perf_counter()
-    if state is None:
-        scale = set_feature_scale(model, train_paths, device, settings.extract_batch)
-        log.info("feature scale %.6g (unit mean square regional features)", scale)
-    budget = settings.cache_ram_mb * (1 << 20)
-    grid = config.grid[0] * config.grid[1]
-    split = {"train": [p.name for p in train_paths], "val": [p.name for p in val_paths]}
-    identity = features_identity(config, weights, data_sha, split)
-    train_store = FeatureStore(
-        len(train_paths),
-        grid,
-        config.c_o,
-        budget,
-        out / ("train" + CACHE_SUFFIX),
-        identity={**identity, "part": "train"},
-    )
-    val_budget = budget if train_store.on_disk else budget - train_store.array.nbytes
-    val_store = FeatureStore(
-        len(val_paths), grid, config.c_o, val_budget, out / ("val" + CACHE_SUFFIX), identity={**identity, "part": "val"}
-    )
-    finished = False
-    try:
-        for store, part_paths, part in ((train_store, train_paths, "train"), (val_store, val_paths, "val")):
-            if not store.reused:
-                extract_to_store(model, part_paths, store, device, settings.extract_batch, f"features ({part})")
-                store.mark_complete()
-        extract_seconds = time.perf_counter() - t0
-
-        if state is None:
-            sample = sample_vectors(train_store, settings.pca_samples, np.random.default_rng(settings.seed))
-            mean, std = channel_statistics(sample)
-            if settings.latent:
-                config.c_d = settings.latent
-            else:
-                config.c_d = pca_latent_dim(torch.from_numpy(sample), settings.pca_variance)
-                log.info(
-                    "c_d = %d (PCA, %.0f %% variance of %d regional vectors from %d images)",
-                    config.c_d,
-                    100 * settings.pca_variance,
-                    len(sample),
-                    len(train_paths),
-                )
-        else:
-            mean, std = state["input_norm"]["mean"], state["input_norm"]["std"]
-        try:
-            cae = StandardisedCAE(CAE(config.c_o, config.c_d, config.batchnorm), mean, std).to(device)
-        except ValueError as exc:
-            raise ConfigError(f"latent: {exc}") from exc
-        optimizer = torch.optim.Adam(cae.cae.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-        generator = torch.Generator().manual_seed(settings.seed)
-        progress, best_cae = Progress(), copy.deepcopy(cae.cae.state_dict())
-        if state is not None:
-            cae.cae.load_state_dict(state["cae"])
-            optimizer.load_state_dict(state["optimizer"])
-            generator.set_state(state["generator"])
-            progress, best_cae = Progress(**state["progress"]), state["best_cae"]
-            progress.stopped_early = progress.bad_epochs >= settings.patience
-            log.info(
-                "resuming after epoch %d (best val loss %.5f at epoch %d)",
-                progress.epoch,
-                progress.best_val,
-                progress.best_epoch,
-            )
-
-        def save_state(best: dict) -> None:
-            save_train_state(
-                state_path,
-                settings=settings,
-                config=config,
-                weights=weights,
-                data_sha=data_sha,
-                split=split,
-                progress=progress,
-                cae=cae,
-                best_cae=best,
-                optimizer=optimizer,
-                generator=generator,
-            )
-
-        best_cae = fit_cae(
-            cae, train_store, val_store, settings, device, progress, optimizer, generator, best_cae, save_state
-        )
-        finished = True
-    finally:  # an interrupted run keeps its finished on-disk features for --resume; a finished one cleans up
-        train_store.close(keep=not finished)
-        val_store.close(keep=not finished)
-    if progress.epoch == 0:
+    run = start_run(settings, data, Path(out), weights_path, random_init, resume)
+    model = frozen_model(run)
+    run.out.mkdir(parents=True, exist_ok=True)
+    extract_started = time.perf_counter()
+    if run.state is None:
+        measure_feature_scale(model, run)
+    with feature_stores(run, model.config) as (train_store, val_store):
+        extract_features(model, run, train_store, val_store)
+        extract_seconds = time.perf_counter() - extract_started
+        fit = start_fit(run, standardised_cae(run, model.config, train_store))
+        save_state = functools.partial(save_run_state, run, model.config, fit)
+        fit_cae(fit, train_store, val_store, run.settings, run.device, save_state)
+    if fit.progress.epoch == 0:
         raise ConfigError("epochs: no epoch was trained (the budget is 0 or already spent)")
-
-    cae.cae.load_state_dict(best_cae)
-    model.cae = cae.folded()
-    if config.score != "mean_sq_error":
-        model.error_weight.copy_(1.0 / cae.std.double().pow(2).float().to(model.error_weight.device))
-    model = model.cpu().eval()
-    training = {
-        "data": str(Path(data).resolve()),
-        "dataset_sha256": data_sha,
-        "n_train": len(train_paths),
-        "n_val": len(val_paths),
-        "epochs": progress.epoch,
-        "best_epoch": progress.best_epoch,
-        "stopped_early": progress.stopped_early,
-        "seed": settings.seed,
-        "preset": settings.preset,
-        "best_val_loss": progress.best_val,
-        "train_seconds": round(time.perf_counter() - started, 2),
-        "extract_seconds": round(extract_seconds, 2),
-        "fit_seconds": round(progress.fit_seconds, 2),
-        "device": str(device),
-        "settings": dataclasses.asdict(settings),
-        "history": progress.history,
-    }
-    checkpoint = save_checkpoint(model, out, extra={"training": {k: v for k, v in training.items() if k != "history"}})
-    training["checkpoint_sha256"] = bundle.sha256_file(checkpoint)
-    meta = {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "input": {"height": config.height, "width": config.width, "layout": "NHWC", "dtype": "uint8", "color": "BGR"},
-        "dfr": config.as_metadata(),
-        "weights": weights.as_metadata(),
-        "training": training,
-        "versions": versions(),
-    }
-    bundle.write_metadata(out, meta)
-    return meta
+    model = with_best_cae(model, fit)
+    return write_bundle(run, model, training_record(run, fit.progress, started, extract_seconds))
 
 
 def cli_train(args) -> int:
