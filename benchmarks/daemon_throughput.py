@@ -32,6 +32,7 @@ import yaml
 import zmq
 
 from linewatch import bundle
+from linewatch.demo.run import free_port
 from linewatch.evaluation.bench import measure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,14 +72,6 @@ def write_video(path: Path, frames: np.ndarray) -> Path:
         writer.write(f)
     writer.release()
     return path
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_daemon(

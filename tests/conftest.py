@@ -7,6 +7,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+TEST_KINDS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test says what kind it is (pyproject.toml's markers), so `pytest -m unit` is a fast, honest subset."""
+    for item in items:
+        kinds = {mark.name for mark in item.iter_markers() if mark.name in TEST_KINDS}
+        if len(kinds) != 1:
+            raise pytest.UsageError(
+                f"{item.nodeid}: mark the test with exactly one of {', '.join(TEST_KINDS)} (has {sorted(kinds)})"
+            )
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,7 @@ def run_cli(*args, timeout=300):
     )
 
 
+@pytest.mark.unit
 def test_latency_stats_by_hand():
     stats = latency_stats([0.1, 0.2, 0.3, 0.4], batch=2)
     assert stats["iters"] == 4
@@ -39,6 +40,7 @@ def test_latency_stats_by_hand():
     assert stats["p99_ms"] == pytest.approx(397.0)  # linear interpolation between 300 and 400 ms
 
 
+@pytest.mark.unit
 def test_parse_batches():
     assert parse_batches("1, 8,32") == [1, 8, 32]
     for bad in ("", "0", "1,x"):
@@ -46,6 +48,7 @@ def test_parse_batches():
             parse_batches(bad)
 
 
+@pytest.mark.e2e
 def test_bench_reports_engine_reference_and_ratios(tiny_bundle, tmp_path):
     out = tmp_path / "bench.json"
     result = run_cli(
@@ -65,6 +68,7 @@ def test_bench_reports_engine_reference_and_ratios(tiny_bundle, tmp_path):
     assert "naive torch reference" in result.stdout and "faster per image" in result.stdout
 
 
+@pytest.mark.e2e
 def test_bench_without_checkpoint_says_why_the_reference_is_skipped(deviation_bundle):
     result = run_cli("bench", str(deviation_bundle), "--batch", "1", "--provider", "cpu", "--iters", "2", "--json", "-")
     assert result.returncode == 0, result.stderr
@@ -73,11 +77,13 @@ def test_bench_without_checkpoint_says_why_the_reference_is_skipped(deviation_bu
     assert "reference: skipped" in result.stderr
 
 
+@pytest.mark.e2e
 def test_bench_unknown_provider_is_a_usage_error(deviation_bundle):
     result = run_cli("bench", str(deviation_bundle), "--provider", "gpu9")
     assert result.returncode == 2 and "unknown provider" in result.stderr
 
 
+@pytest.mark.e2e
 def test_gpu_bench_script_cpu_path(tmp_path):
     env = dict(os.environ, LW_DEVICE="cpu", LW_SIZE="32", LW_CD="8", PYTHON=sys.executable)
     result = subprocess.run(

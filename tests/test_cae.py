@@ -10,6 +10,8 @@ from sklearn.decomposition import PCA
 
 from linewatch.training.cae import CAE, cae_widths, pca_latent_dim
 
+pytestmark = pytest.mark.integration
+
 
 def test_widths_follow_table_viii():
     # Table VIII for f_{1:12} (c_o = 3456) and c_d = 200: 3456 -> 1828 -> 400 -> 200 -> 400 -> 1828 -> 3456.

@@ -81,6 +81,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.e2e
 def test_cli_calibrates_reports_recalibrates_and_rolls_back(model, tmp_path):
     good = write_good(tmp_path / "good", 30, seed=1)
     defects = write_defects(tmp_path / "defects", 4, seed=2)
@@ -148,6 +149,7 @@ def test_cli_calibrates_reports_recalibrates_and_rolls_back(model, tmp_path):
     assert "rolled back" in proc.stderr
 
 
+@pytest.mark.e2e
 def test_too_few_samples_for_the_rate_is_refused(model, tmp_path):
     good = write_good(tmp_path / "good", 3, seed=3)
     proc = run_cli(str(model), "--good", str(good), "--fpr", "0.001")
@@ -156,6 +158,7 @@ def test_too_few_samples_for_the_rate_is_refused(model, tmp_path):
     assert not (model / bundle.CALIBRATION).exists()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("smooth", [False, True], ids=["iid-noise", "blob-noise"])
 def test_realised_fpr_on_held_out_parts_lands_within_the_reported_bound(deviation_bundle, smooth):
     """Ten independent calibrations: the interval covers the target, and the true rate of the chosen threshold
@@ -187,6 +190,7 @@ def test_realised_fpr_on_held_out_parts_lands_within_the_reported_bound(deviatio
         assert np.mean(n_eff) > 0.5 * pixels
 
 
+@pytest.mark.integration
 def test_missed_target_warns_in_log_and_report(model, tmp_path, caplog):
     n = 30
     _, hold = holdout_split(n, 0.3, 0)
@@ -204,6 +208,7 @@ def test_missed_target_warns_in_log_and_report(model, tmp_path, caplog):
     assert load_calibration(model).holdout_pixel_fpr["lower"] > 0.01
 
 
+@pytest.mark.integration
 def test_camera_source_from_the_daemon_config(model, tmp_path):
     good = write_good(tmp_path / "frames", 20, seed=5)
     config = tmp_path / "linewatch.yaml"
@@ -236,6 +241,7 @@ def test_camera_source_from_the_daemon_config(model, tmp_path):
     assert (calib > cal.pixel_threshold).mean() <= 0.01 < (calib >= cal.pixel_threshold).mean()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "argv, message",
     [

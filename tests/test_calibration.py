@@ -65,6 +65,7 @@ def brute_force_threshold(scores: np.ndarray, fpr: float) -> float:
     return just_above_max
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("seed", range(6))
 def test_threshold_equals_brute_force_with_and_without_ties(seed):
     rng = np.random.default_rng(seed)
@@ -80,12 +81,14 @@ def test_threshold_equals_brute_force_with_and_without_ties(seed):
             assert (scores > t).sum() <= Fraction(repr(fpr)) * scores.size
 
 
+@pytest.mark.unit
 def test_rate_is_exact_where_no_ties_and_typed_fractions_are_honoured():
     scores = np.arange(10, dtype=np.float32)
     assert pixel_threshold_for_fpr(scores, 0.3) == 6.0  # exactly 3 of 10 above (0.3 is 3/10, not 0.2999...)
     assert ((scores > 6.0).sum(), (scores > 5.0).sum()) == (3, 4)
 
 
+@pytest.mark.unit
 def test_fpr_zero_is_just_above_the_max_and_flags_nothing():
     maps = np.random.default_rng(0).random((3, 16, 16)).astype(np.float32)
     t = pixel_threshold_for_fpr(maps, 0.0)
@@ -100,18 +103,21 @@ def test_fpr_zero_is_just_above_the_max_and_flags_nothing():
     )
 
 
+@pytest.mark.unit
 def test_tie_block_is_never_split_so_the_realised_rate_stays_below_target():
     scores = np.r_[np.zeros(90), np.ones(10)]
     t = pixel_threshold_for_fpr(scores, 0.05)  # 5 allowed, but the top 10 are tied
     assert t == 1.0 and (scores > t).mean() == 0.0
 
 
+@pytest.mark.unit
 def test_constant_map():
     maps = np.full((4, 8, 8), 0.25, np.float32)
     assert pixel_threshold_for_fpr(maps, 0.01) == 0.25 and not (maps > 0.25).any()
     assert pixel_threshold_for_fpr(maps, 0.0) > 0.25
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("bad, word", [(np.nan, "NaN"), (np.inf, "inf"), (-np.inf, "inf")])
 def test_non_finite_scores_are_refused(bad, word):
     scores = np.zeros(100, np.float32)
@@ -120,12 +126,14 @@ def test_non_finite_scores_are_refused(bad, word):
         pixel_threshold_for_fpr(scores, 0.01)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("fpr", [-0.1, 1.0, 1.5, float("nan")])
 def test_rates_outside_zero_one_are_refused(fpr):
     with pytest.raises(ValueError, match="rate"):
         pixel_threshold_for_fpr(np.arange(10.0), fpr)
 
 
+@pytest.mark.unit
 def test_too_few_images_for_the_rate_are_refused_with_the_numbers():
     with pytest.raises(ValueError, match=r"too few samples.*0\.001.*at least 63 calibration images.*got 3"):
         check_enough_samples(3, 0.001)
@@ -140,6 +148,7 @@ def test_too_few_images_for_the_rate_are_refused_with_the_numbers():
 # --- confidence bounds ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("k, n", [(0, 10), (1, 10), (5, 10), (10, 10), (3, 1000), (0, 50000), (120, 40000), (7, 12)])
 def test_clopper_pearson_matches_scipy(k, n):
     lo, hi = fpr_confidence_bound(k, n, 0.95)
@@ -148,6 +157,7 @@ def test_clopper_pearson_matches_scipy(k, n):
     assert hi == pytest.approx(ci.high, rel=1e-7, abs=1e-12)
 
 
+@pytest.mark.unit
 def test_non_integer_effective_counts_match_beta_quantiles():
     k, n = 37.4, 2153.7
     lo, hi = fpr_confidence_bound(k, n, 0.9)
@@ -157,6 +167,7 @@ def test_non_integer_effective_counts_match_beta_quantiles():
         assert beta_cdf(x, a, b) == pytest.approx(stats.beta.cdf(x, a, b), rel=1e-8)
 
 
+@pytest.mark.unit
 def test_effective_count_sees_clustered_false_positives():
     rng = np.random.default_rng(0)
     pixels, m = 4096, 20
@@ -172,6 +183,7 @@ def test_effective_count_sees_clustered_false_positives():
 # --- file format ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_write_load_history_and_versions(model):
     first = write_calibration(model, 0.3, min_defect_area=5)
     second = write_calibration(model, 0.5, image_threshold=0.8)
@@ -183,12 +195,14 @@ def test_write_load_history_and_versions(model):
     assert json.loads(history_path(model, 1).read_text())["pixel_threshold"] == 0.3
 
 
+@pytest.mark.integration
 def test_save_refuses_a_version_that_is_not_new(model):
     cal = write_calibration(model, 0.3)
     with pytest.raises(BundleError, match="must be above the current 1"):
         save_calibration(model, cal)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "edit, message",
     [
@@ -218,6 +232,7 @@ def test_invalid_files_are_refused_naming_the_file(model, edit, message):
     assert str(path) in str(err.value)
 
 
+@pytest.mark.integration
 def test_unknown_keys_of_a_newer_writer_are_ignored(model):
     written = write_calibration(model, 0.3)
     path = model / bundle.CALIBRATION
@@ -227,6 +242,7 @@ def test_unknown_keys_of_a_newer_writer_are_ignored(model):
     assert load_calibration(model) == written
 
 
+@pytest.mark.integration
 def test_deeply_nested_file_is_refused_naming_it_not_a_recursion_error(model):
     write_calibration(model, 0.3)
     path = model / bundle.CALIBRATION
@@ -242,6 +258,7 @@ def test_deeply_nested_file_is_refused_naming_it_not_a_recursion_error(model):
     assert list((model / bundle.CALIBRATION_HISTORY).glob("invalid_*.json"))
 
 
+@pytest.mark.integration
 def test_truncated_file_is_never_loaded(model):
     write_calibration(model, 0.3)
     path = model / bundle.CALIBRATION
@@ -252,6 +269,7 @@ def test_truncated_file_is_never_loaded(model):
             load_calibration(model)
 
 
+@pytest.mark.integration
 def test_failed_rename_keeps_the_old_calibration(model, monkeypatch):
     write_calibration(model, 0.3)
 
@@ -292,6 +310,7 @@ write_calibration(sys.argv[1], 0.7, settings={"pad": "y" * 200000})
 """
 
 
+@pytest.mark.e2e
 def test_sigkill_mid_write_leaves_the_old_calibration_whole(model):
     write_calibration(model, 0.5)
     env = dict(os.environ)
@@ -309,6 +328,7 @@ def test_sigkill_mid_write_leaves_the_old_calibration_whole(model):
     assert load_calibration(model).pixel_threshold == 0.6
 
 
+@pytest.mark.e2e
 def test_sigkill_at_random_moments_never_leaves_a_partial_file(model):
     write_calibration(model, 0.5)
     env = dict(os.environ)
@@ -330,6 +350,7 @@ def test_sigkill_at_random_moments_never_leaves_a_partial_file(model):
 # --- rollback ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_rollback_walks_back_under_new_version_numbers(model):
     write_calibration(model, 0.1)
     write_calibration(model, 0.2)
@@ -346,6 +367,7 @@ def test_rollback_walks_back_under_new_version_numbers(model):
     assert again.version == 6 and rollback(model).pixel_threshold == 0.1
 
 
+@pytest.mark.integration
 def test_rollback_refuses_a_calibration_made_for_another_graph(model):
     from tests.bundles import make_deviation_bundle
 
@@ -357,6 +379,7 @@ def test_rollback_refuses_a_calibration_made_for_another_graph(model):
     assert load_calibration(model).pixel_threshold == 0.2
 
 
+@pytest.mark.unit
 def test_calibration_dataclass_is_frozen():
     cal = Calibration(version=1, model_sha256="0" * 64, pixel_threshold=0.5)
     with pytest.raises(Exception):

@@ -12,7 +12,9 @@ from linewatch.errors import DataError
 from linewatch.line.cameras import FINISHED, OFFLINE, ONLINE, Camera, crop, grab_frames
 from linewatch.line.config import CameraConfig, ReconnectConfig
 from linewatch.line.frames import FrameQueue
-from tests.streams import MjpegServer, free_port, grey, write_video
+from tests.helpers import MjpegServer, free_port, grey, write_video
+
+pytestmark = pytest.mark.integration
 
 
 def numbered_frames(n: int, size: int = 64) -> list[np.ndarray]:

@@ -39,6 +39,7 @@ def minimal(**extra) -> dict:
     return data
 
 
+@pytest.mark.unit
 def test_example_config_uses_only_known_keys_and_valid_values(workdir):
     data = yaml.safe_load(EXAMPLE.read_text())
     data["model"]["bundle"] = str(workdir / "bundle")  # the example points at a production path
@@ -48,6 +49,7 @@ def test_example_config_uses_only_known_keys_and_valid_values(workdir):
     assert cfg.trigger.enabled and cfg.metrics.port == 9108 and cfg.engine.max_batch == 8
 
 
+@pytest.mark.unit
 def test_minimal_config_gets_defaults_and_resolves_relative_paths(workdir):
     cfg = load_config(write(workdir, minimal()))
     assert cfg.model.bundle == workdir / "bundle"
@@ -55,6 +57,7 @@ def test_minimal_config_gets_defaults_and_resolves_relative_paths(workdir):
     assert cfg.publish.endpoint == "tcp://127.0.0.1:5555" and cfg.cameras[0].queue_size == 4
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "change, key, expected",
     [
@@ -112,6 +115,7 @@ def test_bad_values_are_refused_naming_file_key_and_expectation(workdir, change,
     assert str(path) in message and f": {key}:" in message and expected in message
 
 
+@pytest.mark.unit
 def test_not_yaml_and_missing_file(workdir):
     bad = workdir / "bad.yaml"
     bad.write_text("model: [unclosed\n")
@@ -121,6 +125,7 @@ def test_not_yaml_and_missing_file(workdir):
         load_config(workdir / "nope.yaml")
 
 
+@pytest.mark.e2e
 def test_check_config_command_exit_codes(workdir):
     good = write(workdir, minimal())
     run = [sys.executable, "-m", "linewatch.cli", "check-config"]
@@ -131,6 +136,7 @@ def test_check_config_command_exit_codes(workdir):
     assert fail.returncode == 2 and "logging.level" in fail.stderr and "LOUD" in fail.stderr
 
 
+@pytest.mark.unit
 def test_relative_paths_resolve_against_the_config_folder_and_copies_keep_the_path(workdir):
     cfg = load_config(write(workdir, minimal(archive={"enabled": True, "dir": "archive"})))
     assert cfg.archive.dir == workdir / "archive" and cfg.path == workdir / "lw.yaml"
@@ -138,6 +144,7 @@ def test_relative_paths_resolve_against_the_config_folder_and_copies_keep_the_pa
     assert copy.path == cfg.path and copy == cfg and isinstance(cfg.cameras, tuple)
 
 
+@pytest.mark.e2e
 def test_check_config_refuses_a_camera_name_the_wire_protocol_would_refuse(workdir):
     bad = write(workdir, minimal(cameras=[{"name": "kamera_ü", "kind": "video", "source": "line.avi"}]))
     run = [sys.executable, "-m", "linewatch.cli", "check-config", str(bad)]
@@ -145,6 +152,7 @@ def test_check_config_refuses_a_camera_name_the_wire_protocol_would_refuse(workd
     assert fail.returncode == 2 and "cameras[0].name" in fail.stderr and "kamera_ü" in fail.stderr
 
 
+@pytest.mark.unit
 def test_config_reference_is_generated_from_the_schema():
     committed = (ROOT / "docs" / "CONFIG.md").read_text()
     assert committed == reference(), f"docs/CONFIG.md is out of date with the schema: run `{REGENERATE}`"
@@ -193,6 +201,7 @@ def enumeration(comment: str) -> set[str] | None:
     return {re.match(r"\s*([\w-]+)", part)[1] for part in comment.split("|")}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("example, model", [(EXAMPLE, Config), (TRAIN_EXAMPLE, TrainSettings)])
 def test_example_comments_agree_with_the_schema(example, model):
     keys = example_keys(example.read_text())
@@ -207,6 +216,7 @@ def test_example_comments_agree_with_the_schema(example, model):
             assert listed == {str(c) for c in allowed}, f"{example.name}: {path}: comment {listed} != schema {allowed}"
 
 
+@pytest.mark.unit
 def test_example_key_reader_sees_list_entries_and_commented_keys():
     text = "a:\n  - n: 1\n    m: x   # p | q\n  # - {n: 2, k: 3}   # two\nb:\n  # c: 1\n  d: 2\n"
     assert example_keys(text) == [

@@ -23,8 +23,7 @@ from onnx import TensorProto, helper
 
 from linewatch import bundle
 from tests.bundles import make_deviation_bundle
-from tests.notify_socket import NotifySocket, fill_queue
-from tests.streams import MjpegServer, free_port, grey, with_white_square, write_video
+from tests.helpers import MjpegServer, NotifySocket, fill_queue, free_port, grey, with_white_square, write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 PERIOD = 4  # video frame i is NOK when i % PERIOD == 1
@@ -205,6 +204,7 @@ def slow_bundle(path: Path, iterations: int = 10**9) -> Path:
 # --- tests ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_video_file_verdicts_metrics_archive_and_sigterm_accounting(calibrated, tmp_path):
     video = write_video(tmp_path / "line.avi", video_frames(8))
     archive = tmp_path / "archive"
@@ -253,6 +253,7 @@ def test_video_file_verdicts_metrics_archive_and_sigterm_accounting(calibrated, 
     assert files and sum(f.stat().st_size for f in archive.iterdir()) <= 0.05 * 1024 * 1024
 
 
+@pytest.mark.e2e
 def test_http_stream_outage_reports_offline_never_ok_and_reconnects(calibrated, tmp_path):
     port = free_port()
     server = MjpegServer(port, lambda i: with_white_square(), fps=40)
@@ -300,6 +301,7 @@ def test_http_stream_outage_reports_offline_never_ok_and_reconnects(calibrated, 
         sub.close()
 
 
+@pytest.mark.e2e
 def test_a_notify_socket_nobody_reads_never_freezes_the_daemon(calibrated, tmp_path):
     """A full sd_notify queue (systemd busy, queue length 10) must not block status publishing or SIGTERM."""
     video = write_video(tmp_path / "line.avi", video_frames(8))
@@ -326,6 +328,7 @@ def test_a_notify_socket_nobody_reads_never_freezes_the_daemon(calibrated, tmp_p
         sub.close()
 
 
+@pytest.mark.e2e
 def test_sighup_reloads_calibration_and_keeps_the_old_one_when_the_new_is_broken(deviation_bundle, tmp_path):
     model = tmp_path / "bundle"
     shutil.copytree(deviation_bundle, model)  # not calibrated yet
@@ -356,6 +359,7 @@ def test_sighup_reloads_calibration_and_keeps_the_old_one_when_the_new_is_broken
         sub.close()
 
 
+@pytest.mark.e2e
 def test_slow_subscriber_does_not_slow_inference(calibrated, tmp_path):
     rng = np.random.default_rng(0)
     noisy = [np.clip(rng.normal(128, 90, (64, 64, 3)), 0, 255).astype(np.uint8) for _ in range(4)]
@@ -399,6 +403,7 @@ def test_slow_subscriber_does_not_slow_inference(calibrated, tmp_path):
         sub.close()
 
 
+@pytest.mark.e2e
 def test_stuck_inference_stops_watchdog_pings_and_sigterm_still_exits(tmp_path):
     model = slow_bundle(tmp_path / "slow")
     write_calibration(model, 0.5)
@@ -433,6 +438,7 @@ def test_stuck_inference_stops_watchdog_pings_and_sigterm_still_exits(tmp_path):
         sub.close()
 
 
+@pytest.mark.e2e
 def test_sigterm_inspects_and_publishes_the_frames_already_captured(tmp_path):
     model = slow_bundle(tmp_path / "slow", iterations=200_000)  # 0.1-1 s a batch: far slower than the camera
     write_calibration(model, 0.5)
@@ -465,6 +471,7 @@ def test_sigterm_inspects_and_publishes_the_frames_already_captured(tmp_path):
     assert [h["seq"] for h in sub.results] == list(range(sub.results[0]["seq"], final["results"] + 1))
 
 
+@pytest.mark.e2e
 def test_trigger_returns_the_result_of_a_frame_taken_after_the_request(calibrated, tmp_path):
     from linewatch.protocol.client import TriggerClient, TriggerError
 
@@ -507,6 +514,7 @@ def test_trigger_returns_the_result_of_a_frame_taken_after_the_request(calibrate
         sub.close()
 
 
+@pytest.mark.e2e
 def test_curve_daemon_serves_allowed_keys_and_nothing_to_others(calibrated, tmp_path):
     import zmq.auth
 
@@ -558,6 +566,7 @@ def test_curve_daemon_serves_allowed_keys_and_nothing_to_others(calibrated, tmp_
         stop(proc)
 
 
+@pytest.mark.e2e
 def test_bad_config_exits_2_before_starting(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("model: {bundle: nowhere}\ncameras: [{name: c, kind: device, source: 0}]\n")
@@ -571,6 +580,7 @@ def test_bad_config_exits_2_before_starting(tmp_path):
     assert result.returncode == 2 and "model.bundle" in result.stderr
 
 
+@pytest.mark.integration
 def test_archive_keeps_the_newest_under_the_cap_and_survives_write_errors(tmp_path):
     from linewatch.line.archive import Archive
 
@@ -592,6 +602,7 @@ def test_archive_keeps_the_newest_under_the_cap_and_survives_write_errors(tmp_pa
     assert broken.errors >= 1 and broken.saved == 0  # counted and logged, never raised
 
 
+@pytest.mark.e2e
 def test_exit_when_sources_end_inspects_every_frame_of_a_file_then_exits_0(calibrated, tmp_path):
     video = write_video(tmp_path / "line.avi", video_frames(6))
     config, endpoint = write_config(
@@ -641,6 +652,7 @@ def frame_of(camera: str, index: int, image: np.ndarray):
     return Frame(camera, index, time.time(), time.monotonic(), image)
 
 
+@pytest.mark.integration
 def test_a_frame_with_120_regions_publishes_all_of_them_counted_and_the_largest_100(daemon_in_process):
     from linewatch.line.inference import judge_frames
     from linewatch.protocol.wire import decode_mask_png
@@ -662,6 +674,7 @@ def test_a_frame_with_120_regions_publishes_all_of_them_counted_and_the_largest_
     np.testing.assert_array_equal(mask > 0, image[:, :, 0] == 255)
 
 
+@pytest.mark.integration
 def test_a_result_that_cannot_be_published_is_counted_and_the_rest_of_its_batch_goes_out(daemon_in_process):
     from concurrent.futures import Future
 

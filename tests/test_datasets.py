@@ -11,6 +11,8 @@ import pytest
 from linewatch.errors import DataError
 from linewatch.evaluation.datasets import GOOD, good_image_folder, read_test_set
 
+pytestmark = pytest.mark.unit
+
 
 def write(path: Path, value: int = 128, size: int = 16) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)

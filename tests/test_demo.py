@@ -13,6 +13,8 @@ from pathlib import Path
 import cv2
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = 12
 LINE = re.compile(r"^part +(\d+) +truth (\S+) +(OK|NOK|ERROR) +score +(\S+) +defect area +(\d+) px +(.+)$")
@@ -30,7 +32,6 @@ def run_demo(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.slow
 def test_quick_demo_prints_every_part_and_reports_counts_matching_the_truth(tmp_path):
     out = tmp_path / "demo"
     proc = run_demo("--out", str(out), "--parts", str(PARTS), "--quick", "--seed", "1")

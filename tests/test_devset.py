@@ -62,6 +62,7 @@ def clean_crop(category: str, entry: dict) -> np.ndarray:
     return cv2.resize(np.ascontiguousarray(patch), (SIZE, SIZE), interpolation=cv2.INTER_AREA)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("category", ["brick", "gravel"])
 def test_layout_and_masks_match_the_changed_pixels(devset, category):
     root = devset / category
@@ -85,6 +86,7 @@ def test_layout_and_masks_match_the_changed_pixels(devset, category):
         assert changed[mask].mean() > 0.8, f"{s.path}: mask covers mostly unchanged pixels"
 
 
+@pytest.mark.unit
 def test_train_and_test_crops_come_from_disjoint_rows(devset):
     for category in ("brick", "gravel"):
         manifest = json.loads((devset / category / "devset.json").read_text())
@@ -101,6 +103,7 @@ def test_train_and_test_crops_come_from_disjoint_rows(devset):
             assert np.array_equal(img, clean_crop(category, e))
 
 
+@pytest.mark.e2e
 def test_deterministic_and_independent_of_other_categories(devset, tmp_path):
     make_devset(tmp_path, "--categories", "gravel", "--seed", "3")
     first = sorted(p.relative_to(devset / "gravel") for p in (devset / "gravel").rglob("*.png"))
@@ -110,6 +113,7 @@ def test_deterministic_and_independent_of_other_categories(devset, tmp_path):
         assert (devset / "gravel" / rel).read_bytes() == (tmp_path / "gravel" / rel).read_bytes(), rel
 
 
+@pytest.mark.unit
 def test_baseline_runs_through_evaluate(devset):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
@@ -135,6 +139,7 @@ def test_baseline_runs_through_evaluate(devset):
     assert 0.0 <= result["overall"]["pixel_roc_auc"] <= 1.0
 
 
+@pytest.mark.e2e
 def test_run_devbench_trains_evaluates_and_tabulates(devset, tmp_path):
     # a real (tiny, random-backbone) DFR through linewatch train/eval subprocesses, next to the baseline
     out = tmp_path / "bench"
@@ -242,6 +247,7 @@ def test_run_devbench_trains_evaluates_and_tabulates(devset, tmp_path):
     assert proc.returncode != 0 and "nope" in proc.stderr and "make_devset.py" in proc.stderr
 
 
+@pytest.mark.e2e
 def test_adding_the_draem_type_leaves_every_earlier_image_unchanged(devset, tmp_path):
     """DRAEM-style defects were added after the first dev benchmark: its earlier images must stay the same."""
     make_devset(tmp_path, "--categories", "brick", "--seed", "3", "--defects", "scratch,crack,pit,stain,cutpaste")
@@ -262,6 +268,7 @@ def load_ceiling_module():
     return module
 
 
+@pytest.mark.integration
 def test_feature_ceiling_helpers_against_brute_force():
     import torch
 

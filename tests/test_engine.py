@@ -28,6 +28,7 @@ def _edit_metadata(path, edit):
     (path / bundle.METADATA).write_text(json.dumps(meta))
 
 
+@pytest.mark.integration
 def test_scores_frames_with_the_bundle_graph(deviation_bundle):
     engine = Engine(deviation_bundle, providers="cpu", threads=1)
     assert engine.input_size == (64, 64)
@@ -45,6 +46,7 @@ def test_scores_frames_with_the_bundle_graph(deviation_bundle):
     assert scores[0] == 0 and scores[1] == pytest.approx(1.0) and maps[1, 0, 0] == 0
 
 
+@pytest.mark.integration
 def test_auto_reports_only_providers_that_really_loaded(deviation_bundle):
     engine = Engine(deviation_bundle)  # this CI machine lists GPU providers whose libraries are absent
     assert engine.providers == engine.session.get_providers()
@@ -53,6 +55,7 @@ def test_auto_reports_only_providers_that_really_loaded(deviation_bundle):
     assert maps.shape == (1, 64, 64)
 
 
+@pytest.mark.integration
 def test_rejects_frames_of_wrong_shape_or_dtype(deviation_bundle):
     engine = Engine(deviation_bundle, providers="cpu")
     for bad in (
@@ -66,35 +69,41 @@ def test_rejects_frames_of_wrong_shape_or_dtype(deviation_bundle):
             engine.score(bad)
 
 
+@pytest.mark.unit
 def test_unknown_provider_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown provider 'tpu'"):
         parse_providers("cpu,tpu")
     assert parse_providers("trt, cpu") == (["TensorrtExecutionProvider", CPU], True)
 
 
+@pytest.mark.integration
 def test_missing_bundle_dir(tmp_path):
     with pytest.raises(BundleError, match="not found: .*nowhere"):
         Engine(tmp_path / "nowhere")
 
 
+@pytest.mark.integration
 def test_missing_metadata(bundle_copy):
     (bundle_copy / bundle.METADATA).unlink()
     with pytest.raises(BundleError, match="metadata.json"):
         Engine(bundle_copy)
 
 
+@pytest.mark.integration
 def test_missing_graph_file(bundle_copy):
     (bundle_copy / bundle.GRAPH).unlink()
     with pytest.raises(BundleError, match="model.onnx"):
         Engine(bundle_copy)
 
 
+@pytest.mark.integration
 def test_not_exported_bundle(bundle_copy):
     _edit_metadata(bundle_copy, lambda m: m.pop("graph"))
     with pytest.raises(BundleError, match="linewatch export"):
         Engine(bundle_copy)
 
 
+@pytest.mark.integration
 def test_missing_reduced_precision_graphs_name_the_export_flag(bundle_copy):
     with pytest.raises(BundleError, match="linewatch export --fp16"):
         Engine(bundle_copy, precision="fp16")
@@ -104,6 +113,7 @@ def test_missing_reduced_precision_graphs_name_the_export_flag(bundle_copy):
         Engine(bundle_copy, precision="int4")
 
 
+@pytest.mark.integration
 def test_graph_hash_mismatch(bundle_copy):
     path = bundle_copy / bundle.GRAPH
     data = bytearray(path.read_bytes())
@@ -113,6 +123,7 @@ def test_graph_hash_mismatch(bundle_copy):
         Engine(bundle_copy)
 
 
+@pytest.mark.integration
 def test_graph_that_fails_to_load(bundle_copy):
     path = bundle_copy / bundle.GRAPH
     path.write_bytes(b"this is not a protobuf" * 10)
@@ -121,6 +132,7 @@ def test_graph_that_fails_to_load(bundle_copy):
         Engine(bundle_copy)
 
 
+@pytest.mark.integration
 def test_graph_input_size_differs_from_metadata(bundle_copy):
     path = bundle_copy / bundle.GRAPH
     onnx.save(deviation_graph(32, 64), str(path))
@@ -129,6 +141,7 @@ def test_graph_input_size_differs_from_metadata(bundle_copy):
         Engine(bundle_copy)
 
 
+@pytest.mark.integration
 def test_explicit_gpu_provider_never_falls_back_silently(deviation_bundle):
     try:
         engine = Engine(deviation_bundle, providers="cuda")

@@ -85,6 +85,7 @@ def independent_metrics(cat: Path, types: list[str]) -> dict:
     }
 
 
+@pytest.mark.integration
 def test_perfect_separation_gives_one(tmp_path, deviation_bundle):
     cat = make_category(tmp_path / "cat")
     result = evaluate_scorer(Engine(deviation_bundle), cat, batch=4)
@@ -97,6 +98,7 @@ def test_perfect_separation_gives_one(tmp_path, deviation_bundle):
     assert result["per_type"]["big"]["n_defect"] == 2 and result["per_type"]["big"]["n_good"] == 3
 
 
+@pytest.mark.integration
 def test_larger_images_are_resized_to_the_model_and_masks_follow(tmp_path, deviation_bundle):
     cat = make_category(tmp_path / "cat", size=128)  # 2× the bundle's 64 px, defects on even pixels
     result = evaluate_scorer(RawOnnxScorer(deviation_bundle), cat)
@@ -105,6 +107,7 @@ def test_larger_images_are_resized_to_the_model_and_masks_follow(tmp_path, devia
     assert result["overall"]["pro_auc"] == pytest.approx(1.0)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("seed", [0, 1])
 def test_partial_separation_matches_independent_computation(tmp_path, deviation_bundle, seed):
     # noisy parts with faint defects: good noise overlaps the defect level, so no metric is 1
@@ -118,6 +121,7 @@ def test_partial_separation_matches_independent_computation(tmp_path, deviation_
     assert all(0.3 < result["overall"][key] < 0.9 for key in ("pixel_roc_auc", "pro_auc"))
 
 
+@pytest.mark.integration
 def test_empty_masks_are_an_error(tmp_path, deviation_bundle):
     cat = make_category(tmp_path / "cat")
     for p in (cat / "ground_truth" / "small").iterdir():
@@ -126,6 +130,7 @@ def test_empty_masks_are_an_error(tmp_path, deviation_bundle):
         evaluate_scorer(RawOnnxScorer(deviation_bundle), cat)
 
 
+@pytest.mark.unit
 def test_overlay_colours_defects_and_draws_contours():
     image = np.full((32, 32, 3), 128, np.uint8)
     amap = np.zeros((32, 32), np.float32)
@@ -140,6 +145,7 @@ def test_overlay_colours_defects_and_draws_contours():
     assert small.shape == image.shape  # map resized to the image
 
 
+@pytest.mark.e2e
 def test_cli_eval_writes_json_and_overlays(tmp_path, deviation_bundle):
     cat = make_category(tmp_path / "cat")
     out_json, out_dir = tmp_path / "m.json", tmp_path / "overlays"

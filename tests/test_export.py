@@ -73,6 +73,7 @@ def exported(tmp_path_factory):
     return path
 
 
+@pytest.mark.e2e
 def test_graph_contract_and_metadata(exported):
     meta = bundle.read_metadata(exported)
     graph = meta["graph"]
@@ -95,6 +96,7 @@ def test_graph_contract_and_metadata(exported):
     assert bundle.model_id(meta) == graph["sha256"][:12]
 
 
+@pytest.mark.e2e
 def test_fp32_graph_matches_torch_model_at_any_batch_size(exported):
     engine = Engine(exported, providers="cpu", threads=1)
     for n, seed in ((1, 11), (3, 12)):
@@ -108,6 +110,7 @@ def test_fp32_graph_matches_torch_model_at_any_batch_size(exported):
         assert ref_map.max() - ref_map.min() > 0  # the comparison is not between two constant maps
 
 
+@pytest.mark.e2e
 def test_fp16_graph_close_to_torch_model(exported):
     engine = Engine(exported, providers="cpu", precision="fp16")
     frames = frames_for(64, 2, 21)
@@ -117,6 +120,7 @@ def test_fp16_graph_close_to_torch_model(exported):
     assert relative_map_error(ref_map, maps) <= FP16_TOLERANCE
 
 
+@pytest.mark.e2e
 def test_int8_graph_quantises_the_heavy_convolutions_and_tracks_the_torch_model(exported):
     model = onnx.load(str(exported / bundle.GRAPH_INT8))
     ops = [n.op_type for n in model.graph.node]
@@ -141,6 +145,7 @@ def test_int8_graph_quantises_the_heavy_convolutions_and_tracks_the_torch_model(
     assert check["map_correlation"] >= check["min_correlation"] == INT8_MIN_CORRELATION
 
 
+@pytest.mark.e2e
 def test_int8_export_without_good_images_says_how_to_give_them(tmp_path):
     path = make_untrained_bundle(tmp_path / "b", "1:4", 32, c_d=8, random_init=True)
     result = subprocess.run(
@@ -164,6 +169,7 @@ def test_int8_export_without_good_images_says_how_to_give_them(tmp_path):
     assert not (path / bundle.GRAPH_INT8).exists()
 
 
+@pytest.mark.e2e
 def test_calibration_binds_to_the_graph_precision_it_was_set_with(exported, tmp_path):
     import shutil
 
@@ -182,6 +188,7 @@ def test_calibration_binds_to_the_graph_precision_it_was_set_with(exported, tmp_
     assert load_runtime_model(model, ("cpu",), precision="int8").calibration.pixel_threshold == 0.5
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "convention,padding,score",
     [
@@ -208,6 +215,7 @@ def test_fused_rewrites_are_exact_for_each_convention_and_padding(convention, pa
     assert (score != "mean_sq_error") == (relative_map_error(plain.numpy(), scored.numpy()) > 0.01)
 
 
+@pytest.mark.integration
 def test_reexport_replaces_stale_fp16_graph_and_trt_cache(tmp_path):
     path = make_untrained_bundle(tmp_path / "b", "1:4", 32, c_d=8, random_init=True)
     from linewatch.export.cli import export_bundle
@@ -229,6 +237,7 @@ def test_reexport_replaces_stale_fp16_graph_and_trt_cache(tmp_path):
         Engine(path, precision="int8")
 
 
+@pytest.mark.e2e
 def test_export_without_checkpoint_names_the_file(tmp_path):
     path = make_untrained_bundle(tmp_path / "b", "1:4", 32, c_d=8, random_init=True)
     (path / bundle.CHECKPOINT).unlink()
@@ -240,6 +249,7 @@ def test_export_without_checkpoint_names_the_file(tmp_path):
     assert "graph" not in json.loads((path / bundle.METADATA).read_text())
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_reduced_precision_metrics_match_fp32_on_a_small_category(exported, tmp_path, precision):
     """benchmarks/precision_parity.py end to end: both graphs evaluated on an MVTec-layout set, metrics compared."""
@@ -276,6 +286,7 @@ def test_reduced_precision_metrics_match_fp32_on_a_small_category(exported, tmp_
     assert 0 < overall[0]["fp32"] < 1  # a real ranking, not a degenerate all-equal map
 
 
+@pytest.mark.unit
 def test_parity_tolerance_allows_one_image_pair_per_type_and_nothing_more():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from precision_parity import compare
@@ -289,6 +300,7 @@ def test_parity_tolerance_allows_one_image_pair_per_type_and_nothing_more():
     assert not compare(result(0.9000, 0.5), result(0.9025, 0.5))["ok"]  # pixel metric: 0.002 holds
 
 
+@pytest.mark.e2e
 def test_calibrate_cli_scores_with_the_precision_it_is_given(exported, tmp_path):
     import shutil
 
@@ -325,6 +337,7 @@ def test_calibrate_cli_scores_with_the_precision_it_is_given(exported, tmp_path)
     assert report["calibration"]["settings"]["precision"] == "int8"
 
 
+@pytest.mark.e2e
 def test_eval_cli_scores_with_the_int8_graph_when_asked(exported, tmp_path):
     from tests.test_evaluate import make_category
 

@@ -12,6 +12,8 @@ from sklearn.metrics import roc_auc_score
 from linewatch.errors import DataError
 from linewatch.evaluation.metrics import image_roc_auc, pixel_roc_auc, pro_auc, roc_auc
 
+pytestmark = pytest.mark.unit
+
 
 def brute_force_pro_auc(maps, masks, fpr_limit=0.3):
     """PRO-AUC from the definition: every distinct threshold, overlaps counted per region, clipped trapezoids."""

@@ -70,6 +70,7 @@ def sub_socket(ctx: zmq.Context, endpoint: str, prefix: bytes) -> zmq.Socket:
     return sock
 
 
+@pytest.mark.integration
 def test_topics_are_delimited_so_cam1_never_matches_cam10():
     assert result_topic("cam1") == b"linewatch/cam1/result"
     assert status_topic("cam1") == b"linewatch/cam1/status"
@@ -103,6 +104,7 @@ def test_topics_are_delimited_so_cam1_never_matches_cam10():
         pub.close()
 
 
+@pytest.mark.integration
 def test_result_header_round_trip_over_a_real_socket():
     mask = np.zeros((40, 60), bool)
     mask[10:20, 30:50] = True
@@ -144,6 +146,7 @@ def test_result_header_round_trip_over_a_real_socket():
     np.testing.assert_array_equal(msg.mask_array() > 0, mask)
 
 
+@pytest.mark.unit
 def test_header_rules_never_let_an_uninspected_part_pass():
     with pytest.raises(ValueError, match="needs a finite image score"):
         header_for("cam1", 1, verdict="OK", image_score=float("nan"))
@@ -170,6 +173,7 @@ def test_header_rules_never_let_an_uninspected_part_pass():
         header_for("cam1", 1, regions=many[:2], regions_total=1)
 
 
+@pytest.mark.unit
 def test_one_schema_builds_and_checks_headers_and_ignores_unknown_fields():
     header = wire(header_for("cam1", 5, mask={"width": 8, "height": 8}))
     assert check_result_header(header).seq == 5
@@ -183,6 +187,7 @@ def test_one_schema_builds_and_checks_headers_and_ignores_unknown_fields():
         check_result_header(dict(header, regions=[{"bbox": [1, 2, 3], "area": 1, "peak": 0.5}]))
 
 
+@pytest.mark.unit
 def test_mask_png_round_trip_at_a_configured_resolution():
     mask = np.zeros((48, 64), bool)
     mask[8:24, 16:40] = True
@@ -204,6 +209,7 @@ def test_mask_png_round_trip_at_a_configured_resolution():
         decode_mask_png(cv2.imencode(".jpg", np.zeros((8, 8), np.uint8))[1].tobytes())
 
 
+@pytest.mark.unit
 def test_decode_message_rejects_what_does_not_follow_the_protocol():
     header = wire(header_for("cam1", 1, mask={"width": 8, "height": 8}))
     png = encode_mask_png(np.ones((8, 8), bool))
@@ -244,6 +250,7 @@ def _doc_example() -> str:
     return match.group(1)
 
 
+@pytest.mark.e2e
 def test_the_subscriber_example_in_protocol_md_runs(tmp_path):
     code = _doc_example()
     assert len(code.strip().splitlines()) <= 25 and "linewatch" not in code.replace("linewatch/", "")

@@ -14,6 +14,8 @@ from linewatch.line.publisher import ResultPublisher
 from linewatch.protocol.client import Subscriber
 from linewatch.protocol.wire import ResultHeader, encode_mask_png
 
+pytestmark = pytest.mark.integration
+
 
 def make_header(camera: str, seq: int, mask_size=None) -> ResultHeader:
     return ResultHeader(

@@ -36,6 +36,7 @@ def backbone_maps(height: int, width: int, layers: list[int]) -> list[torch.Tens
     return [maps[n - 1] for n in layers]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("align", ["bilinear", "nearest"])
 @pytest.mark.parametrize("height,width,spec", CASES)
 def test_separable_generator_equals_naive_definition(height, width, spec, align):
@@ -52,6 +53,7 @@ def test_separable_generator_equals_naive_definition(height, width, spec, align)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * scale)
 
 
+@pytest.mark.integration
 def test_align_modes_differ():
     layers = parse_layers("9:12")
     maps = backbone_maps(64, 64, layers)
@@ -67,6 +69,7 @@ def largest_allocation(fn) -> int:
     return max(e.cpu_memory_usage for e in prof.events())
 
 
+@pytest.mark.integration
 def test_generator_never_allocates_a_full_resolution_map():
     layers = parse_layers("1:8")
     height, width = 64, 96
@@ -84,6 +87,7 @@ def test_generator_never_allocates_a_full_resolution_map():
         assert buf.numel() <= max(height, width) * max(height, width) // 4, name
 
 
+@pytest.mark.integration
 def test_layers_1_12_compute_no_conv5():
     backbone = VGG19Features(parse_layers("1:12"), "reflect")
     convs = [m for m in backbone.body if isinstance(m, torch.nn.Conv2d)]
@@ -97,6 +101,7 @@ def test_layers_1_12_compute_no_conv5():
     assert [64 // m.shape[-1] for m in maps] == STRIDES[:12]
 
 
+@pytest.mark.integration
 def test_single_deep_layer_and_zero_padding():
     backbone = VGG19Features(parse_layers("9:12"), "zero")
     convs = [m for m in backbone.body if isinstance(m, torch.nn.Conv2d)]
@@ -106,6 +111,7 @@ def test_single_deep_layer_and_zero_padding():
     assert len(maps) == 4 and all(m.shape[1:] == (512, 4, 6) for m in maps)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "spec,expected", [("1:12", list(range(1, 13))), ("12", [12]), ("9:12", [9, 10, 11, 12]), ("1,3,5", [1, 3, 5])]
 )
@@ -113,6 +119,7 @@ def test_parse_layers(spec, expected):
     assert parse_layers(spec) == expected
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("spec", ["0:3", "1:17", "a", "3:1", ""])
 def test_parse_layers_rejects_bad_specs(spec):
     with pytest.raises(ValueError, match="layer"):

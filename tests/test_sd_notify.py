@@ -5,8 +5,12 @@ from __future__ import annotations
 import socket
 import time
 
+import pytest
+
 from linewatch.line.systemd_notify import SystemdNotifier
-from tests.notify_socket import fill_queue
+from tests.helpers import fill_queue
+
+pytestmark = pytest.mark.integration
 
 
 def test_messages_arrive_and_a_full_queue_drops_instead_of_blocking(tmp_path):

@@ -71,6 +71,7 @@ def pairs(keys: Path):
     )
 
 
+@pytest.mark.integration
 def test_only_the_allowed_key_receives_results(keys):
     curve, plc1, stranger = pairs(keys)
     wrong_server = load_key_pair(keys / "stranger" / "stranger.key_secret")[0]
@@ -97,6 +98,7 @@ def test_only_the_allowed_key_receives_results(keys):
     assert counts["other key"] == counts["wrong server key"] == counts["plain"] == 0, counts
 
 
+@pytest.mark.integration
 def test_only_the_allowed_key_can_trigger(keys):
     curve, plc1, stranger = pairs(keys)
     calls = []
@@ -120,6 +122,7 @@ def test_only_the_allowed_key_can_trigger(keys):
     assert calls == ["SECURE-1"]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "endpoint, loopback",
     [
@@ -151,6 +154,7 @@ def test_keyless_binds_stay_on_loopback(endpoint, loopback):
             check_bind_security(endpoint, False, False, key="publish.endpoint")
 
 
+@pytest.mark.integration
 def test_key_file_errors_name_the_file(keys, tmp_path):
     with pytest.raises(ConfigError, match="missing.key_secret"):
         CurveConfig.from_files(tmp_path / "missing.key_secret", keys / "allowed")
@@ -170,6 +174,7 @@ def test_key_file_errors_name_the_file(keys, tmp_path):
             load_public_key(bad)
 
 
+@pytest.mark.e2e
 def test_keygen_command(tmp_path):
     env = dict(os.environ)
     cmd = [sys.executable, "-m", "linewatch.cli", "keygen", str(tmp_path / "k"), "--name", "plc7"]

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import linewatch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,6 +24,7 @@ def runtime_modules() -> list[str]:
     return names
 
 
+@pytest.mark.unit
 def test_runtime_modules_exist():
     mods = runtime_modules()
     for required in (
@@ -38,6 +41,7 @@ def test_runtime_modules_exist():
     assert not any(m.startswith(BUILD_PACKAGES) for m in mods)
 
 
+@pytest.mark.e2e
 def test_importing_runtime_never_loads_torch():
     mods = runtime_modules()
     code = (
@@ -52,6 +56,7 @@ def test_importing_runtime_never_loads_torch():
     assert result.returncode == 0, f"runtime imported torch: {result.stdout} {result.stderr[-2000:]}"
 
 
+@pytest.mark.e2e
 def test_cli_help_runs_without_torch():
     code = (
         "import sys; sys.modules['torch'] = None\n"  # any import of torch now raises ImportError

@@ -92,6 +92,7 @@ def workspace(tmp_path_factory):
     return {"root": root, "category": category, "good": good, "config": config, "first": first, "stdout": result.stdout}
 
 
+@pytest.mark.integration
 def test_bundle_is_complete_and_valid(workspace):
     out, good = workspace["first"], workspace["good"]
     meta = bundle.read_metadata(out)
@@ -118,6 +119,7 @@ def test_bundle_is_complete_and_valid(workspace):
     assert dfr["score"] == model.config.score == "standardised_sq_error"  # the default
 
 
+@pytest.mark.integration
 def test_standardised_score_weights_each_channel_by_its_training_variance(workspace):
     model = load_model(workspace["first"])
     w = model.error_weight
@@ -138,6 +140,7 @@ def test_standardised_score_weights_each_channel_by_its_training_variance(worksp
     torch.testing.assert_close(err, manual)
 
 
+@pytest.mark.e2e
 def test_paper_score_is_available_and_plain(workspace, tmp_path):
     out = tmp_path / "mse"
     result = run_train(
@@ -161,6 +164,7 @@ def test_paper_score_is_available_and_plain(workspace, tmp_path):
         torch.testing.assert_close(model.region_error(feats), (feats - model.cae(feats)).pow(2).mean(1))
 
 
+@pytest.mark.integration
 def test_checkpoint_without_error_weight_loads_as_the_paper_score(workspace, tmp_path):
     import shutil
 
@@ -179,6 +183,7 @@ def test_checkpoint_without_error_weight_loads_as_the_paper_score(workspace, tmp
         load_model(out)
 
 
+@pytest.mark.e2e
 def test_same_seed_gives_the_same_model(workspace):
     second = workspace["root"] / "model_b"
     result = run_train(
@@ -190,6 +195,7 @@ def test_same_seed_gives_the_same_model(workspace):
     assert a["history"] == b["history"]
 
 
+@pytest.mark.e2e
 def test_resume_continues_exactly(workspace):
     out = workspace["root"] / "model_resumed"
     common = [
@@ -220,6 +226,7 @@ def test_resume_continues_exactly(workspace):
     )
 
 
+@pytest.mark.integration
 def test_trained_model_scores_an_obvious_defect_higher(workspace):
     scorer = TorchScorer(load_model(workspace["first"]))
     good = [resize(p.image) for p in make_parts(6, "line", 96, 0.0, seed=11)]
@@ -236,6 +243,7 @@ def resize(image: np.ndarray) -> np.ndarray:
     return resize_to_model(image, SIZE, SIZE)
 
 
+@pytest.mark.unit
 def test_config_file_unknown_key_and_bad_type_are_refused(tmp_path):
     bad = tmp_path / "train.yaml"
     bad.write_text("size: 64\nlearning_rate: 0.1\n")
@@ -250,6 +258,7 @@ def test_config_file_unknown_key_and_bad_type_are_refused(tmp_path):
         read_config_file(bad)
 
 
+@pytest.mark.unit
 def test_settings_merge_preset_then_file_then_flags(tmp_path):
     path = tmp_path / "train.yaml"
     path.write_text("preset: paper\nepochs: 7\nlayers: '1:8'\n")
@@ -272,11 +281,13 @@ def test_settings_merge_preset_then_file_then_flags(tmp_path):
     assert fast.preset == "fast" and fast.size == PRESETS["fast"]["size"]
 
 
+@pytest.mark.unit
 def test_shipped_example_config_is_valid_and_shows_the_fast_preset():
     values = read_config_file(ROOT / "config" / "train.yaml")
     assert TrainSettings(**values) == TrainSettings(**PRESETS["fast"]) == TrainSettings()
 
 
+@pytest.mark.unit
 def test_split_is_seeded_disjoint_and_never_empty(tmp_path):
     paths = [tmp_path / f"{i}.png" for i in range(20)]
     train_a, val_a = split_train_val(paths, 0.15, seed=1)
@@ -289,12 +300,14 @@ def test_split_is_seeded_disjoint_and_never_empty(tmp_path):
         split_train_val(paths[:1], 0.15, seed=0)
 
 
+@pytest.mark.integration
 def test_plain_folder_and_mvtec_layout(workspace, tmp_path):
     assert good_images(workspace["category"]) == good_images(workspace["good"]) == sorted(workspace["good"].iterdir())
     with pytest.raises(DataError):
         good_images(tmp_path)
 
 
+@pytest.mark.integration
 def test_on_disk_cache_holds_the_same_features(workspace, tmp_path):
     paths = sorted(workspace["good"].iterdir())[:4]
     model = build_model(DFRConfig(layers=[1, 2, 3], height=48, width=40))
@@ -312,6 +325,7 @@ def test_on_disk_cache_holds_the_same_features(workspace, tmp_path):
     assert not (tmp_path / "b.f16").exists()
 
 
+@pytest.mark.integration
 def test_training_through_the_disk_cache(workspace, tmp_path):
     settings = TrainSettings(size=48, layers="1:2", epochs=2, patience=2, batch_vectors=128, cache_ram_mb=0)
     meta = train(settings, workspace["good"], tmp_path / "model")
@@ -320,6 +334,7 @@ def test_training_through_the_disk_cache(workspace, tmp_path):
     assert dataset_sha256(sorted(workspace["good"].iterdir())) == meta["training"]["dataset_sha256"]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("batchnorm", [False, True])
 def test_standardised_training_folds_into_a_plain_cae(batchnorm):
     torch.manual_seed(4)
@@ -342,6 +357,7 @@ def test_standardised_training_folds_into_a_plain_cae(batchnorm):
         torch.testing.assert_close(plain.forward_vectors(data), wrapped.forward_vectors(data), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", [bundle.GRAPH, bundle.GRAPH_FP16, bundle.GRAPH_INT8, bundle.CALIBRATION])
 def test_resume_refuses_a_bundle_already_exported_or_calibrated(workspace, tmp_path, name):
     out = tmp_path / "model"
@@ -354,6 +370,7 @@ def test_resume_refuses_a_bundle_already_exported_or_calibrated(workspace, tmp_p
         train(settings, workspace["category"], out, resume=True)
 
 
+@pytest.mark.integration
 def test_interrupted_run_keeps_its_on_disk_features_and_resume_reuses_them(workspace, tmp_path, monkeypatch, caplog):
     import linewatch.training.train as train_module
 

@@ -17,6 +17,8 @@ from linewatch.line.trigger import TriggerServer
 from linewatch.protocol.client import TriggerClient, TriggerError, TriggerTimeout
 from linewatch.protocol.wire import ResultHeader, decode_mask_png, encode_mask_png
 
+pytestmark = pytest.mark.integration
+
 MASK = np.zeros((24, 32), bool)
 MASK[5:9, 10:20] = True
 

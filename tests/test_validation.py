@@ -10,6 +10,8 @@ from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr, field
 from linewatch.errors import BundleError, ConfigError
 from linewatch.validation import Problem, StrictModel, TolerantModel, expected, key_path, show_value, validate
 
+pytestmark = pytest.mark.unit
+
 
 class Wheel(StrictModel):
     size: StrictInt = Field(16, ge=10, le=30)

@@ -23,6 +23,7 @@ def cal(pixel=0.5, image=None, area=0):
     )
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("seed", range(4))
 def test_regions_match_an_independent_8_connected_labelling(seed):
     rng = np.random.default_rng(seed)
@@ -39,6 +40,7 @@ def test_regions_match_an_independent_8_connected_labelling(seed):
     assert [r.area for r in j.regions] == sorted((r.area for r in j.regions), reverse=True)
 
 
+@pytest.mark.unit
 def test_regions_are_cut_at_100_largest_first_and_counted_in_full():
     amap = np.zeros((64, 256), np.float32)
     sizes = {}
@@ -54,6 +56,7 @@ def test_regions_are_cut_at_100_largest_first_and_counted_in_full():
     np.testing.assert_array_equal(j.mask, amap > 0.5)
 
 
+@pytest.mark.unit
 def test_min_defect_area_counts_8_connected_pixels():
     amap = np.zeros((20, 20), np.float32)
     amap[2, 2] = amap[3, 3] = amap[4, 4] = 0.9  # a diagonal line: one region of 3 under 8-connectivity
@@ -64,6 +67,7 @@ def test_min_defect_area_counts_8_connected_pixels():
     assert j.verdict == "OK" and [(r.bbox, r.area) for r in j.regions] == [((2, 2, 3, 3), 3)]
 
 
+@pytest.mark.unit
 def test_threshold_is_strict_and_a_clean_map_has_no_regions():
     amap = np.full((16, 16), 0.5, np.float32)
     j = judge(amap, 0.5, cal(0.5))
@@ -74,6 +78,7 @@ def test_threshold_is_strict_and_a_clean_map_has_no_regions():
     assert j.verdict == "NOK" and j.regions[0].bbox == (8, 8, 1, 1) and "pixel threshold" in j.reasons[0]
 
 
+@pytest.mark.unit
 def test_image_threshold():
     amap = np.zeros((16, 16), np.float32)
     assert judge(amap, 0.7, cal(image=None)).verdict == "OK"
@@ -82,6 +87,7 @@ def test_image_threshold():
     assert j.verdict == "NOK" and j.regions == [] and "image score" in j.reasons[0] and j.image_score == 0.71
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_non_finite_map_or_score_raises(bad):
     amap = np.zeros((16, 16), np.float32)
@@ -92,6 +98,7 @@ def test_non_finite_map_or_score_raises(bad):
         judge(np.zeros((16, 16), np.float32), bad, cal())
 
 
+@pytest.mark.integration
 def test_judges_with_a_calibration_read_from_the_bundle(deviation_bundle, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(deviation_bundle, model)
@@ -103,6 +110,7 @@ def test_judges_with_a_calibration_read_from_the_bundle(deviation_bundle, tmp_pa
     assert judge(amap, 0.8, load_calibration(model)).verdict == "OK"
 
 
+@pytest.mark.unit
 def test_fast_enough_for_100_fps_at_256():
     rng = np.random.default_rng(0)
     amap = (rng.random((256, 256)) * 0.3).astype(np.float32)

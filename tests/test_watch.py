@@ -11,11 +11,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import zmq.auth
 
 from linewatch.line.publisher import ResultPublisher
 from linewatch.protocol.curve import CurveConfig
 from linewatch.protocol.wire import ResultHeader, decode_mask_png, encode_mask_png
+
+pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[1]
 MASK = np.zeros((24, 32), bool)

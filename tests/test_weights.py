@@ -26,6 +26,8 @@ from linewatch.training.weights import (
     verify,
 )
 
+pytestmark = pytest.mark.integration
+
 H5 = cache_dir() / "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
 

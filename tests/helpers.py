@@ -1,5 +1,5 @@
-"""Real camera-like sources for tests: an MJPEG video file and an HTTP multipart/x-mixed-replace stream that can
-be stopped and restarted on the same port (an outage), serving frames drawn by a callback."""
+"""Shared test helpers, real parts only: camera-like sources (an MJPEG video file, an HTTP multipart/x-mixed-replace
+stream that can be stopped and restarted on the same port, i.e. an outage) and a real systemd notify socket."""
 
 from __future__ import annotations
 
@@ -13,11 +13,9 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from linewatch.demo.run import free_port
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["free_port"]  # one definition for the demo, the benchmarks and the tests
 
 
 def write_video(path: str | Path, frames: list[np.ndarray], fps: float = 25.0) -> Path:
@@ -96,3 +94,47 @@ class MjpegServer:
             self._server.server_close()
             self._server = None
         time.sleep(2 * self.period)  # let handler threads notice and close their sockets
+
+
+# --- systemd notify socket ------------------------------------------------------------------------------
+
+
+class NotifySocket:
+    """A real sd_notify datagram socket, as systemd gives a Type=notify service: read continuously by a thread
+    (as systemd does), or never read (`reading=False`: a receiver that has stalled, its queue soon full)."""
+
+    def __init__(self, path: Path, reading: bool = True):
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.05)
+        self.messages: list[str] = []
+        if reading:
+            threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+
+    def drain(self) -> list[str]:
+        """What was received so far (the reader thread keeps appending)."""
+        time.sleep(0.06)
+        return self.messages
+
+
+def fill_queue(path: str) -> int:
+    """Queue datagrams until the kernel refuses more (max_dgram_qlen differs between machines)."""
+    sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sender.setblocking(False)
+    n = 0
+    try:
+        while True:
+            sender.sendto(b"FILL", path)
+            n += 1
+    except BlockingIOError:
+        return n
