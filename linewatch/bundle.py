@@ -1,6 +1,6 @@
 """The model bundle: one directory holding the graph, its metadata and the calibration (torch-free).
 
-Layout (see docs/BUNDLE.md):
+Layout (metadata fields: docs/DESIGN.md, "Bundle metadata"; calibration: docs/CALIBRATION.md):
   metadata.json        what the runtime needs: input size/layout, DFR settings, weights, training set, versions
   model.pt             build side: torch checkpoint (CAE weights + settings); not needed on a line PC
   model.onnx           the fused graph (uint8 N×H×W×3 BGR -> anomaly_map N×H×W, image_score N)
