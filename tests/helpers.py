@@ -8,12 +8,13 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import cv2
 import numpy as np
 
 from linewatch.demo.run import free_port
+from linewatch.protocol.wire import ResultHeader
 
 __all__ = ["free_port"]  # one definition for the demo, the benchmarks and the tests
 
@@ -94,6 +95,29 @@ class MjpegServer:
             self._server.server_close()
             self._server = None
         time.sleep(2 * self.period)  # let handler threads notice and close their sockets
+
+
+# --- result headers -------------------------------------------------------------------------------------------
+
+
+def result_header(
+    camera: str, seq: int, verdict: str = "NOK", score: float | None = 0.9, **fields: Any
+) -> ResultHeader:
+    """A valid result header as the daemon builds it (before the publisher stamps it); `fields` override its keys."""
+    regions = fields.pop("regions", [])
+    base: dict[str, Any] = dict(
+        frame_time=time.time(),
+        part_id=None,
+        thresholds={"pixel": 0.5, "image": None},
+        calibration_version=1,
+        model_id="abcdefabcdef",
+        regions=regions,
+        regions_total=len(regions),
+        error=None,
+        frame_index=None,
+        mask=None,
+    )
+    return ResultHeader(camera=camera, seq=seq, verdict=verdict, image_score=score, **(base | fields))
 
 
 # --- systemd notify socket ------------------------------------------------------------------------------

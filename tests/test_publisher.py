@@ -13,25 +13,18 @@ from linewatch.errors import ConfigError
 from linewatch.line.publisher import ResultPublisher
 from linewatch.protocol.client import Subscriber
 from linewatch.protocol.wire import ResultHeader, encode_mask_png
+from tests.helpers import result_header
 
 pytestmark = pytest.mark.integration
 
 
 def make_header(camera: str, seq: int, mask_size=None) -> ResultHeader:
-    return ResultHeader(
-        camera=camera,
-        seq=seq,
-        frame_time=time.time(),
-        part_id=None,
-        verdict="NOK",
-        image_score=0.9,
-        thresholds={"pixel": 0.5, "image": None},
-        calibration_version=1,
-        model_id="abcdefabcdef",
+    return result_header(
+        camera,
+        seq,
+        "NOK",
+        0.9,
         regions=[{"bbox": [1, 2, 3, 4], "area": 12, "peak": 0.9}],
-        regions_total=1,
-        error=None,
-        frame_index=None,
         mask=None if mask_size is None else {"width": mask_size[0], "height": mask_size[1]},
     )
 

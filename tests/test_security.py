@@ -27,6 +27,7 @@ from linewatch.protocol.curve import (
     load_public_key,
 )
 from linewatch.protocol.wire import ResultHeader
+from tests.helpers import result_header
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,22 +45,7 @@ def keys(tmp_path_factory):
 
 
 def ok_header(camera: str, seq: int, part_id: str | None = None) -> ResultHeader:
-    return ResultHeader(
-        camera=camera,
-        seq=seq,
-        frame_time=time.time(),
-        part_id=part_id,
-        verdict="OK",
-        image_score=0.1,
-        thresholds={"pixel": 0.5, "image": None},
-        calibration_version=1,
-        model_id="m",
-        regions=[],
-        regions_total=0,
-        error=None,
-        frame_index=None,
-        mask=None,
-    )
+    return result_header(camera, seq, "OK", 0.1, part_id=part_id, model_id="m")
 
 
 def pairs(keys: Path):

@@ -15,7 +15,8 @@ import zmq
 from linewatch.errors import LinewatchError
 from linewatch.line.trigger import TriggerServer
 from linewatch.protocol.client import TriggerClient, TriggerError, TriggerTimeout
-from linewatch.protocol.wire import ResultHeader, decode_mask_png, encode_mask_png
+from linewatch.protocol.wire import decode_mask_png, encode_mask_png
+from tests.helpers import result_header
 
 pytestmark = pytest.mark.integration
 
@@ -48,20 +49,13 @@ class LineStandIn:
             future.set_exception(self.fail_with)
             return
         self.seq += 1
-        header = ResultHeader(
-            camera=camera,
-            seq=self.seq,
-            frame_time=time.time(),
+        header = result_header(
+            camera,
+            self.seq,
+            "NOK",
+            0.8,
             part_id="someone-else" if self.wrong_part else part_id,
-            verdict="NOK",
-            image_score=0.8,
-            thresholds={"pixel": 0.5, "image": None},
-            calibration_version=1,
-            model_id="abcdefabcdef",
             regions=[{"bbox": [10, 5, 10, 4], "area": 40, "peak": 0.8}],
-            regions_total=1,
-            error=None,
-            frame_index=None,
             mask={"width": 32, "height": 24},
         )
         published = header.model_dump(mode="json") | {"publish_time": time.time(), "run_id": "0123456789ab"}

@@ -16,29 +16,14 @@ import zmq.auth
 
 from linewatch.line.publisher import ResultPublisher
 from linewatch.protocol.curve import CurveConfig
-from linewatch.protocol.wire import ResultHeader, decode_mask_png, encode_mask_png
+from linewatch.protocol.wire import decode_mask_png, encode_mask_png
+from tests.helpers import result_header
 
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[1]
 MASK = np.zeros((24, 32), bool)
 MASK[4:10, 6:18] = True
-
-
-def header(camera: str, seq: int, verdict: str, score: float, **fields) -> ResultHeader:
-    base = dict(
-        frame_time=time.time(),
-        part_id=None,
-        thresholds={"pixel": 0.5, "image": None},
-        calibration_version=1,
-        model_id="m",
-        regions=[],
-        regions_total=0,
-        error=None,
-        frame_index=None,
-        mask=None,
-    )
-    return ResultHeader(camera=camera, seq=seq, verdict=verdict, image_score=score, **(base | fields))
 
 
 def run_watch(pub: ResultPublisher, args: list[str], timeout_s: float = 20.0) -> subprocess.CompletedProcess:
@@ -59,9 +44,9 @@ def run_watch(pub: ResultPublisher, args: list[str], timeout_s: float = 20.0) ->
     seq, deadline = 0, time.monotonic() + timeout_s
     while proc.poll() is None and time.monotonic() < deadline:
         seq += 1
-        pub.publish_result(header("cam10", seq, "OK", 0.01), None)
+        pub.publish_result(result_header("cam10", seq, "OK", 0.01, model_id="m"), None)
         pub.publish_result(
-            header(
+            result_header(
                 "cam1",
                 seq,
                 "NOK",
@@ -69,7 +54,6 @@ def run_watch(pub: ResultPublisher, args: list[str], timeout_s: float = 20.0) ->
                 calibration_version=3,
                 model_id="abcdefabcdef",
                 regions=[{"bbox": [6, 4, 12, 6], "area": 72, "peak": 0.875}],
-                regions_total=1,
                 part_id=f"P/{seq}",
                 mask={"width": 32, "height": 24},
             ),
