@@ -1,0 +1,73 @@
+"""A line PC installs what CI tested: bounded runtime dependencies, and exact pins that satisfy them."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def project() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def pins() -> dict[str, Version]:
+    lines = (ROOT / "config" / "constraints.txt").read_text().splitlines()
+    found = {}
+    for line in lines:
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            found[canonical(name)] = Version(version)
+    return found
+
+
+def requirements() -> list[Requirement]:
+    reqs = [Requirement(r) for r in project()["dependencies"]]
+    for extra in project()["optional-dependencies"].values():
+        reqs += [Requirement(r) for r in extra]
+    return reqs
+
+
+def test_every_runtime_dependency_has_an_upper_bound():
+    for req in map(Requirement, project()["dependencies"]):
+        assert any(spec.operator in ("<", "<=", "==", "~=") for spec in req.specifier), (
+            f"{req}: a line PC must not resolve an untested major version"
+        )
+
+
+def test_the_pins_satisfy_the_declared_ranges():
+    pinned = pins()
+    for req in requirements():
+        assert canonical(req.name) in pinned, f"{req.name} is not pinned in config/constraints.txt"
+        assert req.specifier.contains(pinned[canonical(req.name)], prereleases=True), (
+            f"config/constraints.txt pins {req.name}=={pinned[canonical(req.name)]}, outside {req}"
+        )
+
+
+def test_this_environment_is_the_pinned_one():
+    """CI installs with PIP_CONSTRAINT=config/constraints.txt: what it tests is exactly what the pins say."""
+    pinned = pins()
+    for req in requirements():
+        installed = Version(md.version(req.name))
+        assert installed == pinned[canonical(req.name)], (
+            f"{req.name} {installed} is installed but config/constraints.txt pins {pinned[canonical(req.name)]}: "
+            "install with -c config/constraints.txt, or regenerate it (.ci/make_constraints.py) after testing"
+        )
