@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import tempfile
+import secrets
+import stat
 from pathlib import Path
 from typing import Any
 
 from linewatch.errors import BundleError, ConfigError
+
+log = logging.getLogger("linewatch.bundle")
 
 FORMAT = "linewatch-bundle"
 FORMAT_VERSION = 1
@@ -57,13 +61,44 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """An exclusive new temp file next to `path`, created with mode 0666 so the kernel applies the umask (and a
+    default ACL) exactly as for any new file; mkstemp's fixed 0600 would hide the result from the daemon's user."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary file name next to {path}")
+
+
+def _keep_mode_and_owner(fd: int, old: os.stat_result) -> None:
+    """Give the new file the replaced file's owner and mode: `sudo linewatch calibrate` must not turn a
+    linewatch-readable calibration.json into root:root 0600. A non-root writer keeps what it may (its group)."""
+    if old.st_uid != os.geteuid() or old.st_gid != os.getegid():
+        try:
+            os.fchown(fd, old.st_uid if os.geteuid() == 0 else -1, old.st_gid)
+        except PermissionError:
+            log.warning("cannot give the new file the owner %d:%d of the file it replaces", old.st_uid, old.st_gid)
+    os.fchmod(fd, stat.S_IMODE(old.st_mode))  # after chown, which may clear set-id bits
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write via temp file + fsync + rename, so a crash never leaves a half-written file at `path`."""
+    """Write via temp file + fsync + rename, so a crash never leaves a half-written file at `path`.
+
+    A replaced file keeps its mode and owner; a new file gets 0666 & ~umask, like any file the user creates."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        old: os.stat_result | None = path.stat()
+    except FileNotFoundError:
+        old = None
+    fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
+            if old is not None:
+                _keep_mode_and_owner(f.fileno(), old)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -90,8 +125,10 @@ def read_json(path: str | Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise BundleError(f"{what} not found: {path}")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(path.read_bytes())  # bytes: json detects UTF-8/16/32 itself, whatever the locale
+    except RecursionError:  # json gives up on deep nesting with RecursionError, not a decode error
+        raise BundleError(f"{what} is nested too deeply to be valid: {path}") from None
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON, bad UTF-8, an integer of over 4300 digits
         raise BundleError(f"{what} is not valid JSON: {path}: {exc}") from exc
     if not isinstance(data, dict):
         raise BundleError(f"{what} must be a JSON object: {path}")
@@ -112,7 +149,7 @@ def read_metadata(bundle_dir: str | Path) -> dict[str, Any]:
             f"{path}: unsupported format_version {meta.get('format_version')!r} (this linewatch reads {FORMAT_VERSION})"
         )
     inp = meta.get("input")
-    if not isinstance(inp, dict) or not all(isinstance(inp.get(k), int) and inp[k] > 0 for k in ("height", "width")):
+    if not isinstance(inp, dict) or not all(type(inp.get(k)) is int and inp[k] > 0 for k in ("height", "width")):
         raise BundleError(f"{path}: 'input' must give positive integer height and width")
     return meta
 

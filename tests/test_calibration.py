@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import pwd
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -282,6 +284,55 @@ def test_failed_rename_keeps_the_old_calibration(model, monkeypatch):
     monkeypatch.undo()
     assert load_calibration(model).pixel_threshold == 0.3
     assert not list(model.glob(".calibration.json.*"))  # the temp file was removed
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test (restored after it)."""
+    saved = os.umask(0o022)
+    os.umask(saved)
+    yield os.umask
+    os.umask(saved)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o444])
+def test_a_replaced_file_keeps_its_mode(model, umask, mode):
+    """`sudo linewatch calibrate` must not turn a calibration the daemon can read into a 0600 one."""
+    umask(0o077)  # even under the strictest umask: the replaced file's mode wins
+    write_calibration(model, 0.3)
+    path = model / bundle.CALIBRATION
+    path.chmod(mode)
+    write_calibration(model, 0.4)
+    assert stat.S_IMODE(path.stat().st_mode) == mode and load_calibration(model).pixel_threshold == 0.4
+    metadata = model / bundle.METADATA
+    metadata.chmod(mode)
+    bundle.write_metadata(model, bundle.read_metadata(model))
+    assert stat.S_IMODE(metadata.stat().st_mode) == mode
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="only root can give a file away")
+def test_root_keeps_the_replaced_files_owner(model):
+    nobody = pwd.getpwnam("nobody")
+    write_calibration(model, 0.3)
+    path = model / bundle.CALIBRATION
+    os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    path.chmod(0o640)
+    write_calibration(model, 0.4)
+    st = path.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (nobody.pw_uid, nobody.pw_gid, 0o640)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o002])
+def test_a_new_file_gets_0666_less_the_umask(model, umask, mask):
+    umask(mask)
+    write_calibration(model, 0.3)  # a new calibration.json
+    write_calibration(model, 0.4)  # v1 copied into a new history file
+    for path in (model / bundle.CALIBRATION, history_path(model, 1)):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path
+    assert not list(model.glob(".calibration.json.*"))
 
 
 WRITER = """

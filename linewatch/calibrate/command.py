@@ -8,8 +8,11 @@ and a report a person can read (plot, report.md, report.json; detection rate and
 from __future__ import annotations
 
 import argparse
+import grp
 import json
 import logging
+import pwd
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,12 +55,16 @@ CONFIDENCE = 0.95
 BATCH = 8
 MAX_OVERLAYS = 6
 REPORT_DIR = "calibration_report"
+DAEMON_USER = "linewatch"  # the account systemd/linewatch.service runs the daemon as
+READ_BITS = (stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH)  # owner, group, other
+SEARCH_BITS = (stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH)
 
 
 # --- inputs ---------------------------------------------------------------------------------------------------
 
 
 def check_args(args: argparse.Namespace) -> None:
+    daemon_user(args)  # an unknown --daemon-user is a usage error before any work is done
     if args.rollback:
         return
     if bool(args.good) == bool(args.camera):
@@ -74,6 +81,73 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--min-defect-area must be >= 0, got {args.min_defect_area}")
     if not (0.0 <= args.holdout <= 0.9):
         raise ConfigError(f"--holdout must be in [0, 0.9], got {args.holdout}")
+
+
+def daemon_user(args: argparse.Namespace) -> pwd.struct_passwd | None:
+    """The account the daemon runs as: --daemon-user, else DAEMON_USER when that account exists, else None."""
+    name = getattr(args, "daemon_user", None)
+    try:
+        return pwd.getpwnam(name or DAEMON_USER)
+    except KeyError:
+        if name:
+            raise ConfigError(f"--daemon-user {name}: no such user on this machine") from None
+        return None
+
+
+def unreadable_by(path: Path, user: pwd.struct_passwd) -> str | None:
+    """Why `user` could not read `path` (a folder on the way it may not enter, or the file's own mode), or None.
+
+    Judged from owner, group and other bits and the user's groups (`pwd`/`grp`); ACLs are not consulted."""
+    if user.pw_uid == 0:
+        return None
+    groups = {user.pw_gid} | {g.gr_gid for g in grp.getgrall() if user.pw_name in g.gr_mem}
+    path = path.absolute()
+    steps = [(folder, SEARCH_BITS, "enter") for folder in reversed(path.parents)] + [(path, READ_BITS, "read")]
+    for target, bits, what in steps:
+        try:
+            st = target.stat()
+        except OSError as exc:
+            return f"cannot check {target}: {exc}"
+        bit = bits[0] if st.st_uid == user.pw_uid else bits[1] if st.st_gid in groups else bits[2]
+        if not st.st_mode & bit:
+            return (
+                f"user {user.pw_name} cannot {what} {target} "
+                f"({stat.filemode(st.st_mode)} {owner_name(st.st_uid)}:{group_name(st.st_gid)})"
+            )
+    return None
+
+
+def owner_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def warn_if_daemon_cannot_read(path: Path, args: argparse.Namespace) -> str | None:
+    """Warn (and return the reason) when the daemon's user could not read the calibration just written: the next
+    reload would be refused and, after a restart, every result would be ERROR."""
+    user = daemon_user(args)
+    if user is None:
+        log.debug("no %r user on this machine and no --daemon-user: not checking who can read %s", DAEMON_USER, path)
+        return None
+    reason = unreadable_by(path, user)
+    if reason:
+        log.warning(
+            "%s: the daemon (user %s) could not load this calibration: %s. Fix the permissions (e.g. chown or "
+            "chmod o+r) before reloading; pass --daemon-user if the daemon runs as another user",
+            path,
+            user.pw_name,
+            reason,
+        )
+    return reason
 
 
 def good_frames(args: argparse.Namespace, size: tuple[int, int]) -> tuple[np.ndarray, list[str], dict[str, Any]]:
@@ -447,6 +521,7 @@ def precision_for(args: argparse.Namespace) -> str:
 
 def cli_rollback(args: argparse.Namespace) -> int:
     cal = rollback(args.model, precision_for(args))
+    warn_if_daemon_cannot_read(Path(args.model) / bundle.CALIBRATION, args)
     log.info(
         "rolled back: calibration v%d restored as v%d (replacing v%d); pixel threshold %.6g",
         cal.restored_version,
@@ -520,7 +595,10 @@ def cli_calibrate(args: argparse.Namespace) -> int:
     if args.defects:
         result["defects"], defect_pixels = evaluate_defects(engine, args.defects, cal, report_dir)
 
-    save_calibration(bundle_dir, cal)
+    path = save_calibration(bundle_dir, cal)
+    unreadable = warn_if_daemon_cannot_read(path, args)
+    if unreadable:
+        result["warnings"] = [*th.warnings, f"the daemon could not load {path}: {unreadable}"]
     plot_distributions(report_dir / "distributions.png", maps, scores, th, cal, defect_pixels)
     (report_dir / "report.md").write_text(report_markdown(result, cal, th) + "\n")
     bundle.atomic_write_json(report_dir / "report.json", result)

@@ -143,11 +143,7 @@ def read_calibration_file(
 ) -> Calibration:
     """A validated calibration file; with expected_sha256, refused unless it was set with that graph."""
     path = Path(path)
-    try:
-        data = bundle.read_json(path, "calibration")
-    except RecursionError:  # json gives up on deep nesting with RecursionError, not a decode error
-        raise BundleError(f"{path}: nested too deeply to be a calibration file") from None
-    cal = calibration_from_dict(data, path)
+    cal = calibration_from_dict(bundle.read_json(path, "calibration"), path)
     if expected_sha256 is not None and cal.model_sha256 != expected_sha256:
         other = [p for p, (_, key, _) in bundle.PRECISIONS.items() if (graph or {}).get(key) == cal.model_sha256]
         if other:
@@ -187,7 +183,7 @@ def history_versions(bundle_dir: str | Path) -> list[int]:
 def current_version(bundle_dir: Path) -> int | None:
     """Version of the current file if it parses at all (hash not checked: the number still must not repeat)."""
     try:
-        v = json.loads((bundle_dir / bundle.CALIBRATION).read_text()).get("version")
+        v = json.loads((bundle_dir / bundle.CALIBRATION).read_bytes()).get("version")
     except (OSError, ValueError, AttributeError, RecursionError):
         return None
     return v if type(v) is int and v >= 1 else None

@@ -1,13 +1,16 @@
 """Optional archive of failed parts (frame + mask PNGs) under a size cap (torch-free).
 
 Runs in its own thread behind a bounded queue: a slow or full disk only costs archived images (counted and
-logged), never inspection time. The oldest files go first when the cap is reached.
+logged), never inspection time. The oldest files go first when the cap is reached, and only files the archive
+wrote itself (its naming scheme, `OWN_FILE`): anything else in the folder is never counted, moved or deleted.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import re
+import stat
 import threading
 import time
 from collections import deque
@@ -20,6 +23,10 @@ import numpy as np
 log = logging.getLogger("linewatch.line.archive")
 
 LOG_EVERY_S = 60.0
+PREFIX = "linewatch-"
+# what write() names its files: [linewatch-]UTC time_camera_seq_verdict[_mask].png (no prefix before the prefix
+# was added); a foreign file needs this exact shape to be mistaken for one
+OWN_FILE = re.compile(r"^(?:linewatch-)?\d{8}T\d{6}\.\d{3}_[A-Za-z0-9_-]+_\d{9,}_(?:OK|NOK|ERROR)(?:_mask)?\.png$")
 
 # what write() takes: camera, seq, verdict, image, mask PNG, wall time
 _Item: TypeAlias = tuple[str, int, str, np.ndarray | None, bytes | None, float]
@@ -36,6 +43,7 @@ class Archive:
         self._files: deque[tuple[Path, int]] = deque()  # oldest first
         self._bytes = 0
         self._last_log = 0.0
+        self._closing = False
         self._queue: queue.Queue[_Item | None] = queue.Queue(maxsize=queue_size)  # None: stop
         self._thread = threading.Thread(target=self._run, name="archive", daemon=True)
         try:
@@ -46,13 +54,17 @@ class Archive:
             self._error(f"cannot prepare archive folder {self.folder}: {exc}")
 
     def _scan(self) -> None:
+        """Pick up the files an earlier run wrote (its naming scheme only), oldest first, to count them in the cap."""
         files = []
-        for path in self.folder.glob("*.png"):
+        for path in self.folder.iterdir():
+            if not OWN_FILE.match(path.name):
+                continue
             try:
-                st = path.stat()
+                st = path.lstat()
             except OSError:
                 continue
-            files.append((st.st_mtime, path, st.st_size))
+            if stat.S_ISREG(st.st_mode):  # a link or folder under an archive name was not written by us
+                files.append((st.st_mtime, path, st.st_size))
         for _, path, size in sorted(files):
             self._files.append((path, size))
             self._bytes += size
@@ -63,6 +75,12 @@ class Archive:
 
     def start(self) -> None:
         self._thread.start()
+
+    def health(self) -> str | None:
+        """None while the writer is fine (or was never started or was closed on purpose), else why not."""
+        if self._thread.ident is not None and not self._thread.is_alive() and not self._closing:
+            return "archive writer thread has died"
+        return None
 
     def submit(self, camera: str, seq: int, verdict: str, image: np.ndarray | None, mask_png: bytes | None) -> bool:
         """Queue a frame for writing; False (counted) when the writer is behind."""
@@ -75,6 +93,7 @@ class Archive:
             return False
 
     def close(self, timeout: float = 2.0) -> None:
+        self._closing = True
         try:
             self._queue.put(None, timeout=timeout)
         except queue.Full:
@@ -95,7 +114,7 @@ class Archive:
         self, camera: str, seq: int, verdict: str, image: np.ndarray | None, mask_png: bytes | None, wall_time: float
     ) -> None:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(wall_time)) + f"{wall_time % 1:.3f}"[1:]
-        stem = f"{stamp}_{camera}_{seq:09d}_{verdict}"
+        stem = f"{PREFIX}{stamp}_{camera}_{seq:09d}_{verdict}"
         blobs = []
         if image is not None:
             ok, buf = cv2.imencode(".png", image)
