@@ -18,6 +18,8 @@ cross-field refusals read like pydantic's own.
 
 from __future__ import annotations
 
+import re
+import reprlib
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -99,7 +101,8 @@ def describe_error(exc: ValidationError, source: object, model: type[BaseModel] 
     errors = exc.errors(include_url=False)
     loc = _person_loc(errors[0]["loc"])
     loc, what = _own_words(errors[0], loc, model) or (loc, _expected_got(errors, loc))
-    return f"{source}: {key_path(loc) or '<top level>'}: {what}"
+    # a model's own check may quote a value in its words (a path made from a URL): hide credentials there too
+    return redact_source(f"{source}: {key_path(loc) or '<top level>'}: {what}")
 
 
 def _person_loc(loc: tuple[Any, ...]) -> list[Any]:
@@ -142,9 +145,83 @@ def key_path(loc: list[Any] | tuple[Any, ...]) -> str:
 
 
 def show_value(value: Any) -> str:
-    """A value as a person would recognise it in their file: type and a short repr."""
-    text = repr(value)
+    """A value as a person would recognise it in their file: type and a short repr, credentials hidden.
+
+    Bounded: the value may be a hostile document (a YAML alias bomb, a 5000-digit integer, deep nesting), so
+    containers are shown only a few items and levels deep, and nothing is formatted in full just to be cut."""
+    text = repr(redact_source(value)) if isinstance(value, str) else redact_source(_SHORT_REPR.repr(value))
     return f"{type(value).__name__} {text if len(text) < 60 else text[:57] + '...'}"
+
+
+class _ShortRepr(reprlib.Repr):
+    """reprlib's bounded repr, hiding credentials in strings before they are cut (a cut could drop the `@` that
+    marks a password as one) and naming integers too long for Python to print."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxstring, self.maxother = 3, 60, 200
+        self.maxlist = self.maxtuple = self.maxset = self.maxfrozenset = self.maxdict = 8
+
+    def repr_str(self, x: str, level: int) -> str:
+        text = repr(redact_source(x))
+        return text if len(text) <= self.maxstring else text[: self.maxstring - 3] + "..."
+
+    def repr_int(self, x: int, level: int) -> str:
+        try:
+            return super().repr_int(x, level)
+        except ValueError:  # more digits than sys.get_int_max_str_digits() allows to print
+            return f"<integer of {x.bit_length()} bits>"
+
+
+_SHORT_REPR = _ShortRepr()
+
+
+# --- credentials in camera sources ------------------------------------------------------------------------------
+
+_SCHEME = re.compile(r"(?<![A-Za-z0-9+.-])[A-Za-z][A-Za-z0-9+.-]{0,31}://")
+_TOKEN_END = re.compile(r"[\s'\"<>]")
+# `user:password@host` without a scheme (a URL whose `rtsp://` was forgotten), at the start of a word
+_BARE_USERINFO = re.compile(r"(?:(?<=[\s'\"<>=(\[,])|^)[\w.%+~-]{1,64}:(?!//)[^\s'\"<>@]{0,256}@")
+# a key that names a credential (`password`, `pwd`, `token`, `apikey`, `user`, GStreamer's `user-pw`, `proxy-id`, ...)
+# followed by `=`: in a URL query (`?user=admin&password=x`) or a GStreamer pipeline (`user-pw="x y"`)
+_SECRET_PARAM = re.compile(
+    r"(?i)(?P<key>(?:pass|pwd|pw|token|secret|auth|key|cred|signature|user|usr|login|uid|proxy[-_]id)[\w.-]{0,32})"
+    r"(?P<eq>\s*=\s*)(?P<value>\"(?:[^\"\\]|\\.)*\"?|'[^']*'?|[^\s&;#'\"]*)"
+)
+REDACTED = "***"
+
+
+def redact_source(text: str) -> str:
+    """`text` (a camera source, or a message quoting one) with its credentials replaced by `***`.
+
+    URL userinfo (`rtsp://admin:S3cret@host/s` -> `rtsp://***@host/s`, up to the last `@` of the word, so an
+    unencoded `@` in a password is hidden too; also `admin:S3cret@host` without a scheme) and the values of
+    credential-looking query parameters and GStreamer properties (`?password=…`, `&token=…`, `user-id=…`,
+    `user-pw=…`; case-insensitive). Errs on the side of hiding: a log line, a status message or an error may be
+    read by anyone on the line, a password never. Linear in the length of `text`, which may come from a hostile
+    document."""
+    return _SECRET_PARAM.sub(_hide_value, _BARE_USERINFO.sub(REDACTED + "@", _redact_userinfo(text)))
+
+
+def _hide_value(match: re.Match[str]) -> str:
+    return match["key"] + match["eq"] + (REDACTED if match["value"] else "")
+
+
+def _redact_userinfo(text: str) -> str:
+    parts: list[str] = []
+    done = 0  # text[:done] is in parts
+    for scheme in _SCHEME.finditer(text):
+        if scheme.start() < done:
+            continue  # inside a word already handled
+        end_match = _TOKEN_END.search(text, scheme.end())
+        end = len(text) if end_match is None else end_match.start()
+        at = text.rfind("@", scheme.end(), end)
+        parts.append(text[done : scheme.end()] if at >= 0 else text[done:end])
+        if at >= 0:
+            parts.append(REDACTED)
+        done = at if at >= 0 else end
+    parts.append(text[done:])
+    return "".join(parts)
 
 
 def _expected(kind: str, ctx: dict[str, Any], msg: str) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from concurrent.futures import Future
 
 import cv2
 import numpy as np
@@ -190,3 +192,145 @@ def test_grab_frames_from_a_configured_camera(tmp_path):
     assert [level(f) for f in frames] == pytest.approx([40, 50, 60, 70], abs=3)
     with pytest.raises(DataError, match="ended after 6 of 9"):
         grab_frames(config, "cam1", 9)
+
+
+# --- triggers: judged on a frame taken after the request, told by the frame's own pixels ----------------------
+
+EPOCH = time.time()
+CELL = 16  # an 8×8 grid of black/white 16-pixel cells: rows 0-3 the time, rows 4-7 its complement (misread check)
+
+
+def draw_time(t: float) -> np.ndarray:
+    """A frame that carries its capture time: milliseconds since EPOCH as 32 bits, robust to JPEG."""
+    ms = int(round((t - EPOCH) * 1000))
+    bits = [(ms >> i) & 1 for i in range(32)]
+    cells = np.array(bits + [1 - b for b in bits], np.uint8).reshape(8, 8) * 255
+    return cv2.cvtColor(np.kron(cells, np.ones((CELL, CELL), np.uint8)), cv2.COLOR_GRAY2BGR)
+
+
+def read_time(image: np.ndarray) -> float:
+    """The capture time drawn into a frame (wall clock seconds)."""
+    grey_img = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    centres = grey_img[CELL // 2 :: CELL, CELL // 2 :: CELL][:8, :8] > 128
+    bits, complement = centres[:4].ravel(), centres[4:].ravel()
+    assert (bits != complement).all(), "time code misread"
+    return EPOCH + sum(int(b) << i for i, b in enumerate(bits)) / 1000.0
+
+
+def test_time_code_survives_jpeg():
+    t = time.time()
+    ok, buf = cv2.imencode(".jpg", draw_time(t), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    assert read_time(cv2.imdecode(buf, cv2.IMREAD_COLOR)) == pytest.approx(t, abs=0.001)
+
+
+def url_camera(port: int, **fields) -> CameraConfig:
+    return CameraConfig(
+        name="c",
+        kind="url",
+        source=f"http://127.0.0.1:{port}/stream.mjpg",
+        queue_size=1000,
+        reconnect=ReconnectConfig(initial_s=0.05, max_s=0.2),
+        **fields,
+    )
+
+
+def test_a_request_arriving_while_a_frame_is_in_flight_is_answered_with_a_later_frame():
+    """The PLC asks right after the camera exposed a frame, before that frame reached the daemon: the part in front
+    of the camera at the request is only seen by a frame exposed after it. The server draws each frame's time into
+    it and, for some frames, makes the request between drawing and sending: such a frame must not answer it."""
+    port = free_port()
+    requests: dict[str, float] = {}
+    futures: list[Future] = []
+    box: dict[str, Camera] = {}
+
+    def frame_fn(i: int) -> np.ndarray:
+        image = draw_time(time.time())
+        cam = box.get("cam")
+        if cam is not None and cam.captured >= 10 and i % 5 == 0 and len(requests) < 5:
+            part = f"part-{i}"
+            requests[part] = time.time()  # after the frame was exposed, before it is sent
+            futures.append(Future())
+            cam.request_trigger(part, futures[-1])
+        return image
+
+    server = MjpegServer(port, frame_fn, fps=20).start()
+    queue = FrameQueue()
+    cam = Camera(url_camera(port, mode="triggered"), queue)
+    box["cam"] = cam
+    cam.start()
+    try:
+        frames = collect(queue, 5, timeout=20)
+        assert [f.part_id for f in frames] == list(requests)
+        for frame in frames:
+            shown = read_time(frame.image)
+            asked = requests[frame.part_id]
+            assert shown > asked, f"{frame.part_id}: frame exposed {asked - shown:.3f} s before the request"
+            assert shown < asked + 0.5  # the next frame (20 fps), not some much later one
+            assert frame.captured_wall >= asked
+        assert cam.skipped == cam.captured - 5 and queue.dropped["c"] == 0
+    finally:
+        cam.stop()
+        server.stop()
+        cam.join(3)
+
+
+def test_settle_ms_answers_with_the_first_frame_exposed_that_long_after_the_request():
+    """Continuous mode: every frame is inspected; the request's part id goes to the first frame exposed at least
+    settle_ms after it (the part has come to rest), checked on the time drawn into the frame."""
+    port = free_port()
+    server = MjpegServer(port, lambda i: draw_time(time.time()), fps=50).start()
+    queue = FrameQueue()
+    cam = Camera(url_camera(port, settle_ms=150), queue)
+    cam.start()
+    try:
+        assert wait_for(lambda: cam.captured >= 10, 10)
+        for n in range(3):
+            queue.take(10_000, 0.0, 0.0)
+            asked = time.time()
+            cam.request_trigger(f"part-{n}", Future())
+            frames: list = []
+            assert wait_for(lambda: frames.extend(queue.take(10_000, 0.0, 0.0)) or any(f.part_id for f in frames), 5)
+            answer = next(f for f in frames if f.part_id)
+            shown = read_time(answer.image)
+            assert asked + 0.150 <= shown < asked + 0.150 + 0.3, f"exposed {shown - asked:.3f} s after the request"
+            earlier = [f for f in frames if f.index < answer.index]
+            assert earlier and all(f.part_id is None for f in earlier)  # inspected, but not as the part
+            assert any(read_time(f.image) > asked for f in earlier)  # frames after the request, before it settled
+    finally:
+        cam.stop()
+        server.stop()
+        cam.join(3)
+
+
+# --- credentials never leave the config -----------------------------------------------------------------------
+
+SECRETS = ("S3cret", "hunter2", "T0k3n")
+
+
+@pytest.mark.parametrize("scheme", ["rtsp", "http"])
+def test_url_credentials_reach_neither_last_error_nor_the_log(scheme, caplog, tmp_path):
+    """A camera that cannot be opened reports why (status topic `last_error`, the log, calibrate's error) without
+    the password, token or user name of its URL."""
+    caplog.set_level(logging.DEBUG, logger="linewatch")
+    port = free_port()  # nothing listens: the open fails at once
+    url = f"{scheme}://admin:S3cret@127.0.0.1:{port}/stream?user=operator&password=hunter2&token=T0k3n"
+    cfg = CameraConfig(
+        name="c", kind="url", source=url, open_timeout_ms=500, reconnect=ReconnectConfig(initial_s=0.05, max_s=0.1)
+    )
+    cam = Camera(cfg, FrameQueue())
+    cam.start()
+    try:
+        assert wait_for(lambda: cam.reconnects >= 2 and cam.last_error is not None, 10)
+        error = cam.last_error
+        assert f"127.0.0.1:{port}" in error and "***" in error
+        for secret in (*SECRETS, "operator"):
+            assert secret not in error and secret not in caplog.text
+    finally:
+        cam.stop()
+        cam.join(3)
+    (tmp_path / "bundle").mkdir()
+    config = tmp_path / "lw.yaml"
+    config.write_text(f"model: {{bundle: bundle}}\ncameras:\n  - {{name: cam1, kind: url, source: '{url}'}}\n")
+    with pytest.raises(DataError) as info:  # `linewatch calibrate --camera`: the camera's error in the message
+        grab_frames(config, "cam1", 1, timeout_s=1.0)
+    assert "***" in str(info.value) and not any(secret in str(info.value) for secret in SECRETS)

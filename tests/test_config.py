@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from linewatch.errors import ConfigError
-from linewatch.line.config import Config, load_config
+from linewatch.line.config import Config, describe, load_config
 from linewatch.line.config_reference import REGENERATE, choices, field_at, reference, schema_keys
 from linewatch.training.presets import TrainSettings
 
@@ -105,6 +108,26 @@ def test_minimal_config_gets_defaults_and_resolves_relative_paths(workdir):
         ({"archive": {"verdicts": ["NOK", "BAD"]}}, "archive.verdicts[1]", "one of 'OK', 'NOK', 'ERROR'"),
         ({"security": {"curve": True, "server_secret_key_file": ""}}, "security.server_secret_key_file", "a path"),
         ({"path": "elsewhere.yaml"}, "path", "unknown key"),  # Config.path is where the file was read, not a key
+        ({"cameras": [{"name": "cam1\n", "kind": "device", "source": 0}]}, "cameras[0].name", "ASCII letters"),
+        (
+            {"cameras": [{"name": "a", "kind": "device", "source": 0, "settle_ms": -1}]},
+            "cameras[0].settle_ms",
+            "expected a value >= 0",
+        ),
+        (
+            {
+                "cameras": [{"name": "a", "kind": "device", "source": 0}, {"name": "b", "kind": "device", "source": 1}],
+                "trigger": {"enabled": True, "timeout_s": 0.5},
+            }
+            | {"cameras": [{"name": "a", "kind": "device", "source": 0, "settle_ms": 500}]},
+            "cameras[0].settle_ms",
+            "expected less than trigger.timeout_s (0.5 s), got float 500.0",
+        ),
+        (
+            {"cameras": [{"name": "a", "kind": "video", "source": "rtsp://admin:S3cret@10.0.0.1/s"}]},
+            "cameras[0].source",
+            "a stream URL needs kind 'url'",
+        ),
     ],
 )
 def test_bad_values_are_refused_naming_file_key_and_expectation(workdir, change, key, expected):
@@ -150,6 +173,119 @@ def test_check_config_refuses_a_camera_name_the_wire_protocol_would_refuse(workd
     run = [sys.executable, "-m", "linewatch.cli", "check-config", str(bad)]
     fail = subprocess.run(run, cwd=ROOT, capture_output=True, text=True)
     assert fail.returncode == 2 and "cameras[0].name" in fail.stderr and "kamera_ü" in fail.stderr
+
+
+@pytest.mark.unit
+def test_settle_ms_defaults_to_0_and_is_read_per_camera(workdir):
+    cams = [
+        {"name": "a", "kind": "device", "source": 0, "mode": "triggered", "settle_ms": 150},
+        {"name": "b", "kind": "device", "source": 1},
+    ]
+    cfg = load_config(write(workdir, minimal(cameras=cams, trigger={"enabled": True})))
+    assert [c.settle_ms for c in cfg.cameras] == [150.0, 0.0]
+
+
+# --- camera credentials: never shown ---------------------------------------------------------------------------
+
+SECRETS = ("S3cret", "hunter2", "T0k3n", "gstpw")
+URL = "rtsp://admin:S3cret@10.0.0.21:554/stream1?password=hunter2&token=T0k3n"
+LONG_URL = "rtps://admin:S3cretS3cretS3cretS3cretS3cretS3cretS3cretS3cret@10.0.0.21/s"  # typo in the scheme
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "camera",
+    [
+        {"kind": "url", "source": LONG_URL},  # the password runs past show_value's cut
+        {"kind": "url", "source": "admin:S3cret@10.0.0.21/s?password=hunter2"},  # no scheme
+        {"kind": "video", "source": URL},  # a URL made into a path
+        {"kind": "folder", "source": URL},
+        {"kind": "device", "source": URL},
+        {"kind": "gstreamer", "source": "rtspsrc location=rtsp://u:S3cret@h/s user-id=u user-pw=gstpw ! fakesink"},
+        {"kind": "url", "source": URL, "roi": URL},  # a URL where a box belongs
+    ],
+)
+def test_config_errors_never_show_camera_credentials(workdir, camera):
+    path = write(workdir, minimal(cameras=[{"name": "cam1", **camera}]))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message and "cameras[0]" in message
+    assert not any(secret in message for secret in SECRETS), message
+
+
+@pytest.mark.unit
+def test_describe_repr_and_str_of_a_config_hide_camera_credentials(workdir):
+    gst = "rtspsrc location=rtsp://u:S3cret@h/s user-id=u user-pw=gstpw ! videoconvert ! appsink"
+    cams = [{"name": "a", "kind": "url", "source": URL}, {"name": "b", "kind": "gstreamer", "source": gst}]
+    cfg = load_config(write(workdir, minimal(cameras=cams)))
+    assert cfg.cameras[0].source == URL  # the camera itself still gets the real URL
+    for text in (describe(cfg), repr(cfg), str(cfg), repr(cfg.cameras[0])):
+        assert not any(secret in text for secret in SECRETS), text
+    assert "a (url: rtsp://***@10.0.0.21:554/stream1?password=***&token=***)" in describe(cfg)
+    assert (
+        cfg.cameras[1].shown_source
+        == "rtspsrc location=rtsp://***@h/s user-id=*** user-pw=*** ! videoconvert ! appsink"
+    )
+
+
+@pytest.mark.e2e
+def test_check_config_output_hides_camera_credentials(workdir):
+    path = write(workdir, minimal(cameras=[{"name": "cam1", "kind": "url", "source": URL}]))
+    done = subprocess.run(
+        [sys.executable, "-m", "linewatch.cli", "check-config", str(path)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "rtsp://***@10.0.0.21:554/stream1" in done.stdout
+    assert not any(secret in done.stdout + done.stderr for secret in SECRETS)
+
+
+@pytest.mark.e2e
+def test_the_daemon_shows_no_camera_credentials_in_status_or_log(deviation_bundle, tmp_path):
+    """A URL camera that cannot be opened: its status message says why (`last_error`), the daemon logs it, and
+    neither holds the password, token or user of the URL."""
+    import zmq
+
+    from tests.helpers import free_port
+
+    closed = free_port()  # nothing listens: the open fails at once
+    url = f"http://admin:S3cret@127.0.0.1:{closed}/s.mjpg?password=hunter2&token=T0k3n"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    config = tmp_path / "linewatch.yaml"
+    data = {
+        "model": {"bundle": str(deviation_bundle)},
+        "cameras": [{"name": "cam1", "kind": "url", "source": url, "reconnect": {"initial_s": 0.05, "max_s": 0.1}}],
+        "engine": {"providers": ["cpu"], "threads": 1, "warmup": False},
+        "publish": {"endpoint": endpoint, "status_interval_s": 0.2},
+        "logging": {"level": "DEBUG"},
+    }
+    config.write_text(yaml.safe_dump(data))
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt_string(zmq.SUBSCRIBE, "linewatch/cam1/status")
+    sub.connect(endpoint)
+    log = tmp_path / "daemon.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "linewatch.cli", "run", "--config", str(config)],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        status: dict = {}
+        end = time.monotonic() + 60
+        while not (status.get("last_error") and status.get("reconnects", 0) >= 2):
+            assert time.monotonic() < end and proc.poll() is None, "no status with the camera's error"
+            if sub.poll(200):
+                status = json.loads(sub.recv_multipart()[1])
+                status = status.get("status", status)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        sub.close()
+    assert f"127.0.0.1:{closed}" in status["last_error"] and "***" in status["last_error"]
+    text = json.dumps(status) + log.read_text(errors="replace")
+    assert "cannot open url" in text and not any(secret in text for secret in SECRETS)
 
 
 @pytest.mark.unit

@@ -142,3 +142,72 @@ def test_helpers():
     assert show_value("x" * 100) == "str '" + "x" * 56 + "..."  # long values are cut, the type stays
     problem = Problem("text", ("a", 1))
     assert isinstance(problem, ValueError) and problem.at == ("a", 1)
+
+
+# --- credentials and hostile values in messages -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        ("rtsp://admin:S3cret@192.168.10.21:554/stream1", "rtsp://***@192.168.10.21:554/stream1"),
+        ("cannot open url rtsp://admin:p@ss@cam/s", "cannot open url rtsp://***@cam/s"),  # unencoded @ in a password
+        ("RTSP://token@cam/s", "RTSP://***@cam/s"),
+        ("admin:S3cret@cam/s", "***@cam/s"),  # the scheme forgotten
+        ("http://cam/s.mjpg?user=op&Password=S3cret&res=hd", "http://cam/s.mjpg?user=***&Password=***&res=hd"),
+        ("http://cam/s?TOKEN=abc;pwd=x#frag", "http://cam/s?TOKEN=***;pwd=***#frag"),
+        ("https://h/x?api_key=K&X-Amz-Signature=S", "https://h/x?api_key=***&X-Amz-Signature=***"),
+        ("srt://cam:9000?passphrase=longsecret&latency=20", "srt://cam:9000?passphrase=***&latency=20"),
+        (
+            'rtspsrc location=rtsp://cam/s user-id=admin user-pw="my S3cret" latency=0 ! appsink',
+            "rtspsrc location=rtsp://cam/s user-id=*** user-pw=*** latency=0 ! appsink",
+        ),
+        ("rtspsrc proxy-id = pu proxy-pw=pp ! appsink", "rtspsrc proxy-id = *** proxy-pw=*** ! appsink"),
+        ("['rtsp://a:b@h', 'x']", "['rtsp://***@h', 'x']"),
+        # nothing to hide: unchanged
+        ("rtsp://192.168.10.21:554/stream1", "rtsp://192.168.10.21:554/stream1"),
+        ("/dev/video0", "/dev/video0"),
+        ("tcp://127.0.0.1:5555", "tcp://127.0.0.1:5555"),
+        ("v4l2src device=/dev/video0 ! videoconvert ! appsink", "v4l2src device=/dev/video0 ! videoconvert ! appsink"),
+        (
+            "camera cam1: online -> offline (cannot open url rtsp://cam/s)",
+            "camera cam1: online -> offline (cannot open url rtsp://cam/s)",
+        ),
+    ],
+)
+def test_redact_source_hides_userinfo_and_credential_parameters(text, shown):
+    from linewatch.validation import redact_source
+
+    assert redact_source(text) == shown
+
+
+def test_redact_source_is_linear_on_hostile_text():
+    """It runs on values from outside (config files, request fields): no pattern may backtrack quadratically."""
+    import time
+
+    from linewatch.validation import redact_source
+
+    for text in ("a://" * 250_000, "user" * 250_000, 'pw="' * 200_000, "a:b" * 300_000, ("x" * 40 + "=") * 20_000):
+        t0 = time.perf_counter()
+        redact_source(text)
+        assert time.perf_counter() - t0 < 2.0, text[:20]
+
+
+def test_show_value_hides_credentials_even_past_its_cut():
+    url = "rtps://admin:" + "S3cret" * 12 + "@10.0.0.1/s"  # the `@` lies beyond the 60 characters shown
+    assert "S3cret" not in show_value(url) and show_value(url) == "str 'rtps://***@10.0.0.1/s'"
+    assert "S3cret" not in show_value({"source": url, "x": [url]})
+
+
+def test_show_value_is_bounded_for_hostile_values():
+    """Values from a hostile document: a 5000-digit integer, nesting deeper than repr can go, shared references
+    standing for billions of items. Shown short and at once, never raising."""
+    assert show_value(10**5000) == "int <integer of 16610 bits>"
+    nested: list = []
+    for _ in range(100_000):
+        nested = [nested]
+    assert show_value(nested).startswith("list [[[[")
+    bomb: list = ["lol"] * 9
+    for _ in range(9):
+        bomb = [bomb] * 9  # 9**10 strings, as YAML aliases build them
+    assert len(show_value(bomb)) <= 65

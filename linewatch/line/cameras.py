@@ -5,6 +5,11 @@ OpenCV offers one (FFmpeg open/read), the thread reconnects with exponential bac
 oldest frame (counted) when inference falls behind, so results stay fresh. Frames that cannot be used (corrupt
 image in a folder, ROI outside the frame) travel on as frames with an `error`, so they become ERROR results
 instead of disappearing.
+
+A frame's time is taken when grab() returns it, before it is decoded. A trigger request is answered with the first
+frame whose grab started after the request arrived (plus the camera's `settle_ms`): a frame exposed or in flight
+when the PLC asked is never judged as that part. Sources are shown (logs, `last_error`, errors) through
+`redact_source`, so a camera password never leaves the config file.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import traceback
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -23,6 +30,7 @@ from linewatch.errors import ConfigError, DataError
 from linewatch.images import as_bgr, list_images, read_image
 from linewatch.line.config import CameraConfig, load_config
 from linewatch.line.frames import Frame, FrameQueue, TriggerFuture, fail_future
+from linewatch.validation import redact_source
 
 log = logging.getLogger("linewatch.line.cameras")
 
@@ -40,6 +48,15 @@ class SourceFailed(Exception):
     """Opening or reading failed; the camera thread reconnects."""
 
 
+@dataclass(frozen=True)
+class Grab:
+    """When one grab() call started and when it returned the frame (monotonic, and wall clock for the header)."""
+
+    started_mono: float
+    done_mono: float
+    done_wall: float
+
+
 # --- sources --------------------------------------------------------------------------------------------
 
 
@@ -55,16 +72,16 @@ class CaptureSource:
             return True
         if self.cfg.kind == "video":
             if not self.cfg.loop:
-                raise SourceEnded(self.cfg.source)
+                raise SourceEnded(self.cfg.shown_source)
             self.cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
             if self.cap.grab():
                 return True
-        raise SourceFailed(f"no frame from {self.cfg.kind} {self.cfg.source}")
+        raise SourceFailed(f"no frame from {self.cfg.kind} {self.cfg.shown_source}")
 
     def retrieve(self) -> np.ndarray | str:
         ok, image = self.cap.retrieve()
         if not ok or image is None:
-            raise SourceFailed(f"cannot decode frame from {self.cfg.kind} {self.cfg.source}")
+            raise SourceFailed(f"cannot decode frame from {self.cfg.kind} {self.cfg.shown_source}")
         return image
 
     def close(self) -> None:
@@ -88,7 +105,7 @@ def _open_capture(cfg: CameraConfig) -> cv2.VideoCapture:
         cap = cv2.VideoCapture(cfg.source)
     if not cap.isOpened():
         cap.release()
-        raise SourceFailed(f"cannot open {cfg.kind} {cfg.source}")
+        raise SourceFailed(f"cannot open {cfg.kind} {cfg.shown_source}")
     return cap
 
 
@@ -107,7 +124,7 @@ class FolderSource:
         self.pos += 1
         if self.pos >= len(self.files):
             if not self.cfg.loop:
-                raise SourceEnded(self.cfg.source)
+                raise SourceEnded(self.cfg.shown_source)
             self.pos = 0
         return True
 
@@ -200,8 +217,8 @@ class Camera:
         return 0.0 if since is None else (now or time.monotonic()) - since
 
     def request_trigger(self, part_id: str, future: TriggerFuture) -> None:
-        """Attach this request to the next frame captured from now on."""
-        with self._lock:
+        """Answer this request with the first frame whose grab starts from now on (plus `settle_ms`)."""
+        with self._lock:  # the time is taken under the lock: the queue stays in arrival order
             self._triggers.append((part_id, future, time.monotonic()))
 
     def expire_triggers(self, timeout_s: float) -> int:
@@ -255,7 +272,7 @@ class Camera:
             try:
                 source = self._blocking(lambda: open_source(self.cfg))
             except Exception as exc:  # SourceFailed, or cv2.error from an odd backend
-                self.last_error = str(exc)
+                self.last_error = redact_source(str(exc))
                 self._set_state(OFFLINE)
                 self._stop.wait(delay)
                 delay = min(delay * 2, self.cfg.reconnect.max_s)
@@ -265,13 +282,14 @@ class Camera:
                 self._pump(source)
             except SourceEnded:
                 self._set_state(FINISHED)
-                log.info("camera %s: %s ended after %d frames", self.name, self.cfg.source, self.captured)
+                log.info("camera %s: %s ended after %d frames", self.name, self.cfg.shown_source, self.captured)
                 return
             except SourceFailed as exc:
-                self.last_error = str(exc)
+                self.last_error = redact_source(str(exc))
             except Exception as exc:  # an OpenCV surprise must not kill the thread silently
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.exception("camera %s: capture error", self.name)
+                self.last_error = redact_source(f"{type(exc).__name__}: {exc}")
+                # the traceback quotes the exception, which may quote the source: redacted like the rest
+                log.error("camera %s: capture error\n%s", self.name, redact_source(traceback.format_exc()))
             finally:
                 self._blocking_since = None
                 source.close()
@@ -294,17 +312,51 @@ class Camera:
                 wait = next_slot - time.monotonic()
                 if wait > 0 and self._stop.wait(wait):
                     return
+            started = time.monotonic()
             self._blocking(source.grab)
-            now = time.monotonic()
-            if period and live and now < next_slot:
+            grab = Grab(started, time.monotonic(), time.time())  # the frame's time: in hand, not yet decoded
+            if period and live and grab.done_mono < next_slot:
                 continue  # live source: keep draining so frames stay fresh, but inspect at the capped rate
             if period:
-                next_slot = max(next_slot + period, now - period)
+                next_slot = max(next_slot + period, grab.done_mono - period)
+            if self.cfg.mode == "triggered" and not self._trigger_waiting(started):
+                self._count(grab, skipped=True)  # nobody asked for it: not even decoded
+                continue
             image = self._blocking(source.retrieve)
-            self._deliver(image)
+            self._deliver(image, grab)
 
-    def _deliver(self, captured: np.ndarray | str) -> None:
-        now_mono, now_wall = time.monotonic(), time.time()
+    def _trigger_waiting(self, grab_started: float) -> bool:
+        """A pending request that a frame whose grab started at `grab_started` may answer."""
+        settle = self.cfg.settle_ms / 1000.0
+        with self._lock:
+            for _, future, requested in self._triggers:  # in arrival order: the first live one is the oldest
+                if not future.done():
+                    return requested + settle <= grab_started
+        return False
+
+    def _take_trigger(self, frame: Frame, grab_started: float) -> None:
+        """Attach the oldest pending request that arrived at least settle_ms before this frame's grab started."""
+        settle = self.cfg.settle_ms / 1000.0
+        with self._lock:
+            while self._triggers:
+                part_id, future, requested = self._triggers[0]
+                if future.done():  # timed out meanwhile: never attached to a later frame
+                    self._triggers.popleft()
+                    continue
+                if requested + settle > grab_started:
+                    return  # exposed (or in flight) before the request, or the part still moving: a later frame
+                self._triggers.popleft()
+                frame.part_id, frame.future = part_id, future
+                return
+
+    def _count(self, grab: Grab, skipped: bool = False) -> None:
+        self.captured += 1
+        self.last_frame_mono = grab.done_mono
+        self._set_state(ONLINE)
+        if skipped:
+            self.skipped += 1
+
+    def _deliver(self, captured: np.ndarray | str, grab: Grab) -> None:
         error: str | None = None
         image: np.ndarray | None = None
         if isinstance(captured, str):
@@ -320,18 +372,11 @@ class Camera:
                     error, image = cropped, None
                 else:
                     image = cropped
-        self.captured += 1
-        self.last_frame_mono = now_mono
-        self._set_state(ONLINE)
-        frame = Frame(self.name, self.captured, now_wall, now_mono, image, error)
+        self._count(grab)
+        frame = Frame(self.name, self.captured, grab.done_wall, grab.done_mono, image, error)
         if error is not None:
             self.frame_errors += 1
-        with self._lock:
-            while self._triggers:
-                part_id, future, _ = self._triggers.popleft()
-                if not future.done():  # a request that timed out meanwhile is not attached to a later frame
-                    frame.part_id, frame.future = part_id, future
-                    break
+        self._take_trigger(frame, grab.started_mono)
         if self.cfg.mode == "triggered" and frame.future is None:
             self.skipped += 1
             return
@@ -359,7 +404,7 @@ def grab_frames(config_path: str | Path, camera_name: str, n: int, timeout_s: fl
             if not batch and camera.state == FINISHED and queue.pending() == 0:
                 raise DataError(
                     f"camera {camera_name!r}: source ended after {len(frames)} of {n} frames "
-                    f"({cfg.source}); ask for fewer frames or set loop: true"
+                    f"({cfg.shown_source}); ask for fewer frames or set loop: true"
                 )
             if time.monotonic() > deadline:
                 raise DataError(

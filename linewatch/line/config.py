@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, Callable, Literal, Union, get_args
 
 import yaml
 from pydantic import (
@@ -33,13 +33,17 @@ from linewatch.bundle import PRECISIONS
 from linewatch.errors import ConfigError
 from linewatch.protocol.curve import check_bind_security
 from linewatch.protocol.wire import CAMERA_NAME, Verdict
-from linewatch.validation import Problem, StrictModel, expected, validate
+from linewatch.validation import Problem, StrictModel, expected, redact_source, validate
 
 log = logging.getLogger("linewatch.line.config")
 
 CameraKind = Literal["device", "video", "url", "gstreamer", "folder"]
 CAMERA_KINDS: tuple[str, ...] = get_args(CameraKind)
 URL_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "rtmp://", "udp://", "tcp://", "srt://")
+# A config is a few kilobytes; these bounds refuse a hostile or broken file (a YAML alias or merge-key "bomb" that
+# expands to billions of nodes from a few hundred bytes) quickly, instead of hanging the start or the reload.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000
 
 
 # --- paths: resolved against the config file's folder ------------------------------------------------------
@@ -53,7 +57,10 @@ def _not_empty(value: Any) -> Any:
 
 
 def _resolve(path: Path, base: Any) -> Path:
-    path = path.expanduser()
+    try:
+        path = path.expanduser()
+    except RuntimeError:  # `~name/...` for a user this machine does not know
+        raise expected("a path whose ~user exists on this machine", str(path)) from None
     return path if path.is_absolute() or base is None else Path(base) / path
 
 
@@ -62,20 +69,30 @@ def _resolved(value: Path, info: ValidationInfo) -> Path:
 
 
 def _missing(what: str, path: Path) -> Problem:
-    state = "does not exist" if not path.exists() else "is something else"
+    try:
+        state = "does not exist" if not path.exists() else "is something else"
+    except OSError as exc:  # a name too long for the file system, a loop of links, ...
+        state = f"cannot be checked ({exc.strerror or exc})"
     return Problem(f"expected {what}, but {path} {state}")
 
 
-def _existing_dir(path: Path) -> Path:
-    if not path.is_dir():
-        raise _missing("an existing directory", path)
+def _require(path: Path, test: Callable[[Path], bool], what: str) -> Path:
+    """`path` if `test(path)` holds; a refusal naming it otherwise, also when the file system cannot answer."""
+    try:
+        ok = test(path)
+    except OSError:
+        ok = False
+    if not ok:
+        raise _missing(what, path)
     return path
+
+
+def _existing_dir(path: Path) -> Path:
+    return _require(path, Path.is_dir, "an existing directory")
 
 
 def _existing_file(path: Path) -> Path:
-    if not path.is_file():
-        raise _missing("an existing file", path)
-    return path
+    return _require(path, Path.is_file, "an existing file")
 
 
 ResolvedPath = Annotated[Path, BeforeValidator(_not_empty), AfterValidator(_resolved)]
@@ -128,11 +145,13 @@ def _device_source(source: int | str, base: Any) -> int | str:
 def _file_source(kind: str, source: int | str, base: Any) -> str:
     if not isinstance(source, str) or not source:
         raise expected(f"a path for kind {kind!r}", source)
+    if "://" in source:  # said here, before a path made of it (credentials and all) is quoted
+        raise expected(f"a path for kind {kind!r} (a stream URL needs kind 'url')", source)
     path = _resolve(Path(source), base)
-    if kind == "video" and not path.is_file():
-        raise _missing("an existing video file", path)
-    if kind == "folder" and not path.is_dir():
-        raise _missing("an existing image folder", path)
+    if kind == "video":
+        _require(path, Path.is_file, "an existing video file")
+    if kind == "folder":
+        _require(path, Path.is_dir, "an existing image folder")
     return str(path)
 
 
@@ -187,15 +206,34 @@ class CameraConfig(StrictModel):
         description="continuous: inspect every frame; triggered: only frames asked for by a trigger (needs "
         "trigger.enabled)",
     )
+    settle_ms: StrictFloat = Field(
+        0.0,
+        ge=0,
+        le=60_000,
+        description="time for a part to come to rest: a trigger request is answered with the first frame whose "
+        "capture started at least this long after the request arrived (0 = the first frame started after it; "
+        "also the margin for frames a camera or network buffers); less than trigger.timeout_s",
+    )
     reconnect: ReconnectConfig = Field(
         default_factory=ReconnectConfig, description="backoff between reconnect attempts"
     )
+
+    def __repr_args__(self) -> Any:
+        """repr() and str() hide the source's credentials: a config printed in a log is read by many."""
+        for name, value in super().__repr_args__():
+            yield name, redact_source(value) if name == "source" and isinstance(value, str) else value
+
+    @property
+    def shown_source(self) -> str:
+        """The source as logs, the status topic and check-config may show it: credentials replaced by `***`."""
+        return redact_source(str(self.source))
 
     @field_validator("name")
     @classmethod
     def _topic_safe(cls, name: str) -> str:
         # the wire protocol's own rule: a name it would refuse to publish must not pass check-config
-        if not CAMERA_NAME.match(name):
+        # (fullmatch: the pattern's `$` would let a trailing newline through)
+        if not CAMERA_NAME.fullmatch(name):
             raise expected("ASCII letters, digits, '-' or '_' only (the name is part of the topic)", name)
         return name
 
@@ -371,6 +409,7 @@ class Config(StrictModel):
                 "an endpoint different from publish.endpoint", self.trigger.endpoint, ("trigger", "endpoint")
             )
         _check_binds(self)
+        _check_settle(self)
         triggered = [c.name for c in self.cameras if c.mode == "triggered"]
         if triggered and not self.trigger.enabled:
             raise expected(
@@ -387,6 +426,17 @@ def _check_unique_names(cameras: tuple[CameraConfig, ...]) -> None:
         seen.add(cam.name)
 
 
+def _check_settle(cfg: Config) -> None:
+    """A settle time the trigger timeout cannot cover would fail every request of that camera."""
+    if not cfg.trigger.enabled:
+        return
+    for i, cam in enumerate(cfg.cameras):
+        if cam.settle_ms >= cfg.trigger.timeout_s * 1000:
+            raise expected(
+                f"less than trigger.timeout_s ({cfg.trigger.timeout_s:g} s)", cam.settle_ms, ("cameras", i, "settle_ms")
+            )
+
+
 def _check_binds(cfg: Config) -> None:
     """Clear-text binds beyond loopback are refused here too, so check-config catches what the sockets would."""
     binds = [("publish", cfg.publish.endpoint)] + ([("trigger", cfg.trigger.endpoint)] if cfg.trigger.enabled else [])
@@ -400,24 +450,83 @@ def _check_binds(cfg: Config) -> None:
 def load_config(path: str | Path) -> Config:
     """Read and validate a daemon config; every problem raises ConfigError naming the file and key."""
     path = Path(path)
-    if not path.is_file():
+    if not _is_file(path):
         raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    except RecursionError:
-        raise ConfigError(f"{path}: nested too deeply to be a linewatch config") from None
+    data = _read_yaml(path)
     file = path.resolve()
     cfg = validate(Config, {} if data is None else data, file, context={"base": file.parent})
     cfg._path = file
     return cfg
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long for the file system, ...
+        return False
+
+
+def _read_yaml(path: Path) -> Any:
+    """The file's YAML document, bounded in size and in what its aliases expand to; ConfigError otherwise."""
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB: not a linewatch config")
+        return _parse_yaml(raw.decode("utf-8"), path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except ValueError as exc:  # PyYAML's own constructors: a 5000-digit integer, February 30th
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a linewatch config") from None
+
+
+def _parse_yaml(text: str, path: Path) -> Any:
+    """yaml.safe_load, with the node graph checked before it is built into Python objects."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}, set()) > MAX_YAML_NODES:
+            raise ConfigError(
+                f"{path}: its aliases expand to more than {MAX_YAML_NODES} values: not a linewatch config"
+            )
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """Number of values `node` stands for once every alias (and `<<` merge) is expanded, counted without expanding:
+    an alias is the node it names, so each node's size is computed once."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        raise yaml.YAMLError("an alias refers to a node that contains it")
+    open_nodes.add(key)
+    if isinstance(node, yaml.SequenceNode):
+        children: list[yaml.Node] = list(node.value)
+    elif isinstance(node, yaml.MappingNode):
+        children = [part for pair in node.value for part in pair]
+    else:
+        children = []
+    size = 1
+    for child in children:
+        size += _expanded_size(child, sizes, open_nodes)
+        if size > MAX_YAML_NODES:
+            break
+    open_nodes.discard(key)
+    sizes[key] = size
+    return size
+
+
 def describe(cfg: Config) -> str:
-    cams = ", ".join(f"{c.name} ({c.kind}: {c.source})" for c in cfg.cameras)
+    cams = ", ".join(f"{c.name} ({c.kind}: {c.shown_source})" for c in cfg.cameras)
     return (
         f"model {cfg.model.bundle}; cameras: {cams}; results on {cfg.publish.endpoint}"
         + (f"; trigger on {cfg.trigger.endpoint}" if cfg.trigger.enabled else "")

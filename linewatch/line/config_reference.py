@@ -33,6 +33,12 @@ or a missing file stops the start with the file, the key path and what was expec
 `/etc/linewatch/line1.yaml: cameras[0].fps: expected a value >= 0, got int -1`. Relative paths are relative to the
 config file's folder. Keys with a default can be left out; `cameras[]` keys belong to each entry of the `cameras`
 list.
+
+The file is UTF-8 YAML of at most {schema.MAX_CONFIG_BYTES >> 20} MiB; anchors, aliases and `<<` merges may be
+used, but a file whose aliases expand to more than {schema.MAX_YAML_NODES:,} values is refused (a few hundred bytes
+can otherwise stand for billions of values). Credentials in a camera `source` (`rtsp://user:password@host/…`,
+`?password=…`, `token=…`, GStreamer's `user-id=…`/`user-pw=…`) are shown as `***` wherever linewatch shows a
+source: logs, the status topic's `last_error`, `linewatch check-config` and config errors.
 """
 
 _SCALARS = {bool: "true/false", int: "integer", float: "number", str: "string", Path: "path", type(None): "null"}

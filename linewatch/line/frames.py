@@ -23,7 +23,11 @@ TriggerFuture: TypeAlias = Future[dict[str, Any]]
 
 @dataclass
 class Frame:
-    """One captured image on its way to inference. `error` set: publish ERROR, never inspect."""
+    """One captured image on its way to inference. `error` set: publish ERROR, never inspect.
+
+    `captured_wall`/`captured_mono` are when the camera's grab() returned this frame, before it was decoded (the
+    header's `frame_time`; decoding is part of the latency). `part_id`/`future`: the trigger request it answers, only
+    ever one that arrived before this frame's grab started (plus the camera's settle time)."""
 
     camera: str
     index: int
