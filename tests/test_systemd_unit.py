@@ -31,6 +31,10 @@ def test_devices_are_closed_except_cameras_and_gpus():
     assert d["SystemCallFilter"] == ["@system-service"]
     assert d["ProtectProc"] == ["invisible"] and d["RemoveIPC"] == ["yes"]
     assert re.fullmatch(r"\d+[KMG]", d["MemoryMax"][0])
+    # the daemon cannot rewrite its own model or thresholds: bundles are read-only, only the state dir is writable
+    read_only = d["ReadOnlyPaths"][0].split()
+    assert "-/var/lib/linewatch/models" in read_only and "/etc/linewatch" in read_only
+    assert d["ReadWritePaths"] == ["/var/lib/linewatch"] and d["StateDirectory"] == ["linewatch"]
     # directives that would break the GPU or the metrics stay out (documented in systemd/README.md)
     for breaking in ("ProcSubset", "PrivateDevices", "MemoryDenyWriteExecute", "PrivateUsers"):
         assert breaking not in d, breaking

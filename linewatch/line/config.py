@@ -119,6 +119,12 @@ class EngineConfig(StrictModel):
     max_batch: StrictInt = Field(8, ge=1, le=1024, description="frames scored together, across cameras")
     max_wait_ms: StrictFloat = Field(5.0, ge=0, le=10_000, description="how long a partial batch waits for more frames")
     warmup: StrictBool = Field(True, description="score dummy batches before READY (TensorRT builds its engines then)")
+    trt_cache_dir: Union[ResolvedPath, None] = Field(
+        None,
+        description="TensorRT engine cache folder (created if missing); default: $STATE_DIRECTORY/trt_cache when "
+        "systemd gives the service a state directory, else <bundle>/trt_cache. Under systemd the bundle stays "
+        "read-only to the daemon",
+    )
 
 
 class ReconnectConfig(StrictModel):
