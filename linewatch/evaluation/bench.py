@@ -154,7 +154,9 @@ def run_bench(
     reference: bool = True,
     threads: int | None = None,
     max_seconds: float = MAX_SECONDS,
+    timeout: float = 1800,
 ) -> dict:
+    """`timeout`: seconds each measurement's worker process may take (load, warm-up and timed calls)."""
     bundle_dir = Path(bundle_dir)
     meta = bundle.read_metadata(bundle_dir)
     threads = threads or os.cpu_count() or 1
@@ -171,7 +173,7 @@ def run_bench(
                 "threads": threads,
                 "max_seconds": max_seconds,
             }
-            res = measure(spec)
+            res = measure(spec, timeout=timeout)
             res.update(provider=provider, precision=precision)
             log.info(
                 "%s batch %d: %.1f images/s, p99 %.1f ms",
