@@ -193,8 +193,9 @@ def test_write_load_history_and_versions(model):
     assert (first.version, second.version) == (1, 2) and cal == second
     assert (cal.pixel_threshold, cal.image_threshold, cal.min_defect_area, cal.previous_version) == (0.5, 0.8, 0, 1)
     assert cal.model_sha256 == bundle.sha256_file(model / bundle.GRAPH)
-    assert history_versions(model) == [1]
+    assert history_versions(model) == [1, 2]  # every version is in the history from the moment it is written
     assert json.loads(history_path(model, 1).read_text())["pixel_threshold"] == 0.3
+    assert json.loads(history_path(model, 2).read_bytes()) == json.loads((model / bundle.CALIBRATION).read_bytes())
 
 
 @pytest.mark.integration
@@ -413,7 +414,7 @@ def test_rollback_walks_back_under_new_version_numbers(model):
     assert (back.version, back.pixel_threshold, back.restored_version, back.rolled_back_from) == (5, 0.1, 1, 4)
     with pytest.raises(BundleError, match="no earlier calibration"):
         rollback(model)
-    assert history_versions(model) == [1, 2, 3, 4]
+    assert history_versions(model) == [1, 2, 3, 4, 5]
     again = write_calibration(model, 0.7)  # a new calibration after rollbacks goes on numbering
     assert again.version == 6 and rollback(model).pixel_threshold == 0.1
 
@@ -436,3 +437,24 @@ def test_calibration_dataclass_is_frozen():
     with pytest.raises(Exception):
         cal.pixel_threshold = 0.1  # type: ignore[misc]
     assert math.isfinite(cal.pixel_threshold) and cal.to_dict()["schema"] == "linewatch-calibration"
+
+
+@pytest.mark.integration
+def test_a_damaged_current_file_never_reuses_a_version_or_replaces_a_good_history_entry(model):
+    """Found by the soak: a corrupt calibration.json claiming version 2 made the next write reuse 2, and was itself
+    archived over the good calibration_v000002.json that rollback would restore."""
+    from linewatch.calibrate.store import history_path, history_versions
+
+    bundle_dir = model
+    write_calibration(bundle_dir, 0.5)
+    second = write_calibration(bundle_dir, 0.6)
+    assert history_versions(bundle_dir) == [1, 2]  # each version is in the history as soon as it is written
+    good_v2 = history_path(bundle_dir, 2).read_bytes()
+    damaged = json.loads((bundle_dir / "calibration.json").read_text()) | {"pixel_threshold": "high"}
+    (bundle_dir / "calibration.json").write_text(json.dumps(damaged))
+    third = write_calibration(bundle_dir, 0.7)
+    assert third.version == 3 and second.version == 2
+    assert history_path(bundle_dir, 2).read_bytes() == good_v2
+    kept = sorted(p.name for p in history_path(bundle_dir, 1).parent.glob("invalid_*.json"))
+    assert len(kept) == 1  # the damaged file is kept for inspection, under a name rollback never reads
+    assert load_calibration(bundle_dir).pixel_threshold == pytest.approx(0.7)

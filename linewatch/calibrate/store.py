@@ -197,24 +197,42 @@ def next_version(bundle_dir: str | Path) -> int:
 
 
 def _archive_current(bundle_dir: Path) -> None:
-    """Copy the current file into the history before it is replaced (a copy, so calibration.json never vanishes)."""
+    """Copy the current file into the history before it is replaced (a copy, so calibration.json never vanishes).
+
+    Only a valid calibration goes under its version's name, and never over a different file already there: the
+    history is what rollback restores, so a corrupt or hand-edited current file must not replace a good entry.
+    """
     current = bundle_dir / bundle.CALIBRATION
     if not current.is_file():
         return
     data = current.read_bytes()
-    version = current_version(bundle_dir)
-    if version is None:
+    version = current_version(bundle_dir) if _is_calibration(data, current) else None
+    target = None if version is None else history_path(bundle_dir, version)
+    if target is not None and target.is_file() and target.read_bytes() == data:
+        return
+    if target is None or target.exists():
         target = history_dir(bundle_dir) / f"invalid_{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}.json"
-        log.warning("current %s is not a valid calibration; kept as %s", current, target)
-    else:
-        target = history_path(bundle_dir, version)
-        if target.is_file() and target.read_bytes() == data:
-            return
+        log.warning("current %s is not a calibration this bundle wrote; kept as %s", current, target)
     bundle.atomic_write_bytes(target, data)
 
 
+def _is_calibration(data: bytes, source: Path) -> bool:
+    """`data` is a calibration by this schema (the graph hash is not checked: an old graph's entry is history too)."""
+    try:
+        obj = json.loads(data)
+        calibration_from_dict(obj if isinstance(obj, dict) else {}, source)
+    except (ValueError, RecursionError, BundleError):
+        return False
+    return True
+
+
 def save_calibration(bundle_dir: str | Path, cal: Calibration) -> Path:
-    """Archive the current calibration, then atomically replace it with `cal` (validated before writing)."""
+    """Archive the current calibration, then atomically replace it with `cal` (validated before writing).
+
+    The new version also goes into the history at once, so its number is taken for good: even if calibration.json
+    is later damaged or replaced by hand, the next calibration gets a new number and a version never names two
+    different calibrations.
+    """
     bundle_dir = Path(bundle_dir)
     path = bundle_dir / bundle.CALIBRATION
     data = cal.to_dict()
@@ -222,8 +240,11 @@ def save_calibration(bundle_dir: str | Path, cal: Calibration) -> Path:
     current = current_version(bundle_dir)
     if current is not None and cal.version <= current:
         raise BundleError(f"{path}: new calibration version {cal.version} must be above the current {current}")
+    if cal.version in history_versions(bundle_dir):
+        raise BundleError(f"{path}: calibration version {cal.version} is already in {history_dir(bundle_dir)}")
     _archive_current(bundle_dir)
     bundle.atomic_write_json(path, data)
+    bundle.atomic_write_json(history_path(bundle_dir, cal.version), data)
     log.info("calibration v%d written to %s", cal.version, path)
     return path
 
