@@ -365,3 +365,18 @@ def test_example_key_reader_sees_list_entries_and_commented_keys():
         ("b.c", ""),
         ("b.d", ""),
     ]
+
+
+@pytest.mark.unit
+def test_check_config_refuses_metrics_beyond_loopback_without_the_explicit_flag(tmp_path):
+    """The metrics endpoint has no authentication: the same loopback rule as the sockets, caught before start."""
+    (tmp_path / "bundle").mkdir()
+    base = "model: {bundle: bundle}\ncameras: [{name: c, kind: device, source: 0}]\n"
+    path = tmp_path / "lw.yaml"
+    path.write_text(base + "metrics: {enabled: true, host: 0.0.0.0}\n")
+    with pytest.raises(ConfigError, match=r"metrics\.host: expected a loopback address"):
+        load_config(path)
+    path.write_text(base + "metrics: {enabled: true, host: 0.0.0.0}\nsecurity: {allow_insecure_bind: true}\n")
+    assert load_config(path).metrics.host == "0.0.0.0"
+    path.write_text(base + "metrics: {enabled: true, host: 127.0.0.1}\n")
+    assert load_config(path).metrics.enabled

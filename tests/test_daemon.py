@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -157,8 +159,10 @@ def status_fields(status: dict) -> dict:
     return status.get("status", status)
 
 
-def slow_bundle(path: Path, iterations: int = 10**9) -> Path:
-    """A real bundle whose graph loops for minutes per batch: an inference that is stuck, not failed."""
+def slow_bundle(path: Path, iterations: int = 10**9, per_extra_frame: bool = False) -> Path:
+    """A real bundle whose graph loops for minutes per batch: an inference that is stuck, not failed. With
+    `per_extra_frame` the loop runs `iterations` times per frame beyond the first: single frames are quick, a big
+    batch (warm-up at max_batch) is slow."""
     make_deviation_bundle(path, 64, 64)
     model = onnx.load(str(path / bundle.GRAPH))
     g = model.graph
@@ -178,11 +182,26 @@ def slow_bundle(path: Path, iterations: int = 10**9) -> Path:
     )
     g.initializer.extend(
         [
-            helper.make_tensor("trips", TensorProto.INT64, [], [iterations]),
+            helper.make_tensor("per_frame" if per_extra_frame else "trips", TensorProto.INT64, [], [iterations]),
             helper.make_tensor("yes", TensorProto.BOOL, [], [True]),
             helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
         ]
     )
+    if per_extra_frame:  # trips = (N - 1) * iterations
+        g.initializer.extend(
+            [
+                helper.make_tensor("first", TensorProto.INT64, [], [0]),
+                helper.make_tensor("one_frame", TensorProto.INT64, [], [1]),
+            ]
+        )
+        g.node.extend(
+            [
+                helper.make_node("Shape", [bundle.INPUT_NAME], ["in_shape"]),
+                helper.make_node("Gather", ["in_shape", "first"], ["n_frames"], axis=0),
+                helper.make_node("Sub", ["n_frames", "one_frame"], ["extra_frames"]),
+                helper.make_node("Mul", ["extra_frames", "per_frame"], ["trips"]),
+            ]
+        )
     for node in g.node:  # the deviation map is now an intermediate; the output waits for the loop
         node.input[:] = ["map_fast" if x == bundle.OUTPUT_MAP else x for x in node.input]
         node.output[:] = ["map_fast" if x == bundle.OUTPUT_MAP else x for x in node.output]
@@ -360,6 +379,59 @@ def test_sighup_reloads_calibration_and_keeps_the_old_one_when_the_new_is_broken
 
 
 @pytest.mark.e2e
+def test_a_slow_reload_keeps_status_and_pings_going_then_switches_the_calibration(calibrated, tmp_path):
+    """SIGHUP to a bundle whose warm-up takes seconds (its graph is slow at max_batch): the new model loads off the
+    main loop, so status messages and watchdog pings keep their interval and results keep coming from the old model;
+    then results carry the new calibration. Start-up asked systemd for time (EXTEND_TIMEOUT_USEC) before READY=1."""
+    new_bundle = slow_bundle(tmp_path / "slow_at_max_batch", iterations=60_000, per_extra_frame=True)
+    write_calibration(new_bundle, 0.5)
+    new_version = write_calibration(new_bundle, 0.5)  # version 2: told apart from the running bundle's version 1
+    video = write_video(tmp_path / "line.avi", [grey()] * 4)
+    camera = {"name": "cam1", "kind": "video", "source": str(video), "loop": True, "fps": 50}
+    config, endpoint = write_config(
+        tmp_path, calibrated, [camera], engine={"max_batch": 64}, health={"inference_stall_s": 0.5}
+    )
+    notify = NotifySocket(tmp_path / "notify.sock")
+    sub = Subscriber(endpoint)  # before the daemon binds: it sees every message
+    proc = start_daemon(config, tmp_path, notify)
+    try:
+        sub.until(lambda: len(sub.results) >= 5, 30, "results from the first bundle")
+        assert {h["calibration_version"] for h in sub.results} == {1}
+        data = yaml.safe_load(config.read_text())
+        data["model"]["bundle"] = str(new_bundle)
+        config.write_text(yaml.safe_dump(data))
+        before = len(sub.statuses)
+        n = len(sub.results)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGHUP)
+        sub.until(lambda: sub.results[-1]["calibration_version"] == new_version, 60, "results of the new calibration")
+        took = time.monotonic() - t0
+        sub.poll(0.5)
+    finally:
+        stop(proc)
+        sub.close()
+    assert took > 1.5, f"the reload took {took:.2f} s: too quick to show anything"
+    stamps = [s["publish_time"] for s in sub.statuses[before:] if s["calibration_version"] == 1]
+    assert len(stamps) >= 5, "status stopped while the model was loading"
+    assert max(np.diff(stamps)) < 1.0, "status stopped while the model was loading"
+    old_results = [h for h in sub.results[n:] if h["calibration_version"] == 1]
+    assert len(old_results) >= 25, "inspection stopped while the model was loading"
+    assert {h["calibration_version"] for h in sub.results[n + len(old_results) :]} == {new_version}  # and no return
+    messages = notify.drain()
+    ready = messages.index("READY=1")
+    assert any(m.startswith("EXTEND_TIMEOUT_USEC=") for m in messages[:ready]), messages[: ready + 1]
+    pings = pings_while_reloading(messages)
+    assert pings >= took / 0.2 / 3, f"{pings} watchdog pings in a {took:.1f} s reload"
+    assert "longer than health.inference_stall_s" in daemon_log(tmp_path)  # the new model's warm batch: ~2 s
+
+
+def pings_while_reloading(messages: list[str]) -> int:
+    """WATCHDOG=1 messages between the first RELOADING=1 and the READY=1 that ends it."""
+    start = next(i for i, m in enumerate(messages) if m.startswith("RELOADING=1"))
+    return messages[start : messages.index("READY=1", start)].count("WATCHDOG=1")
+
+
+@pytest.mark.e2e
 def test_slow_subscriber_does_not_slow_inference(calibrated, tmp_path):
     rng = np.random.default_rng(0)
     noisy = [np.clip(rng.normal(128, 90, (64, 64, 3)), 0, 255).astype(np.uint8) for _ in range(4)]
@@ -527,6 +599,8 @@ def test_curve_daemon_serves_allowed_keys_and_nothing_to_others(calibrated, tmp_
     zmq.auth.create_certificates(keys, "server")
     zmq.auth.create_certificates(allowed, "line_pc")
     zmq.auth.create_certificates(keys, "intruder")
+    for secret in [*keys.glob("*.key_secret"), *allowed.glob("*.key_secret")]:
+        secret.chmod(0o600)  # secret keys are private to their owner (the daemon refuses others)
     server_public, _ = zmq.auth.load_certificate(keys / "server.key")
     good_keys = zmq.auth.load_certificate(allowed / "line_pc.key_secret")
     bad_keys = zmq.auth.load_certificate(keys / "intruder.key_secret")
@@ -675,31 +749,202 @@ def test_a_frame_with_120_regions_publishes_all_of_them_counted_and_the_largest_
 
 
 @pytest.mark.integration
-def test_a_result_that_cannot_be_published_is_counted_and_the_rest_of_its_batch_goes_out(daemon_in_process):
+def test_a_result_that_cannot_be_published_goes_out_as_error_and_the_rest_of_its_batch_in_order(daemon_in_process):
+    """A result without a valid header or mask (a bug) becomes an ERROR result for its frame, with the reason and
+    the next seq, and its trigger gets that ERROR; only a frame not even an ERROR can describe is counted as
+    publish_dropped. Either way, the other results of the batch, other cameras' too, go out in order."""
     from concurrent.futures import Future
 
     from linewatch.line.inference import Result, judge_frames
+    from linewatch.line.verdict import Judgement
     from linewatch.protocol.wire import Verdict
 
     daemon, sub = daemon_in_process
     frames = [
         frame_of(cam, i, with_white_square() if i % 2 else grey()) for i, cam in enumerate(["cam1"] * 2 + ["cam2"])
     ]
-    bad_frame = frame_of("cam1", 99, grey())
-    bad_frame.future, frames[1].future = Future(), Future()
+    claims_ok, bad_mask, hopeless = (
+        frame_of("cam1", 99, grey()),
+        frame_of("cam2", 98, grey()),
+        frame_of("cam1", 97, grey()),
+    )
+    hopeless.captured_wall = float("nan")  # no header can carry this frame time, not even an ERROR's
+    for frame in (claims_ok, hopeless, frames[1]):
+        frame.future = Future()
     results = judge_frames(daemon.model, frames)
-    claims_ok = Result(bad_frame, Verdict.OK, daemon.model, score=float("nan"))  # a bug: OK without a score
-    daemon.publish_results([results[0], claims_ok, results[1], results[2], *judge_frames(daemon.model, frames[:1])])
-    sub.until(lambda: len(sub.results) >= 4, 5, "the other results")
+    batch = [
+        results[0],
+        Result(claims_ok, Verdict.OK, daemon.model, score=float("nan")),  # a bug: OK without a score
+        results[1],
+        Result(
+            bad_mask, Verdict.NOK, daemon.model, score=0.9, judgement=Judgement(Verdict.NOK, np.zeros((0, 0), bool))
+        ),
+        results[2],
+        Result(hopeless, Verdict.OK, daemon.model, score=0.1, judgement=results[0].judgement),
+        *judge_frames(daemon.model, frames[:1]),
+    ]
+    daemon.publish_results(batch)
+    sub.until(lambda: len(sub.results) >= 6, 5, "the results")
     sub.poll(0.3)
     got = [(h["camera"], h["seq"], h["frame_index"], h["verdict"]) for h in sub.results]
-    assert got == [("cam1", 1, 0, "OK"), ("cam1", 2, 1, "NOK"), ("cam2", 1, 2, "OK"), ("cam1", 3, 0, "OK")]
+    assert got == [
+        ("cam1", 1, 0, "OK"),
+        ("cam1", 2, 99, "ERROR"),
+        ("cam1", 3, 1, "NOK"),
+        ("cam2", 1, 98, "ERROR"),
+        ("cam2", 2, 2, "OK"),
+        ("cam1", 4, 0, "OK"),
+    ]
+    errors = {h["frame_index"]: h for h in sub.results if h["verdict"] == "ERROR"}
+    assert_error_instead(errors[99], "score")
+    assert_error_instead(errors[98], "mask")
+    reply = claims_ok.future.result(0)  # the trigger gets the ERROR that was published for its frame
+    assert reply["header"] == errors[99] and reply["mask"] is None
+    assert frames[1].future.result(0)["header"] == sub.results[2]
     with pytest.raises(Exception, match="could not be published"):
-        bad_frame.future.result(0)
-    reply = frames[1].future.result(0)
-    assert reply["header"] == sub.results[1] and reply["header"]["run_id"] == daemon.publisher.run_id
+        hopeless.future.result(0)
     daemon.publish_status()
     sub.until(lambda: len(sub.statuses) >= 2 and sub.field("cam1", "publish_dropped") == 1, 5, "the count")
     cam1, cam2 = status_fields(sub.status("cam1")), status_fields(sub.status("cam2"))
-    assert (cam1["results"], cam1["publish_dropped"], cam1["verdicts"]) == (3, 1, {"OK": 2, "NOK": 1, "ERROR": 0})
-    assert (cam2["results"], cam2["publish_dropped"]) == (1, 0)
+    assert (cam1["results"], cam1["publish_dropped"], cam1["verdicts"]) == (4, 1, {"OK": 2, "NOK": 1, "ERROR": 1})
+    assert (cam2["results"], cam2["publish_dropped"], cam2["verdicts"]) == (2, 0, {"OK": 1, "NOK": 0, "ERROR": 1})
+
+
+def assert_error_instead(header: dict, cause: str) -> None:
+    """An ERROR published in place of a result that could not be: the reason says why, nothing of it is claimed."""
+    assert "could not be published" in header["error"] and cause in header["error"], header["error"]
+    assert header["image_score"] is None and header["mask"] is None and header["regions"] == []
+
+
+# --- health: every long-lived thread, and a slow machine is not a hang --------------------------------------
+
+
+class SlowScorer:
+    """A real engine that takes `delay_s` longer per batch (a slow CPU), or never returns while `hang` is set."""
+
+    def __init__(self, engine, delay_s: float):
+        self.engine, self.delay_s = engine, delay_s
+        self.input_size = engine.input_size
+        self.hang = threading.Event()
+        self.release = threading.Event()
+
+    def score(self, frames: np.ndarray):
+        time.sleep(self.delay_s)
+        if self.hang.is_set():
+            self.release.wait(30)
+        return self.engine.score(frames)
+
+
+@pytest.mark.integration
+def test_a_slow_machine_is_not_taken_for_a_hung_engine_but_a_hang_still_is(calibrated, tmp_path):
+    """The stall limit follows the measured batch time: batches of 0.6 s against inference_stall_s 0.5 keep the
+    daemon healthy; a batch that does not finish within 3 × the slowest recent batch is still a hang."""
+    import dataclasses
+
+    from linewatch.line.config import load_config
+    from linewatch.line.daemon import Daemon
+
+    video = write_video(tmp_path / "line.avi", [grey()] * 4)
+    camera = {"name": "cam1", "kind": "video", "source": str(video), "loop": True, "fps": 20, "queue_size": 4}
+    config, _ = write_config(tmp_path, calibrated, [camera], health={"inference_stall_s": 0.5})
+    daemon = Daemon(load_config(config))
+    slow = SlowScorer(daemon.model.engine, 0.6)
+    daemon.worker.model = dataclasses.replace(daemon.model, engine=slow)  # swapped in as a reload does
+    try:
+        daemon.start()
+        assert _wait_for(lambda: daemon.stats["cam1"].seq >= 1, 20), "no first result"
+        reasons, longest = set(), 0.0
+        end = time.monotonic() + 2.0  # three more slow batches
+        while time.monotonic() < end:
+            longest = max(longest, daemon.worker.stalled_for())
+            reasons.add(daemon.health())
+            time.sleep(0.02)
+        assert longest > 0.5, "the batches were not slower than the configured limit: test too weak"
+        assert reasons == {None}
+        slow.hang.set()
+        assert _wait_for(lambda: "inference stalled" in (daemon.health() or ""), 5), "a hung engine went unnoticed"
+        limit = float(re.search(r"limit ([0-9.]+) s", daemon.health() or "").group(1))
+        assert 1.8 <= limit < 6.0  # 3 × the slowest measured batch (>= 0.6 s), not the 0.5 s configured
+    finally:
+        slow.release.set()
+        daemon.stop_requested.set()
+        daemon.shutdown()
+
+
+@pytest.mark.integration
+def test_warm_up_measures_a_full_warm_batch(calibrated):
+    from linewatch.line.inference import load_model, warm_up
+
+    model = load_model(calibrated, ("cpu",), 1, max_batch=4, warmup=True)
+    assert model.batch_s is not None and 0 < model.batch_s < 1.0
+    assert 0.3 <= warm_up(SlowScorer(model.engine, 0.3), 4) < 1.0  # one warm batch, not the whole warm-up
+
+
+class Crash(BaseException):
+    """Raised where no guard for ordinary errors catches it: the trigger server's thread ends, as it would on an
+    internal bug."""
+
+
+@pytest.mark.integration
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_trigger_thread_stops_the_watchdog_pings_and_the_status_says_why(calibrated, tmp_path, monkeypatch):
+    from linewatch.line.config import load_config
+    from linewatch.line.daemon import Daemon
+    from linewatch.line.trigger import TriggerServer
+    from linewatch.protocol.client import TriggerClient
+
+    video = write_video(tmp_path / "line.avi", [grey()] * 4)
+    camera = {"name": "cam1", "kind": "video", "source": str(video), "loop": True, "fps": 20}
+    config, endpoint = write_config(tmp_path, calibrated, [camera])
+    notify = NotifySocket(tmp_path / "notify.sock")
+    monkeypatch.setenv("NOTIFY_SOCKET", notify.path)
+    monkeypatch.setenv("WATCHDOG_USEC", "400000")
+    daemon = Daemon(load_config(config))
+
+    def handler(camera: str, part_id: str):
+        if part_id == "crash":
+            raise Crash()
+        return daemon.handle_trigger(camera, part_id)
+
+    trigger = f"tcp://127.0.0.1:{free_port()}"
+    sub = Subscriber(endpoint)
+    runner = threading.Thread(target=daemon.run, name="daemon-main")
+    try:
+        daemon.trigger = TriggerServer(trigger, handler, timeout_s=5.0)  # the daemon's own, with a crash on request
+        daemon.trigger.start()
+        runner.start()
+        sub.until(lambda: sub.field("cam1", "healthy") is True, 30, "a healthy status")
+        assert sub.field("cam1", "unhealthy_reason") is None
+        with TriggerClient(trigger) as client:
+            assert client.inspect("cam1", "part-1", timeout_s=5).verdict == "OK"
+        assert "WATCHDOG=1" in notify.drain()
+        crash = zmq.Context.instance().socket(zmq.DEALER)
+        crash.setsockopt(zmq.LINGER, 0)
+        crash.connect(trigger)
+        crash.send_multipart([b"", json.dumps({"camera": "cam1", "part_id": "crash"}).encode()])
+        sub.until(lambda: sub.field("cam1", "healthy") is False, 10, "an unhealthy status")
+        crash.close(0)
+        assert "trigger server" in sub.field("cam1", "unhealthy_reason")
+        notify.messages.clear()
+        sub.poll(1.5)
+        messages = notify.drain()
+        assert not any("WATCHDOG=1" in m for m in messages), messages
+        assert any("UNHEALTHY (trigger server" in m for m in messages), messages
+        assert "trigger server" in status_fields(sub.status("cam1"))["unhealthy_reason"]
+    finally:
+        daemon.stop_requested.set()
+        if runner.is_alive():
+            runner.join(15)
+        else:
+            daemon._close_sockets()
+        sub.close()
+    assert not runner.is_alive()
+
+
+def _wait_for(cond, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.02)
+    return True

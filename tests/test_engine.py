@@ -151,3 +151,25 @@ def test_explicit_gpu_provider_never_falls_back_silently(deviation_bundle):
         assert engine.providers[0] == "CUDAExecutionProvider"
         maps, _ = engine.score(grey_frame()[None])
         assert maps.shape == (1, 64, 64)
+
+
+@pytest.mark.unit
+def test_tensorrt_caches_go_where_the_daemon_may_write(tmp_path, monkeypatch):
+    """Under systemd the bundle is read-only: engines are cached in the state directory, one folder per graph."""
+    from linewatch.line.config import load_config
+    from linewatch.line.daemon import trt_cache_dir
+    from linewatch.line.engine import TENSORRT, provider_options
+
+    bundle_dir = tmp_path / "bundle"
+    bundle_dir.mkdir()
+    (tmp_path / "lw.yaml").write_text("model: {bundle: bundle}\ncameras: [{name: c, kind: device, source: 0}]\n")
+    cfg = load_config(tmp_path / "lw.yaml")
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    assert trt_cache_dir(cfg) is None  # by hand: inside the bundle, as before
+    monkeypatch.setenv("STATE_DIRECTORY", f"{tmp_path / 'state'}:{tmp_path / 'other'}")
+    assert trt_cache_dir(cfg) == tmp_path / "state" / "trt_cache"
+    explicit = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"trt_cache_dir": tmp_path / "c"})})
+    assert trt_cache_dir(explicit) == tmp_path / "c"
+    options = provider_options(TENSORRT, bundle_dir, "fp16", (64, 64), 8, tmp_path / "state" / "trt_cache" / "m-fp16")
+    assert options["trt_engine_cache_path"] == str(tmp_path / "state" / "trt_cache" / "m-fp16")
+    assert (tmp_path / "state" / "trt_cache" / "m-fp16").is_dir() and not (bundle_dir / "trt_cache").exists()

@@ -70,6 +70,16 @@ def sub_socket(ctx: zmq.Context, endpoint: str, prefix: bytes) -> zmq.Socket:
     return sock
 
 
+def wait_until_subscribed(pub: ResultPublisher, only_cam1: zmq.Socket, everything: zmq.Socket) -> None:
+    """Slow joiner: publish until both subscriptions have reached the publisher, then drain what came."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not (only_cam1.poll(50) and everything.poll(0)):
+        pub.publish_status("cam1", {"state": "online"})
+    for s in (only_cam1, everything):
+        while s.poll(100):
+            s.recv_multipart()
+
+
 @pytest.mark.integration
 def test_topics_are_delimited_so_cam1_never_matches_cam10():
     assert result_topic("cam1") == b"linewatch/cam1/result"
@@ -82,13 +92,7 @@ def test_topics_are_delimited_so_cam1_never_matches_cam10():
     only_cam1 = sub_socket(ctx, pub.endpoint, camera_prefix("cam1"))
     everything = sub_socket(ctx, pub.endpoint, camera_prefix())
     try:
-        # slow joiner: publish until both subscriptions have reached the publisher
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not (only_cam1.poll(50) and everything.poll(0)):
-            pub.publish_status("cam1", {"state": "online"})
-        for s in (only_cam1, everything):
-            while s.poll(100):
-                s.recv_multipart()
+        wait_until_subscribed(pub, only_cam1, everything)
         for seq in range(1, 4):
             for cam in ("cam10", "cam1", "cam1x", "cam"):
                 assert pub.publish_result(header_for(cam, seq), None)

@@ -3,6 +3,9 @@ number, status is the life bit, restarts are told apart from losses, and keyless
 
 from __future__ import annotations
 
+import os
+import socket
+import struct
 import time
 
 import numpy as np
@@ -131,7 +134,9 @@ def test_close_is_bounded_and_later_publishes_are_counted_as_dropped():
     pub.close()
     assert time.monotonic() - t0 < 5.0  # linger is bounded: close never hangs on a stalled subscriber
     assert pub.publish_result(make_header("cam1", 500), None) is None
-    assert pub.counters() == {"sent": 199, "status_sent": 0, "dropped": 1}
+    counters = pub.counters()
+    assert {k: counters[k] for k in ("sent", "status_sent", "dropped")} == {"sent": 199, "status_sent": 0, "dropped": 1}
+    assert counters["subscriptions_refused"] == 0
     stalled.close(linger=0)
     ctx.term()
 
@@ -142,3 +147,110 @@ def test_binding_rules():
     with ResultPublisher("tcp://127.0.0.1:*") as first:
         with pytest.raises(ConfigError, match="cannot bind"):
             ResultPublisher(first.endpoint)
+
+
+# --- what subscribers can make the daemon hold ------------------------------------------------------------------
+
+
+class BareSubscriber:
+    """A ZMTP 3.0 SUB peer on a plain TCP socket, as a hostile client would write one: it sends subscriptions as raw
+    frames and keeps no copy of them (a real SUB socket stores each topic it subscribes to; for a 10 MiB topic that
+    costs its own process about half a GiB)."""
+
+    def __init__(self, endpoint: str):
+        host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=5)
+        greeting = b"\xff" + bytes(8) + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\0") + b"\0" + bytes(31)
+        self.sock.sendall(greeting)
+        theirs = b""
+        while len(theirs) < len(greeting):  # libzmq may misread a READY that arrives before it has greeted
+            theirs += self.sock.recv(len(greeting) - len(theirs))
+        ready = b"\x05READY" + b"\x0bSocket-Type" + struct.pack(">I", 3) + b"SUB"
+        self.sock.sendall(b"\x04" + bytes([len(ready)]) + ready)
+
+    @staticmethod
+    def subscription_frame(topic: bytes) -> bytes:
+        body = b"\x01" + topic
+        head = b"\x00" + bytes([len(body)]) if len(body) < 256 else b"\x02" + struct.pack(">Q", len(body))
+        return head + body
+
+    def subscribe(self, topic: bytes) -> None:
+        self.send(self.subscription_frame(topic))
+
+    def send(self, frame: bytes) -> None:
+        self.sock.sendall(frame)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def rss_mib() -> float:
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def publish_until(pub: ResultPublisher, done, timeout_s: float = 10.0) -> None:
+    """Keep the socket busy (as the daemon's status does) until `done()` or the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while not done() and time.monotonic() < deadline:
+        pub.publish_status("cam1", {"state": "online"})
+        time.sleep(0.02)
+
+
+def test_a_10_mib_subscription_never_reaches_the_daemon():
+    # built before measuring: this process's own 10 MiB buffers must not count as the daemon's growth
+    frame = BareSubscriber.subscription_frame(b"linewatch/" + b"x" * (10 * 2**20))
+    with ResultPublisher("tcp://127.0.0.1:*") as pub:
+        before = rss_mib()
+        attacker = BareSubscriber(pub.endpoint)
+        try:
+            attacker.send(frame)
+        except OSError:
+            pass  # the daemon may cut the connection before all of it is sent
+        publish_until(pub, lambda: False, 1.5)
+        grown = rss_mib() - before
+        attacker.close()
+        assert grown < 8, f"the daemon's memory grew by {grown:.0f} MiB"
+        with Subscriber(pub.endpoint, "cam1") as sub:  # and the socket still serves
+            connect(pub, sub)
+            pub.publish_result(make_header("cam1", 1), None)
+            assert sub.recv(2).seq == 1
+
+
+def test_junk_subscriptions_are_refused_and_counted_while_a_subscriber_still_gets_results():
+    with ResultPublisher("tcp://127.0.0.1:*", cameras=["cam1"]) as pub, Subscriber(pub.endpoint, "cam1") as sub:
+        connect(pub, sub)
+        junk = BareSubscriber(pub.endpoint)
+        for i in range(5000):  # outside the topic root, and inside it for cameras this daemon does not have
+            junk.subscribe(b"junk-%d" % i if i % 2 else b"linewatch/ghost%d/" % i)
+        publish_until(pub, lambda: pub.counters()["subscriptions_refused"] >= 5000)
+        counters = pub.counters()
+        assert counters["subscriptions_refused"] == 5000 and counters["subscriptions"] == 1, counters
+        for seq in (1, 2, 3):
+            pub.publish_result(make_header("cam1", seq), None)
+        assert [m.seq for m in sub.results(timeout_s=1)] == [1, 2, 3] and sub.missed == {"cam1": 0}
+        # the everything-subscription and camera prefixes are taken, as a PUB socket would
+        junk.subscribe(b"")
+        junk.subscribe(b"linewatch/cam1/res")
+        publish_until(pub, lambda: pub.counters()["subscriptions"] == 3)
+        assert pub.counters()["subscriptions"] == 3
+        junk.close()  # libzmq reports the leaver's topics as unsubscribed: only the real subscriber's remains
+        publish_until(pub, lambda: pub.counters()["subscriptions"] == 1)
+        assert pub.counters() | {"status_sent": 0} == {
+            "sent": 3,
+            "status_sent": 0,
+            "dropped": 0,
+            "subscriptions": 1,
+            "subscriptions_refused": 5000,
+        }
+        assert pub.health() is None
+
+
+def test_distinct_subscriptions_are_capped_when_the_cameras_are_not_known():
+    with ResultPublisher("tcp://127.0.0.1:*", max_subscriptions=50) as pub:
+        junk = BareSubscriber(pub.endpoint)
+        for i in range(200):  # topics of the right shape, for cameras nobody has
+            junk.subscribe(b"linewatch/cam%d/" % i)
+        junk.subscribe(b"linewatch/cam1/resultX")  # can never match: refused even below the cap
+        publish_until(pub, lambda: pub.counters()["subscriptions_refused"] >= 151)
+        assert pub.counters()["subscriptions"] == 50 and pub.counters()["subscriptions_refused"] == 151
+        junk.close()

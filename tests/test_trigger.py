@@ -252,3 +252,117 @@ def test_lazy_pirate_client_times_out_cleanly_and_recovers(line):
         with TriggerServer(endpoint, line).start():
             assert client.inspect("cam1", "L-2", timeout_s=3).part_id == "L-2"
     assert ("cam1", "L-1") not in line.calls
+
+
+# --- a bug on one request, a dead thread, one client's flood, printable part ids --------------------------------
+
+
+def test_a_bug_while_handling_one_request_costs_that_request_not_the_server(server, line, monkeypatch):
+    import linewatch.line.trigger as trigger
+
+    real_parse = trigger.parse_request
+    calls = {"n": 0}
+
+    def parse_with_a_bug(body):  # stands in for any bug on the request path: raises once, a plain RuntimeError
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("a bug")
+        return real_parse(body)
+
+    monkeypatch.setattr(trigger, "parse_request", parse_with_a_bug)
+    with TriggerClient(server.endpoint) as client:
+        with pytest.raises(TriggerError) as err:  # the reply echoes the request_id, so the client takes it
+            client.inspect("cam1", "BUG-1", timeout_s=2)
+        assert err.value.code == "internal" and "a bug" in err.value.message and err.value.part_id == "BUG-1"
+        assert client.inspect("cam1", "AFTER-BUG", timeout_s=2).part_id == "AFTER-BUG"
+    assert server.health() is None and line.calls == [("cam1", "AFTER-BUG")]
+
+
+def test_a_result_that_cannot_be_sent_is_an_internal_reply_and_the_other_results_still_go_out(line):
+    def handler(camera, part_id):
+        if camera != "broken":
+            return line(camera, part_id)
+        header = result_header("cam1", 1, part_id=part_id).model_dump(mode="json")
+        header["extra"] = header  # a daemon bug: a header that contains itself cannot become JSON
+        future: Future = Future()
+        threading.Timer(0.05, future.set_result, ((header, None),)).start()
+        return future
+
+    with TriggerServer("tcp://127.0.0.1:*", handler, timeout_s=2).start() as server:
+        ctx = zmq.Context()
+        broken, good = raw_dealer(ctx, server.endpoint), raw_dealer(ctx, server.endpoint)
+        try:
+            line.delays["cam1"] = 0.05  # both results are ready in the same round of the server's loop
+            broken.send_multipart([b"", b'{"camera": "broken", "part_id": "B-1"}'])
+            good.send_multipart([b"", b'{"camera": "cam1", "part_id": "G-1"}'])
+            reply_good, _ = reply_of(good)
+            reply_broken, frames = reply_of(broken)
+            assert reply_good["ok"] and reply_good["result"]["part_id"] == "G-1"
+            assert reply_broken["ok"] is False and reply_broken["code"] == "internal" and frames[-1] == b""
+            assert reply_broken["part_id"] == "B-1"
+            good.send_multipart([b"", b'{"camera": "cam1", "part_id": "G-2"}'])
+            assert reply_of(good)[0]["result"]["part_id"] == "G-2"
+        finally:
+            broken.close()
+            good.close()
+            ctx.term()
+        assert server.health() is None
+
+
+def test_health_reports_a_dead_server_thread(line):
+    server = TriggerServer("tcp://127.0.0.1:*", line, timeout_s=1.0)
+    assert server.health() == "trigger server thread not started"
+    server.start()
+    try:
+        assert server.health() is None
+
+        def broken_loop():  # a failure outside any one request: the loop itself cannot go on
+            raise RuntimeError("the poll loop broke")
+
+        server._next_deadline_ms = broken_loop
+        deadline = time.monotonic() + 5
+        while server.health() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.health() == "trigger server thread has died"
+    finally:
+        server.close()
+    assert server.health() is None  # closed on purpose
+
+
+def test_one_flooding_client_gets_busy_and_another_client_is_still_served(line):
+    """The flooder (127.0.0.1) fills its own share of the pending slots; a PLC on another address (127.0.0.2,
+    also loopback: the server stays bound to 127.0.0.1) still gets its result."""
+    with TriggerServer("tcp://127.0.0.1:*", line, timeout_s=30).start() as server:
+        port = server.endpoint.rsplit(":", 1)[1]
+        ctx = zmq.Context()
+        flooder = raw_dealer(ctx, server.endpoint)
+        plc = raw_dealer(ctx, f"tcp://127.0.0.2:0;127.0.0.1:{port}")  # source address ; destination
+        n = 1024 + 100  # more than every slot there is
+        try:
+            for i in range(n):
+                flooder.send_multipart([b"", b'{"camera": "never", "part_id": "F-%d"}' % i])
+            busy = []
+            while flooder.poll(500):
+                reply, _ = reply_of(flooder)
+                assert reply["ok"] is False and reply["code"] == "busy", reply
+                busy.append(reply["part_id"])
+            plc.send_multipart([b"", b'{"camera": "cam1", "part_id": "PLC-1"}'])
+            reply, _ = reply_of(plc, 3)
+            assert reply["ok"] is True and reply["result"]["part_id"] == "PLC-1", reply
+            cap = server.max_pending_per_client
+            assert busy == [f"F-{i}" for i in range(cap, n)]  # the flooder's first requests wait, the rest: busy
+            assert server.pending == cap and server.errors == {"busy": n - cap}
+        finally:
+            flooder.close()
+            plc.close()
+            ctx.term()
+
+
+@pytest.mark.parametrize("part_id", ["A-1\nOK", "A-1\x1b[2J", "A-1\u202e1-B", "A-1\x00", "A\t1"])
+def test_part_ids_with_control_characters_are_bad_requests(server, line, part_id):
+    with TriggerClient(server.endpoint) as client:
+        with pytest.raises(TriggerError, match="printable") as err:
+            client.inspect("cam1", part_id, timeout_s=2)
+        assert err.value.code == "bad_request"
+        assert client.inspect("cam1", "Ü-3 with spaces", timeout_s=2).verdict == "NOK"  # printable unicode is fine
+    assert line.calls == [("cam1", "Ü-3 with spaces")]

@@ -90,6 +90,8 @@ def test_watch_json_lines_with_curve(tmp_path):
     zmq.auth.create_certificates(tmp_path, "server")
     (tmp_path / "allowed").mkdir()
     zmq.auth.create_certificates(tmp_path / "allowed", "watcher")
+    for secret in (tmp_path / "server.key_secret", tmp_path / "allowed" / "watcher.key_secret"):
+        secret.chmod(0o600)  # secret key files others can read are refused
     curve = CurveConfig.from_files(tmp_path / "server.key_secret", tmp_path / "allowed")
     with ResultPublisher("tcp://127.0.0.1:*", curve=curve) as pub:
         done = run_watch(

@@ -31,7 +31,7 @@ from pydantic import (
 
 from linewatch.bundle import PRECISIONS
 from linewatch.errors import ConfigError
-from linewatch.protocol.curve import check_bind_security
+from linewatch.protocol.curve import check_bind_security, is_loopback_host
 from linewatch.protocol.wire import CAMERA_NAME, Verdict
 from linewatch.validation import Problem, StrictModel, expected, redact_source, validate
 
@@ -355,8 +355,8 @@ class HealthConfig(StrictModel):
     inference_stall_s: StrictFloat = Field(
         10.0,
         ge=0.5,
-        description="frames waiting but no batch finished for this long: stop the systemd watchdog pings "
-        "(systemd restarts us)",
+        description="frames waiting but no batch finished for this long (or 3 × the slowest recent batch, if "
+        "longer, so a slow CPU is not taken for a hang): stop the systemd watchdog pings (systemd restarts us)",
     )
     camera_hang_s: StrictFloat = Field(
         60.0, ge=1, description="a capture call blocked this long: stop the watchdog pings"
@@ -451,6 +451,13 @@ def _check_binds(cfg: Config) -> None:
             check_bind_security(endpoint, cfg.security.curve, cfg.security.allow_insecure_bind, key="")
         except ConfigError as exc:
             raise Problem(str(exc).strip(), (section, "endpoint")) from None
+    metrics = cfg.metrics
+    if metrics.enabled and not (cfg.security.allow_insecure_bind or is_loopback_host(metrics.host)):
+        raise expected(
+            "a loopback address (the metrics endpoint has no authentication), or security.allow_insecure_bind: true",
+            metrics.host,
+            ("metrics", "host"),
+        )
 
 
 def load_config(path: str | Path) -> Config:

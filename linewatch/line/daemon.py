@@ -4,9 +4,14 @@ Threads: one per camera (capture), one inference worker, the publisher's and tri
 thread, which owns signals, reloads, the per-camera status (the life bit) and the systemd notifications.
 
 Watchdog policy: WATCHDOG=1 is sent only while the pipeline is healthy: the inference thread is alive and either
-finishing batches or idle with nothing queued, and no capture call is hung. Cameras that are offline but
-reconnecting are healthy (a restart would not bring the camera back; the status topic reports them). A stuck
-engine or a hung capture call stops the pings, so systemd's WatchdogSec restarts the service.
+finishing batches (within the stall limit, which follows the measured batch time) or idle with nothing queued, no
+capture call is hung, and every other long-lived thread (publishing, trigger server, CURVE authenticator, archive
+writer, metrics server) is alive. Cameras that are offline but reconnecting are healthy (a restart would not bring
+the camera back; the status topic reports them). A stuck engine, a hung capture call or a dead thread stops the
+pings, so systemd's WatchdogSec restarts the service; the reason is in the status topic (`unhealthy_reason`).
+
+Reloads (SIGHUP) load the new model on their own thread, so status and pings go on meanwhile; the main thread
+swaps it in (the inference thread takes the model per batch) or keeps the old one when loading failed.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
+from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 
@@ -29,8 +35,8 @@ from linewatch.errors import ConfigError, LinewatchError
 from linewatch.line.cameras import FINISHED, Camera
 from linewatch.line.config import Config, load_config
 from linewatch.line.frames import FrameQueue, TriggerFuture
-from linewatch.line.inference import InferenceWorker, Model, Result, load_model, result_header
-from linewatch.line.systemd_notify import SystemdNotifier
+from linewatch.line.inference import STALL_FACTOR, InferenceWorker, Model, Result, load_model, result_header
+from linewatch.line.systemd_notify import StartupExtender, SystemdNotifier
 from linewatch.protocol.wire import Verdict, encode_mask_png
 
 if TYPE_CHECKING:
@@ -44,6 +50,13 @@ log = logging.getLogger("linewatch.line.daemon")
 LATENCY_WINDOW = 2000  # results kept per camera for p50/p99
 FPS_WINDOW_S = 5.0
 TICK_S = 0.05
+MAX_REASON_CHARS = 500  # an ERROR result made from a failed publish carries at most this much of the failure
+
+
+class HealthReporter(Protocol):
+    """A part with its own thread(s): `health()` is None while they run, else why not."""
+
+    def health(self) -> str | None: ...
 
 
 class CameraStats:
@@ -128,17 +141,25 @@ class Daemon:
         self.queue = FrameQueue()
         self.cameras = {c.name: Camera(c, self.queue) for c in cfg.cameras}
         self.stats = {name: CameraStats() for name in self.cameras}
-        self.model: Model = load_model(
-            cfg.model.bundle,
-            cfg.engine.providers,
-            cfg.engine.threads,
-            cfg.model.precision,
-            cfg.engine.max_batch,
-            warmup=cfg.engine.warmup,
-        )
+        self.notifier = SystemdNotifier()
+        with StartupExtender(self.notifier):  # session creation and warm-up can outlast TimeoutStartSec
+            self.model: Model = load_model(
+                cfg.model.bundle,
+                cfg.engine.providers,
+                cfg.engine.threads,
+                cfg.model.precision,
+                cfg.engine.max_batch,
+                warmup=cfg.engine.warmup,
+                trt_cache_dir=trt_cache_dir(cfg),
+            )
+        self._check_batch_time(self.model)
         self.curve = self._curve_config()
         self.publisher = ResultPublisher(
-            cfg.publish.endpoint, cfg.publish.hwm, self.curve, allow_insecure_bind=cfg.security.allow_insecure_bind
+            cfg.publish.endpoint,
+            cfg.publish.hwm,
+            self.curve,
+            allow_insecure_bind=cfg.security.allow_insecure_bind,
+            cameras=list(self.cameras),
         )
         self.trigger: TriggerServer | None = None
         self.metrics: DaemonMetrics | None = None
@@ -149,11 +170,11 @@ class Daemon:
         )
         self.stop_requested = threading.Event()
         self.reload_requested = threading.Event()
+        self.reloading: Future[tuple[Config, Model]] | None = None  # the model a reload is loading, off this thread
         self.stopping = False
         self.publish_lock = threading.Lock()
         self.abandoned = False  # drain timed out: late results are not published (already counted as dropped)
         self.unhealthy_reason: str | None = None
-        self.notifier = SystemdNotifier()
 
     # --- wiring -----------------------------------------------------------------------------------------
     def _curve_config(self) -> CurveConfig | None:
@@ -172,7 +193,7 @@ class Daemon:
         if cfg.metrics.enabled:
             from linewatch.line.prometheus import DaemonMetrics
 
-            self.metrics = DaemonMetrics()
+            self.metrics = DaemonMetrics(allow_insecure_bind=cfg.security.allow_insecure_bind)
             self.metrics.watch_cameras(self._camera_totals)
             self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
         if cfg.archive.enabled:
@@ -207,33 +228,58 @@ class Daemon:
 
     # --- results ----------------------------------------------------------------------------------------
     def publish_results(self, results: list[Result]) -> None:
-        """Publishing thread: each result out on its own, so one that cannot be published (counted, its trigger
-        failed) never takes the rest of the batch, other cameras' results included, with it."""
+        """Publishing thread: each result out on its own, so one that cannot be published (sent as ERROR instead,
+        or, if not even that can be, counted with its trigger failed) never takes the rest of the batch, other
+        cameras' results included, with it."""
         if self.metrics:
             self.metrics.batch_size.observe(len(results))
         for result in results:
             with self.publish_lock:
                 if self.abandoned:
                     return
-                self._publish_one(result)
+                try:
+                    self._publish_one(result)
+                except Exception:  # a bug past every guard in there: logged, and the rest of the batch still goes
+                    log.exception("camera %s: result of frame %d lost", result.frame.camera, result.frame.index)
 
     def _publish_one(self, result: Result) -> None:
         stats = self.stats[result.frame.camera]
-        try:
-            sent = self._send(result, stats.seq + 1)
-        except Exception:  # the one place a failed publish is caught: a bug, logged with its traceback
-            log.exception("camera %s: result of frame %d not published", result.frame.camera, result.frame.index)
-            sent = None
+        sent = self._send_or_error(result, stats.seq + 1)
         if sent is None:
             self._count_dropped(result, stats)
-        else:
-            self._count_published(result, stats, *sent)
+            return
+        published, header, mask_png = sent
+        stats.seq = header["seq"]  # handed to ZeroMQ: the seq is used, whatever happens to the bookkeeping
+        try:
+            self._count_published(published, stats, header, mask_png)
+        except Exception:  # a bug in counting or archiving; the result itself went out
+            log.exception("camera %s seq %d: bookkeeping after publishing failed", published.frame.camera, stats.seq)
 
-    def _send(self, result: Result, seq: int) -> tuple[dict[str, Any], bytes | None] | None:
-        """(header as sent, mask PNG), or None when the socket refused it: `seq` is used only if it went out."""
+    def _send_or_error(self, result: Result, seq: int) -> tuple[Result, dict[str, Any], bytes | None] | None:
+        """Publish `result`; when it cannot be (no valid header, mask not encodable: a bug), publish an ERROR
+        result for its frame instead, with the reason, so the frame and its trigger still get an answer.
+        (result as published, header as sent, mask PNG), or None when nothing went out."""
+        frame = result.frame
+        try:
+            return self._send(result, seq)
+        except Exception as exc:  # logged with its traceback: the result is replaced, the bug must be found
+            log.exception("camera %s: result of frame %d cannot be published; sending ERROR", frame.camera, frame.index)
+            reason = f"result could not be published ({type(exc).__name__}: {exc})"[:MAX_REASON_CHARS]
+        error = Result(frame, Verdict.ERROR, result.model, reason=reason)
+        try:
+            return self._send(error, seq)
+        except Exception:
+            log.exception(
+                "camera %s: not even an ERROR result for frame %d could be published", frame.camera, frame.index
+            )
+            return None
+
+    def _send(self, result: Result, seq: int) -> tuple[Result, dict[str, Any], bytes | None] | None:
+        """(result, header as sent, mask PNG), or None when the socket refused it: `seq` is used only if it went
+        out. Raises when the result has no valid header or mask."""
         mask_png, mask_size = self._encode_mask(result)
         header = self.publisher.publish_result(result_header(result, seq, mask_size), mask_png)
-        return None if header is None else (header, mask_png)
+        return None if header is None else (result, header, mask_png)
 
     def _encode_mask(self, result: Result) -> tuple[bytes | None, tuple[int, int] | None]:
         """(PNG, (width, height)) of the judged mask at the configured size; (None, None) without one."""
@@ -248,7 +294,6 @@ class Daemon:
         self, result: Result, stats: CameraStats, header: dict[str, Any], mask_png: bytes | None
     ) -> None:
         frame = result.frame
-        stats.seq = header["seq"]
         now = time.monotonic()
         latency = now - frame.captured_mono
         stats.record(result.verdict, latency, now)
@@ -307,6 +352,7 @@ class Daemon:
             "model_id": self.model.model_id,
             "calibration_version": self.model.calibration_version,
             "healthy": self.unhealthy_reason is None,
+            "unhealthy_reason": self.unhealthy_reason,
             "stopping": self.stopping,
         }
 
@@ -336,22 +382,40 @@ class Daemon:
             self.metrics.calibration_version.set(-1 if version is None else version)
 
     def health(self) -> str | None:
-        """None when the pipeline moves; otherwise why systemd should restart us."""
+        """None when the pipeline moves and every long-lived thread runs; otherwise why systemd should restart us."""
         h = self.cfg.health
         if not self.worker.alive:
             return "inference thread has died"
         if not self.outbox.alive:
             return "publishing thread has died"
-        stalled = self.worker.stalled_for()
-        if stalled > h.inference_stall_s:
-            return f"inference stalled: no batch finished for {stalled:.1f} s ({self.queue.pending()} frames waiting)"
+        stall = self.worker.stall_reason(h.inference_stall_s, self.queue.pending())
+        if stall is not None:
+            return stall
         for cam in self.cameras.values():
             if not cam.alive and cam.state != FINISHED:
                 return f"capture thread of camera {cam.name} has died"
             blocked = cam.blocked_for()
             if blocked > h.camera_hang_s:
                 return f"camera {cam.name}: capture call blocked for {blocked:.0f} s"
+        for name, part in self._threaded_parts():
+            try:
+                reason = part.health()
+            except Exception as exc:  # a check that cannot tell is not a pass
+                log.exception("health check of the %s failed", name)
+                reason = f"health check failed: {exc}"
+            if reason is not None:
+                return reason if reason.startswith(name) else f"{name}: {reason}"
         return None
+
+    def _threaded_parts(self) -> list[tuple[str, HealthReporter]]:
+        """The parts with their own threads besides inference, publishing and capture (None: not configured)."""
+        parts: list[tuple[str, HealthReporter | None]] = [
+            ("result publisher", self.publisher),  # its CURVE authenticator
+            ("trigger server", self.trigger),
+            ("archive", self.archive),
+            ("metrics server", self.metrics),
+        ]
+        return [(name, part) for name, part in parts if part is not None]
 
     def _systemd_status(self) -> str:
         states: dict[str, list[str]] = {}
@@ -363,32 +427,57 @@ class Daemon:
         return text if self.unhealthy_reason is None else f"UNHEALTHY ({self.unhealthy_reason}); {text}"
 
     # --- reload -----------------------------------------------------------------------------------------
-    def reload(self) -> bool:
-        """SIGHUP: re-read the config's model settings, load bundle + calibration, swap only if all is valid."""
+    def start_reload(self) -> None:
+        """SIGHUP: load the config's model section on a thread of its own (engine build, warm-up); the main loop
+        goes on publishing status and pinging the watchdog, and `finish_reload` swaps the model in once loaded."""
         self.notifier.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        future: Future[tuple[Config, Model]] = Future()
+        future.set_running_or_notify_cancel()
+
+        def load() -> None:
+            try:
+                future.set_result(self._load_for_reload())
+            except BaseException as exc:  # every failure refuses the reload; the old model stays
+                future.set_exception(exc)
+
+        self.reloading = future
+        threading.Thread(target=load, name="reload", daemon=True).start()
+        log.info("reload: loading %s", self.cfg.path)
+
+    def _load_for_reload(self) -> tuple[Config, Model]:
+        """The new config and model, all checked (the reload thread); raises when the reload must be refused."""
+        if self.cfg.path is None:
+            raise ConfigError("the config was not read from a file: nothing to reload")
+        new_cfg = load_config(self.cfg.path)
+        changed = [
+            name
+            for name in Config.model_fields
+            if name != "model" and getattr(new_cfg, name) != getattr(self.cfg, name)
+        ]
+        if changed:
+            log.warning("reload: changes to %s need a restart; only the model section is reloaded", ", ".join(changed))
+        model = load_model(
+            new_cfg.model.bundle,
+            self.cfg.engine.providers,
+            self.cfg.engine.threads,
+            new_cfg.model.precision,
+            self.cfg.engine.max_batch,
+            require_calibration=True,
+            warmup=self.cfg.engine.warmup,
+            trt_cache_dir=trt_cache_dir(self.cfg),
+        )
+        return new_cfg, model
+
+    def finish_reload(self) -> bool | None:
+        """Main loop: once the reload thread is done, swap the new model in (True) or keep the old one (False);
+        None while it still loads or when no reload runs."""
+        future = self.reloading
+        if future is None or not future.done():
+            return None
+        self.reloading = None
         try:
-            if self.cfg.path is None:
-                raise ConfigError("the config was not read from a file: nothing to reload")
-            new_cfg = load_config(self.cfg.path)
-            changed = [
-                name
-                for name in Config.model_fields
-                if name != "model" and getattr(new_cfg, name) != getattr(self.cfg, name)
-            ]
-            if changed:
-                log.warning(
-                    "reload: changes to %s need a restart; only the model section is reloaded", ", ".join(changed)
-                )
-            model = load_model(
-                new_cfg.model.bundle,
-                self.cfg.engine.providers,
-                self.cfg.engine.threads,
-                new_cfg.model.precision,
-                self.cfg.engine.max_batch,
-                require_calibration=True,
-                warmup=self.cfg.engine.warmup,
-            )
-        except Exception as exc:
+            new_cfg, model = future.result()
+        except BaseException as exc:
             log.error(
                 "reload refused, keeping model %s calibration %s: %s",
                 self.model.model_id,
@@ -401,7 +490,7 @@ class Daemon:
             return False
         old = self.model
         self.model = model
-        self.worker.model = model
+        self.worker.model = model  # taken by the next batch; the one running finishes with the old model
         self.cfg = self.cfg.model_copy(update={"model": new_cfg.model})
         log.info(
             "reloaded: model %s -> %s, calibration %s -> %s",
@@ -410,10 +499,26 @@ class Daemon:
             old.calibration_version,
             model.calibration_version,
         )
+        self._check_batch_time(model)
         if self.metrics:
             self.metrics.reloads.labels("ok").inc()
         self.notifier.notify("READY=1")
         return True
+
+    def _check_batch_time(self, model: Model) -> None:
+        """Warn when warm-up measured a batch slower than health.inference_stall_s: the stall limit then follows
+        the measured time (a slow CPU is not a hang), and the setting is worth raising."""
+        configured = self.cfg.health.inference_stall_s
+        if model.batch_s is not None and model.batch_s > configured:
+            log.warning(
+                "a warm batch of %d took %.2f s, longer than health.inference_stall_s (%.1f s): the stall limit "
+                "follows the measured batch time (at least %.1f s now); raise inference_stall_s or lower "
+                "engine.max_batch",
+                self.cfg.engine.max_batch,
+                model.batch_s,
+                configured,
+                max(configured, STALL_FACTOR * model.batch_s),
+            )
 
     # --- main loop and shutdown -------------------------------------------------------------------------
     def run(self) -> int:
@@ -431,22 +536,15 @@ class Daemon:
         next_status = next_ping = time.monotonic()
         while not self.stop_requested.wait(TICK_S):
             now = time.monotonic()
-            if self.reload_requested.is_set():
+            self.finish_reload()
+            if self.reload_requested.is_set() and self.reloading is None:  # one at a time; a later SIGHUP waits
                 self.reload_requested.clear()
-                self.reload()
+                self.start_reload()
             for cam in self.cameras.values():
                 cam.expire_triggers(self.cfg.trigger.timeout_s)
             if now >= next_ping:
                 next_ping = now + ping_every
-                reason = self.health()
-                if (reason is None) != (self.unhealthy_reason is None):
-                    if reason:
-                        log.error("unhealthy, watchdog pings stopped: %s", reason)
-                    else:
-                        log.info("healthy again, watchdog pings resumed")
-                self.unhealthy_reason = reason
-                if reason is None:
-                    self.notifier.notify("WATCHDOG=1")
+                self._watchdog()
             if now >= next_status:
                 next_status = now + interval
                 self.publish_status()
@@ -455,6 +553,18 @@ class Daemon:
                 log.info("all sources finished; stopping")
                 break
         return self.shutdown()
+
+    def _watchdog(self) -> None:
+        """WATCHDOG=1 only while healthy; the reason otherwise goes to the log (on change) and the status."""
+        reason = self.health()
+        if (reason is None) != (self.unhealthy_reason is None):
+            if reason:
+                log.error("unhealthy, watchdog pings stopped: %s", reason)
+            else:
+                log.info("healthy again, watchdog pings resumed")
+        self.unhealthy_reason = reason
+        if reason is None:
+            self.notifier.notify("WATCHDOG=1")
 
     def _all_finished(self) -> bool:
         return all(c.state == FINISHED for c in self.cameras.values()) and self.queue.pending() == 0
@@ -522,6 +632,15 @@ class Daemon:
         self.notifier.close()
 
 
+def trt_cache_dir(cfg: Config) -> Path | None:
+    """Where TensorRT engines are cached: the config's folder, else systemd's state directory, so the service never
+    writes into its (read-only) bundle; None (the bundle) when run by hand without either."""
+    if cfg.engine.trt_cache_dir is not None:
+        return cfg.engine.trt_cache_dir
+    state = os.environ.get("STATE_DIRECTORY")  # systemd: a colon-separated list, ours first
+    return Path(state.split(":")[0]) / "trt_cache" if state else None
+
+
 def _watchdog_interval(status_interval: float) -> float:
     usec = os.environ.get("WATCHDOG_USEC")
     try:
@@ -561,7 +680,7 @@ def cli_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_term)
     signal.signal(signal.SIGHUP, on_hup)
     code = daemon.run()
-    if daemon.worker.alive or daemon.outbox.alive:
+    if daemon.worker.alive or daemon.outbox.alive or (daemon.reloading is not None and not daemon.reloading.done()):
         # The engine is stuck in native code: a normal interpreter exit would wait on (or abort in) it.
         logging.shutdown()
         os._exit(code)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol
@@ -49,6 +50,7 @@ class Model:
     uncalibrated_reason: str | None
     model_id: str
     input_size: tuple[int, int]
+    batch_s: float | None = None  # one full batch once warm, measured at warm-up (None: no warm-up)
 
     @property
     def calibration_version(self) -> int | None:
@@ -79,18 +81,27 @@ def load_model(
     max_batch: int = 8,
     require_calibration: bool = False,
     warmup: bool = False,
+    trt_cache_dir: Path | None = None,
 ) -> Model:
     """Load and check a bundle. With require_calibration (reload), a bad calibration raises instead of
-    degrading to uncalibrated, so the caller can keep the model it has."""
+    degrading to uncalibrated, so the caller can keep the model it has.
+
+    `trt_cache_dir`: TensorRT engines go to `<trt_cache_dir>/<model id>-<precision>` (one folder per graph, so a
+    new bundle never meets engines built for another), else into the bundle as before."""
     from linewatch.line.engine import Engine
 
     bundle_dir = Path(bundle_dir)
     meta = bundle.read_metadata(bundle_dir)
+    cache = None if trt_cache_dir is None else Path(trt_cache_dir) / f"{bundle.model_id(meta)}-{precision}"
     engine = Engine(
-        bundle_dir, providers=list(providers), precision=precision, threads=threads or None, max_batch=max_batch
+        bundle_dir,
+        providers=list(providers),
+        precision=precision,
+        threads=threads or None,
+        max_batch=max_batch,
+        trt_cache_dir=cache,
     )
-    if warmup:
-        warm_up(engine, max_batch)
+    batch_s = warm_up(engine, max_batch) if warmup else None
     try:
         calibration, reason = load_calibration_or_reason(bundle_dir, precision)
     except LinewatchError as exc:
@@ -101,20 +112,26 @@ def load_model(
         raise BundleError(reason)
     if reason:
         log.error("%s: every result will be ERROR", reason)
-    return Model(bundle_dir, engine, calibration, reason, bundle.model_id(meta), engine.input_size)
+    return Model(bundle_dir, engine, calibration, reason, bundle.model_id(meta), engine.input_size, batch_s)
 
 
 def warm_up(engine: Scorer, max_batch: int) -> float:
     """Run the batch sizes the worker will use first, so lazy provider set-up (TensorRT engine builds, CUDA
-    allocations) happens before READY=1 and not while the watchdog is counting."""
+    allocations) happens before READY=1 and not while the watchdog is counting. Returns the seconds of one full
+    batch once warm: what this machine needs per batch, the floor of the inference stall limit."""
     t0 = time.monotonic()
     height, width = engine.input_size
     batches = sorted({1, max_batch})
+    full = np.full((max_batch, height, width, 3), 128, np.uint8)
     for n in batches:
-        engine.score(np.full((n, height, width, 3), 128, np.uint8))
-    seconds = time.monotonic() - t0
-    log.info("engine warm-up (batch %s) took %.2f s", batches, seconds)
-    return seconds
+        engine.score(full[:n])
+    warm = time.monotonic()
+    engine.score(full)
+    batch_s = time.monotonic() - warm
+    log.info(
+        "engine warm-up (batch %s) took %.2f s; a warm batch of %d takes %.3f s", batches, warm - t0, max_batch, batch_s
+    )
+    return batch_s
 
 
 @dataclass(frozen=True)
@@ -197,9 +214,17 @@ def _judge_one(model: Model, frame: Frame, amap: np.ndarray, score: float) -> Re
     return Result(frame, judgement.verdict, model, score=score, judgement=judgement)
 
 
+STALL_FACTOR = 3.0  # a batch this many times slower than the slowest recent one is a hang, not a slow machine
+BATCH_HISTORY = 50  # recent batch times kept for the stall limit
+
+
 class InferenceWorker:
     """The one thread that runs the engine. `model` may be replaced at any time (reload); each batch uses
-    the model it started with."""
+    the model it started with.
+
+    A hang is told from a slow machine by the measured batch time: the stall limit is the configured one or
+    STALL_FACTOR × the slowest of the recent batches (and of the model's warm-up batch), whichever is longer.
+    """
 
     def __init__(
         self,
@@ -218,6 +243,8 @@ class InferenceWorker:
         self.idle_wake_s = idle_wake_s
         self.last_progress = time.monotonic()  # updated after each batch and each idle wake
         self.in_flight: list[Frame] = []  # the batch being scored/published, for accounting at shutdown
+        self._batch_s: deque[float] = deque(maxlen=BATCH_HISTORY)  # scoring + judging time of recent batches
+        self._batch_lock = threading.Lock()  # the main thread reads what this thread appends
         self._draining = threading.Event()
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
 
@@ -230,6 +257,26 @@ class InferenceWorker:
 
     def stalled_for(self, now: float | None = None) -> float:
         return (now or time.monotonic()) - self.last_progress
+
+    def slowest_batch_s(self) -> float:
+        """The slowest recent batch, or the current model's warm-up batch if slower (0 before either exists)."""
+        with self._batch_lock:
+            recent = max(self._batch_s, default=0.0)
+        return max(recent, self.model.batch_s or 0.0)
+
+    def stall_limit(self, configured_s: float) -> float:
+        """Seconds without a finished batch (while frames wait) after which inference counts as hung."""
+        return max(configured_s, STALL_FACTOR * self.slowest_batch_s())
+
+    def stall_reason(self, configured_s: float, pending: int = 0, now: float | None = None) -> str | None:
+        """Why inference counts as hung, or None; `pending` (frames waiting) only goes into the text."""
+        stalled, limit = self.stalled_for(now), self.stall_limit(configured_s)
+        if stalled <= limit:
+            return None
+        return (
+            f"inference stalled: no batch finished for {stalled:.1f} s (limit {limit:.1f} s, slowest recent batch "
+            f"{self.slowest_batch_s():.2f} s; {pending} frames waiting)"
+        )
 
     def drain(self) -> None:
         """Finish every queued frame, then stop (capture must be stopped first)."""
@@ -249,6 +296,10 @@ class InferenceWorker:
                     return
                 continue
             self.in_flight = batch
-            self.on_results(judge_frames(self.model, batch))  # hands over only: publishing guards each result
+            t0 = time.monotonic()
+            results = judge_frames(self.model, batch)
+            with self._batch_lock:
+                self._batch_s.append(time.monotonic() - t0)
+            self.on_results(results)  # hands over only: publishing guards each result
             self.in_flight = []
             self.last_progress = time.monotonic()

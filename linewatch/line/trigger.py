@@ -4,7 +4,11 @@ One ROUTER socket in its own thread. Requests are handed to the daemon's `handle
 and answered when the future resolves, so any number of clients can have requests outstanding and a slow
 inspection never holds up the others. The loop polls the socket and a wake-up pipe written by the futures'
 done-callbacks, so replies leave as soon as a result exists. Every malformed request gets an error reply; nothing
-a client sends can stop the loop.
+a client sends can stop the loop, and a bug met while handling one request costs that request an `internal`
+reply, not the loop (`health()` reports a dead thread, so the daemon's watchdog does not stay green).
+
+Outstanding requests are capped per client (its CURVE key, else its address), so one client flooding the socket
+gets `busy` while everybody else is still served; a global cap stays as a backstop.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import logging
 import socket
 import threading
 import time
+from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Annotated, Any, Callable
@@ -26,6 +31,7 @@ from linewatch.protocol.curve import (
     apply_server_curve,
     check_bind_security,
     start_authenticator,
+    zap_health,
 )
 from linewatch.protocol.wire import (
     SCHEMA_VERSION,
@@ -44,16 +50,18 @@ DEFAULT_ENDPOINT = "tcp://127.0.0.1:5556"
 REPLY = "trigger_reply"
 MAX_REQUEST_BYTES = 4096
 MAX_PART_ID_CHARS = 200
-MAX_PENDING = 1024
+MAX_PENDING = 1024  # all clients together: the backstop
+MAX_PENDING_PER_CLIENT = 64  # one client (CURVE key, else address): a flood takes its own slots, nobody else's
+LOCAL_CLIENT = "local"  # ipc:// peers have no address: they share one cap, as loopback clients share 127.0.0.1
 
 # error codes of error replies (docs/PROTOCOL.md)
 BAD_REQUEST = "bad_request"  # not one JSON object in one frame, missing/mistyped fields
 UNKNOWN_CAMERA = "unknown_camera"
 REJECTED = "rejected"  # the daemon refused (stopping, camera finished, ...)
-BUSY = "busy"  # too many requests outstanding
+BUSY = "busy"  # too many requests outstanding (from this client, or from all together)
 TIMEOUT = "timeout"  # no result within timeout_s
 FAILED = "failed"  # the request was accepted but no result came (frame dropped, shutdown, ...)
-INTERNAL = "internal"
+INTERNAL = "internal"  # a daemon bug: the request gets this instead of a doubtful answer
 
 Handler = Callable[[str, str], Future[Any]]
 
@@ -64,6 +72,7 @@ class _Pending:
     request: dict[str, Any]  # the ids a reply echoes: camera, part_id, request_id
     future: Future[Any]
     deadline: float
+    client: str  # who counts it against their cap (see client_of)
 
 
 class TriggerServer:
@@ -82,6 +91,7 @@ class TriggerServer:
         timeout_s: float = 10.0,
         allow_insecure_bind: bool = False,
         max_pending: int = MAX_PENDING,
+        max_pending_per_client: int = MAX_PENDING_PER_CLIENT,
     ):
         if not callable(handler):
             raise TypeError("TriggerServer needs a handler(camera, part_id) -> Future")
@@ -89,10 +99,13 @@ class TriggerServer:
         self.handler = handler
         self.timeout_s = float(timeout_s)
         self.max_pending = int(max_pending)
+        self.max_pending_per_client = int(max_pending_per_client)
         self.requests = 0
         self.replies = 0
         self.errors: dict[str, int] = {}
         self._pending: list[_Pending] = []
+        self._per_client: Counter[str] = Counter()  # outstanding requests by client
+        self._torn_down = False
         self._stop = threading.Event()
         self._wake_r, self._wake_w = socket.socketpair()  # closed sockets refuse writes; a closed fd could be reused
         self._wake_r.setblocking(False)
@@ -147,7 +160,18 @@ class TriggerServer:
     def pending(self) -> int:
         return len(self._pending)
 
+    def health(self) -> str | None:
+        """None while requests are served; otherwise why not (a dead server or authenticator thread)."""
+        if self._stop.is_set():
+            return None  # closed on purpose
+        if not self._thread.is_alive():
+            return "trigger server thread has died" if self._thread.ident else "trigger server thread not started"
+        return zap_health(self._auth)
+
     def _teardown(self) -> None:
+        if self._torn_down:
+            return
+        self._torn_down = True
         self._socket.close(linger=500)
         if self._auth is not None:
             self._auth.stop()
@@ -168,26 +192,43 @@ class TriggerServer:
         poller.register(self._wake_r, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                wait_ms = self._next_deadline_ms()
-                events = dict(poller.poll(wait_ms))
+                events = dict(poller.poll(self._next_deadline_ms()))
                 if self._wake_r in events:
                     self._drain_wake_pipe()
                 if self._socket in events:
-                    for _ in range(100):  # bounded, so replies are not starved by a flood
-                        try:
-                            frames = self._socket.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        self._on_request(frames)
+                    self._receive_some()
                 self._answer_ready()
             for item in self._pending:
                 item.future.cancel()
                 self._reply_error(item.envelope, item.request, FAILED, "server stopping")
             self._pending.clear()
-        except Exception:  # never expected; logged so a dead trigger thread is visible
-            log.exception("trigger server loop failed")
+        except Exception:  # outside any one request (the socket itself failed): health() now reports it
+            log.exception("trigger server loop failed: trigger requests are no longer answered")
         finally:
             self._teardown()
+
+    def _receive_some(self) -> None:
+        for _ in range(100):  # bounded, so replies are not starved by a flood
+            try:
+                frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            data = [f.bytes for f in frames]
+            try:
+                self._on_request(data, client_of(frames[-1]))
+            except Exception as exc:  # a bug met on this request: it gets an `internal` reply, the loop goes on
+                log.exception("trigger request not handled")
+                envelope, body = split_envelope(data)
+                self._reply_internal(envelope, echo_ids(body), exc)
+
+    def _reply_internal(self, envelope: list[bytes] | None, request: dict[str, Any] | None, exc: Exception) -> None:
+        """The reply to a request whose handling failed by a bug; never raises (the loop must go on)."""
+        if envelope is None:
+            return
+        try:
+            self._reply_error(envelope, request or {}, INTERNAL, f"request not handled: {exc!r}"[:300])
+        except Exception:
+            log.exception("trigger: even the internal-error reply failed; the client will time out")
 
     def _next_deadline_ms(self) -> int:
         if not self._pending:
@@ -202,7 +243,7 @@ class TriggerServer:
         except OSError:
             pass
 
-    def _on_request(self, frames: list[bytes]) -> None:
+    def _on_request(self, frames: list[bytes], client: str) -> None:
         self.requests += 1
         envelope, body = split_envelope(frames)
         if envelope is None:
@@ -212,6 +253,10 @@ class TriggerServer:
             request = parse_request(body).model_dump()
         except RequestError as exc:
             self._reply_error(envelope, exc.request, BAD_REQUEST, str(exc))
+            return
+        if self._per_client[client] >= self.max_pending_per_client:
+            text = f"{self._per_client[client]} requests outstanding from this client; try again"
+            self._reply_error(envelope, request, BUSY, text)
             return
         if len(self._pending) >= self.max_pending:
             self._reply_error(envelope, request, BUSY, f"{len(self._pending)} requests outstanding; try again")
@@ -232,8 +277,9 @@ class TriggerServer:
         if not isinstance(future, Future):
             self._reply_error(envelope, request, INTERNAL, "handler did not return a Future")
             return
-        self._pending.append(_Pending(envelope, request, future, time.monotonic() + self.timeout_s))
-        future.add_done_callback(self._wake)
+        future.add_done_callback(self._wake)  # before it counts as pending: nothing after this can fail
+        self._pending.append(_Pending(envelope, request, future, time.monotonic() + self.timeout_s, client))
+        self._per_client[client] += 1
 
     def _answer_ready(self) -> None:
         if not self._pending:
@@ -247,8 +293,16 @@ class TriggerServer:
         if not done and not expired:
             return
         self._pending = waiting  # before replying: `pending` is read from other threads
+        for item in done + expired:
+            self._per_client[item.client] -= 1
+            if self._per_client[item.client] <= 0:
+                del self._per_client[item.client]
         for item in done:
-            self._reply_result(item)
+            try:
+                self._reply_result(item)
+            except Exception as exc:  # a bug met on this result: its request gets `internal`, the others go on
+                log.exception("trigger result for %r not handled", item.request)
+                self._reply_internal(item.envelope, item.request, exc)
         for item in expired:
             item.future.cancel()
             self._reply_error(item.envelope, item.request, TIMEOUT, f"no result within {self.timeout_s:g} s")
@@ -287,6 +341,19 @@ class TriggerServer:
 
 
 # --- pure helpers ------------------------------------------------------------------------------------------
+def client_of(frame: zmq.Frame) -> str:
+    """Who sent a message, for the per-client cap: its CURVE public key (the ZAP handler's User-Id) when CURVE is
+    on, else its address. Not the ROUTER identity: that is per connection, and a flooder could reconnect."""
+    for prop in ("User-Id", "Peer-Address"):
+        try:
+            value = frame.get(prop)
+        except zmq.ZMQError:  # not set on this connection (no ZAP handler; ipc://)
+            continue
+        if value:
+            return f"{prop}:{value}"
+    return LOCAL_CLIENT
+
+
 class RequestError(ProtocolError):
     """A request that gets a bad_request reply; `request` holds the ids that could be read, to echo them."""
 
@@ -299,11 +366,21 @@ Id = Annotated[StrictStr, Field(min_length=1, max_length=MAX_PART_ID_CHARS)]
 
 
 class TriggerRequest(TolerantModel):
-    """`{"camera", "part_id", "request_id"?}`; other keys are ignored. An explicit null request_id is refused."""
+    """`{"camera", "part_id", "request_id"?}`; other keys are ignored. An explicit null request_id is refused.
+    `part_id` is printable text only: it goes into results, logs and MES records, where a control character
+    (a newline, an escape sequence, a right-to-left override) could forge or hide what a person reads."""
 
     camera: Id
     part_id: Id
     request_id: StrictStr | StrictInt = None  # type: ignore[assignment]
+
+    @field_validator("part_id")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        if not value.isprintable():
+            bad = next(c for c in value if not c.isprintable())
+            raise ValueError(f"printable text only, got the control/format character U+{ord(bad):04X}")
+        return value
 
     @field_validator("request_id")
     @classmethod
@@ -333,8 +410,20 @@ def parse_request(body: list[bytes]) -> TriggerRequest:
     try:
         return validate(TriggerRequest, request, "request", error=RequestError)
     except RequestError as exc:
-        exc.request = {k: request[k] for k in ("request_id", "part_id", "camera") if _echoable(request.get(k))}
+        exc.request = _ids(request)
         raise
+
+
+def echo_ids(body: list[bytes]) -> dict[str, Any]:
+    """The ids of a request that can be echoed, read without the request model (for a reply after a bug)."""
+    try:
+        return _ids(json_object(body[0], RequestError)) if len(body) == 1 else {}
+    except Exception:
+        return {}
+
+
+def _ids(request: dict[str, Any]) -> dict[str, Any]:
+    return {k: request[k] for k in ("request_id", "part_id", "camera") if _echoable(request.get(k))}
 
 
 def _echoable(value: Any) -> bool:

@@ -89,7 +89,7 @@ class CameraTrack:
         before, self.last_status = self.last_status, status
         if before is not None and before.get("run_id") == status.get("run_id") == self.run_id:
             results = before.get("results")
-            if isinstance(results, int) and self.last_seq is not None and results > self.last_seq:
+            if type(results) is int and self.last_seq is not None and results > self.last_seq:  # not bool
                 gap = results - self.last_seq
                 self.missed += gap
                 self.last_seq = results
@@ -265,19 +265,7 @@ class TriggerClient:
     def inspect(self, camera: str, part_id: str, timeout_s: float = 5.0, retries: int = 0) -> Message:
         """Trigger an inspection of `part_id` on `camera`; the result Message (its part_id is checked)."""
         reply, mask = self.request({"camera": camera, "part_id": part_id}, timeout_s, retries)
-        if not reply.get("ok"):
-            raise TriggerError(str(reply.get("code")), str(reply.get("error")), reply.get("part_id"))
-        header = reply.get("result")
-        if not isinstance(header, dict):
-            raise ProtocolError("trigger reply: ok without a result object")
-        check_result_header(header, "trigger reply result")
-        if header["part_id"] != part_id or header["camera"] != camera:
-            raise ProtocolError(
-                f"trigger reply for camera {header['camera']!r} part {header['part_id']!r}, "
-                f"asked for {camera!r} {part_id!r}"
-            )
-        mask_png = check_mask_frame(header, mask, "trigger reply")
-        return Message(result_topic(camera).decode(), header, mask_png)
+        return reply_message(reply, mask, camera, part_id)
 
     def close(self) -> None:
         self._socket.close(linger=0)
@@ -291,6 +279,7 @@ class TriggerClient:
 
 
 def _parse_reply(frames: list[bytes]) -> tuple[dict[str, Any], bytes]:
+    """`[JSON, mask]` (after a DEALER's empty delimiter) -> (reply object, mask frame); ProtocolError otherwise."""
     if frames and frames[0] == b"":
         frames = frames[1:]
     if len(frames) != 2:
@@ -301,4 +290,36 @@ def _parse_reply(frames: list[bytes]) -> tuple[dict[str, Any], bytes]:
     return reply, frames[1]
 
 
-__all__ = ["Subscriber", "TriggerClient", "TriggerError", "TriggerTimeout", "Message", "CameraTrack"]
+def reply_message(reply: dict[str, Any], mask: bytes, camera: str, part_id: str) -> Message:
+    """The result Message of a trigger reply to (camera, part_id): TriggerError for an error reply (`ok: false`
+    with a code), ProtocolError for anything that is neither that nor a valid result of exactly that request."""
+    ok, code = reply.get("ok"), reply.get("code")
+    if ok is False and isinstance(code, str) and code:
+        echoed = reply.get("part_id")
+        raise TriggerError(code[:100], _text(reply.get("error")), echoed if isinstance(echoed, str) else None)
+    if ok is not True:
+        raise ProtocolError(
+            f"trigger reply: expected ok: true with a result, or ok: false with a code; got ok {_text(ok, 40)}"
+        )
+    header = reply.get("result")
+    if not isinstance(header, dict):
+        raise ProtocolError("trigger reply: ok without a result object")
+    check_result_header(header, "trigger reply result")
+    if header["part_id"] != part_id or header["camera"] != camera:
+        raise ProtocolError(
+            f"trigger reply for camera {header['camera']!r} part {header['part_id']!r}, "
+            f"asked for {camera!r} {part_id!r}"
+        )
+    mask_png = check_mask_frame(header, mask, "trigger reply")
+    return Message(result_topic(camera).decode(), header, mask_png)
+
+
+def _text(value: Any, limit: int = 1000) -> str:
+    """A reply's field for an exception message: text (cut), a plain scalar, or just the type of anything else."""
+    if isinstance(value, str):
+        return value[:limit]
+    plain = value is None or isinstance(value, (bool, int, float))
+    return repr(value)[:limit] if plain else f"<{type(value).__name__}>"
+
+
+__all__ = ["Subscriber", "TriggerClient", "TriggerError", "TriggerTimeout", "Message", "CameraTrack", "reply_message"]

@@ -4,6 +4,11 @@ Key files are pyzmq's certificate format (`zmq.auth.create_certificates`): `NAME
 `NAME.key_secret` the pair. The server loads its pair; clients' public `.key` files in one folder are the allow
 list, enforced by a ZAP authenticator thread per server context, so a client with another key (or none) gets
 nothing at all: the handshake is refused before any message is sent.
+
+Fail closed: server sockets set a ZAP domain and `zap_enforce_domain`, so if the authenticator is gone libzmq
+refuses every handshake instead of falling back to "any key may connect" (its default without a ZAP handler).
+The authenticator's thread is part of the daemon's health (`zap_health`). A secret key file that its group or
+others can read is refused, and `linewatch keygen` creates its files under a 0077 umask.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +30,8 @@ if TYPE_CHECKING:
 
 LOCAL_TRANSPORTS = ("ipc", "inproc")
 LOOPBACK_NAMES = ("localhost", "lo")
+ZAP_DOMAIN = "linewatch"  # set on every server socket; the authenticator's allow list is for this domain
+ZAP_DEAD = "CURVE authenticator (ZAP) thread has died"
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,7 @@ def load_key_pair(path: str | os.PathLike[str]) -> tuple[bytes, bytes]:
     public, secret = _certificate(path, "CURVE key pair file")
     if not secret:
         raise ConfigError(f"CURVE key pair file {path}: holds only a public key; expected the .key_secret file")
+    _check_private(path)
     return public, secret
 
 
@@ -75,6 +84,18 @@ def load_public_key(value: str | os.PathLike[str]) -> bytes:
     if not path.is_file():
         raise ConfigError(f"public key {text!r}: neither 40 z85 characters nor a key file")
     return _certificate(path, "public key file")[0]
+
+
+def _check_private(path: Path) -> None:
+    """A secret key that its group or others can read is no secret: refuse it, and say how to fix it."""
+    if os.name != "posix":  # no POSIX mode bits to judge
+        return
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise ConfigError(
+            f"CURVE key pair file {path}: readable by group or others (mode {mode:04o}); "
+            f"make it private to its owner: chmod 600 {path}"
+        )
 
 
 def _certificate(path: Path, what: str) -> tuple[bytes, bytes | None]:
@@ -96,15 +117,25 @@ def start_authenticator(context: zmq.Context[Any], curve: CurveConfig) -> Thread
 
     auth = ThreadAuthenticator(context)
     auth.start()
-    auth.configure_curve(domain="*", location=str(curve.authorized_keys_dir))
+    auth.configure_curve(domain=ZAP_DOMAIN, location=str(curve.authorized_keys_dir))
     return auth
 
 
+def zap_health(auth: ThreadAuthenticator | None) -> str | None:
+    """None while the authenticator thread runs (or CURVE is off); otherwise the reason for health()."""
+    return None if auth is None or auth.is_alive() else ZAP_DEAD
+
+
 def apply_server_curve(socket: zmq.Socket[Any], curve: CurveConfig) -> None:
-    """Make `socket` a CURVE server (call before bind; start_authenticator on its context restricts clients)."""
+    """Make `socket` a CURVE server (call before bind; start_authenticator on its context restricts clients).
+
+    With `zap_enforce_domain` a missing ZAP handler refuses every client; without it libzmq would admit any key.
+    """
     socket.curve_secretkey = curve.server_secret
     socket.curve_publickey = curve.server_public
     socket.curve_server = True
+    socket.setsockopt_string(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
+    socket.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
 
 
 def apply_client_curve(socket: zmq.Socket[Any], server_public: bytes, client_keys: tuple[bytes, bytes]) -> None:
@@ -123,7 +154,12 @@ def is_loopback_endpoint(endpoint: str) -> bool:
     if transport in LOCAL_TRANSPORTS:
         return True
     host = address.rsplit(":", 1)[0] if ":" in address else address
-    host = host.split("/", 1)[0].strip("[]")
+    return is_loopback_host(host.split("/", 1)[0])
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 (bracketed or not), localhost and lo; false for "" (every interface)."""
+    host = host.strip("[]")
     if host in LOOPBACK_NAMES:
         return True
     try:
@@ -149,7 +185,11 @@ def check_bind_security(
 
 
 def cli_keygen(args: argparse.Namespace) -> int:
-    """`linewatch keygen DIR [--name NAME]`: a CURVE key pair, secret file readable by its owner only."""
+    """`linewatch keygen DIR [--name NAME]`: a CURVE key pair, secret file readable by its owner only.
+
+    The files are created under a 0077 umask, so the secret is never readable by others, not even for the moment
+    between writing and a chmod; the public file is then given the usual mode (it is meant to be copied around).
+    """
     import zmq.auth
 
     out = Path(args.dir)
@@ -158,8 +198,15 @@ def cli_keygen(args: argparse.Namespace) -> int:
     existing = [str(p) for p in (public_file, secret_file) if p.exists()]
     if existing and not args.force:
         raise ConfigError(f"{', '.join(existing)} already exist(s); use --force to replace")
-    public_path, secret_path = zmq.auth.create_certificates(out, args.name)
+    for path in (public_file, secret_file):  # --force: a new file gets the umask's mode, not the old file's
+        path.unlink(missing_ok=True)
+    umask = os.umask(0o077)
+    try:
+        public_path, secret_path = zmq.auth.create_certificates(out, args.name)
+    finally:
+        os.umask(umask)
     os.chmod(secret_path, 0o600)
+    os.chmod(public_path, 0o666 & ~umask)
     public, _ = zmq.auth.load_certificate(public_path)
     print(f"public key  {public.decode()}")
     print(f"public file {public_path}   (give to the other side / put in authorized_keys_dir)")

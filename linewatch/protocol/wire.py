@@ -47,7 +47,7 @@ class Verdict(str, enum.Enum):
 
 # --- topics --------------------------------------------------------------------------------------------------
 def _camera_bytes(camera: str) -> bytes:
-    if not isinstance(camera, str) or not CAMERA_NAME.match(camera):
+    if not isinstance(camera, str) or not CAMERA_NAME.fullmatch(camera):
         raise ValueError(f"camera name {camera!r}: expected letters, digits, '-' or '_' (it is part of a topic)")
     return camera.encode("ascii")
 
@@ -71,7 +71,7 @@ def parse_topic(topic: bytes) -> tuple[str, str]:
         root, camera, kind = topic.decode("ascii").split("/")
     except (UnicodeDecodeError, ValueError):
         raise ProtocolError(f"topic {topic[:80]!r}: expected linewatch/<camera>/result|status") from None
-    if root + "/" != TOPIC_ROOT.decode() or not CAMERA_NAME.match(camera) or kind not in (RESULT, STATUS):
+    if root + "/" != TOPIC_ROOT.decode() or not CAMERA_NAME.fullmatch(camera) or kind not in (RESULT, STATUS):
         raise ProtocolError(f"topic {topic[:80]!r}: expected linewatch/<camera>/result|status")
     return camera, kind
 
@@ -185,6 +185,18 @@ class SentResultHeader(ResultHeader):
 
     run_id: StrictStr
     publish_time: Time
+
+
+class StatusHeader(TolerantModel):
+    """The protocol's own fields of a status message, as a client checks them; the daemon's counters beside them
+    are read by name. `results` (the camera's last seq) is checked too: clients count trailing losses with it."""
+
+    schema_version: Literal[1] = 1  # SCHEMA_VERSION
+    kind: Literal["status"] = "status"
+    camera: CameraName
+    publish_time: Time
+    run_id: StrictStr
+    results: Annotated[Int, Field(ge=0)] | None = None
 
 
 def status_header(camera: str, status: dict[str, Any]) -> dict[str, Any]:
@@ -307,7 +319,7 @@ def json_object(data: bytes, error: type[Exception] = ProtocolError, prefix: str
 def parse_header(data: bytes, what: str = "header") -> dict[str, Any]:
     header = json_object(data, ProtocolError, f"{what}: ")
     version = header.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if type(version) is not int or version != SCHEMA_VERSION:  # JSON true and 1.0 are not version 1
         raise ProtocolError(f"{what}: schema_version {version!r} is not supported (this client reads {SCHEMA_VERSION})")
     return header
 
@@ -343,6 +355,7 @@ def decode_message(frames: Sequence[bytes]) -> Message:
     if kind == STATUS:
         if len(frames) != 2:
             raise ProtocolError(f"{topic}: status messages have 2 frames, got {len(frames)}")
+        validate(StatusHeader, header, f"{topic} header", error=ProtocolError)
         return Message(topic, header, None)
     if len(frames) != 3:
         raise ProtocolError(f"{topic}: result messages have 3 frames, got {len(frames)}")
