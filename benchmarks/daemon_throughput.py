@@ -89,11 +89,9 @@ def run_daemon(
     }
     path = workdir / f"daemon_{time.monotonic_ns()}.yaml"
     path.write_text(yaml.safe_dump(config))
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
         [sys.executable, "-m", "linewatch.cli", "run", "--config", str(path)],
         cwd=ROOT,
-        env=env,
         stderr=subprocess.PIPE,
         text=True,
     )

@@ -863,12 +863,10 @@ def check_health(sub: Collector) -> list[Check]:
 
 
 def start_daemon(config: Path, workdir: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     log = open(workdir / "daemon.log", "wb")
-    return subprocess.Popen(
+    return subprocess.Popen(  # the installed linewatch, as a line PC runs it
         [sys.executable, "-m", "linewatch.cli", "run", "--config", str(config)],
         cwd=workdir,
-        env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
     )
