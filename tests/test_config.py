@@ -150,7 +150,10 @@ def test_not_yaml_and_missing_file(workdir):
 
 @pytest.mark.e2e
 def test_check_config_command_exit_codes(workdir):
-    good = write(workdir, minimal())
+    from tests.helpers import calibrated_bundle, free_port
+
+    calibrated_bundle(workdir / "bundle")  # check-config passes only a bundle `run` can judge with
+    good = write(workdir, minimal(publish={"endpoint": f"tcp://127.0.0.1:{free_port()}"}))
     run = [sys.executable, "-m", "linewatch.cli", "check-config"]
     ok = subprocess.run(run + [str(good)], cwd=ROOT, capture_output=True, text=True)
     assert ok.returncode == 0 and "OK" in ok.stdout and "cam1" in ok.stdout
@@ -231,7 +234,13 @@ def test_describe_repr_and_str_of_a_config_hide_camera_credentials(workdir):
 
 @pytest.mark.e2e
 def test_check_config_output_hides_camera_credentials(workdir):
-    path = write(workdir, minimal(cameras=[{"name": "cam1", "kind": "url", "source": URL}]))
+    from tests.helpers import calibrated_bundle, free_port
+
+    calibrated_bundle(workdir / "bundle")
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    path = write(
+        workdir, minimal(cameras=[{"name": "cam1", "kind": "url", "source": URL}], publish={"endpoint": endpoint})
+    )
     done = subprocess.run(
         [sys.executable, "-m", "linewatch.cli", "check-config", str(path)], cwd=ROOT, capture_output=True, text=True
     )

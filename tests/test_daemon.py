@@ -742,7 +742,7 @@ def test_a_frame_with_120_regions_publishes_all_of_them_counted_and_the_largest_
     header, mask = sub.results[0], decode_mask_png(sub.masks[0])
     assert header["verdict"] == "NOK" and header["frame_index"] == 7
     assert header["regions_total"] == 120 and len(header["regions"]) == 100
-    assert header["regions"][0] == {"bbox": [1, 1, 3, 2], "area": 6, "peak": 1.0}
+    assert header["regions"][0] == {"bbox": [1, 1, 3, 2], "area": 6, "peak": 1.0, "defect": True}
     assert {r["area"] for r in header["regions"][1:]} == {4}
     assert header["mask"] == {"format": "png", "width": 64, "height": 64}
     np.testing.assert_array_equal(mask > 0, image[:, :, 0] == 255)
@@ -948,3 +948,144 @@ def _wait_for(cond, timeout: float) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+# --- every frame accounted for (issue 13, items 5 and 6) and a calibration-only reload (item 7) -------------
+
+
+def results_in_capture_order(results: list[dict], camera: str = "cam1") -> list[dict]:
+    return sorted((h for h in results if h["camera"] == camera), key=lambda h: h["frame_index"])
+
+
+@pytest.mark.e2e
+def test_sigterm_past_the_drain_timeout_gives_every_captured_frame_one_message_and_status_keeps_beating(tmp_path):
+    """Batches of ~0.5 s, a full queue and 1 s to drain: what is not inspected in time is published as ERROR
+    ("shutdown: not inspected"), so results == captured with seq gapless; status kept its interval meanwhile."""
+    model = slow_bundle(tmp_path / "slow", iterations=1_000_000)
+    write_calibration(model, 0.5)
+    video = write_video(tmp_path / "line.avi", video_frames(8))
+    config, endpoint = write_config(
+        tmp_path,
+        model,
+        [{"name": "cam1", "kind": "video", "source": str(video), "loop": True, "queue_size": 8}],
+        health={"drain_timeout_s": 1.0},
+        engine={"warmup": False},
+    )  # a file without an fps cap waits for queue room: nothing is dropped, every frame is captured for a result
+    sub = Subscriber(endpoint)  # before the daemon binds: it sees every message
+    proc = start_daemon(config, tmp_path)
+    try:
+        sub.until(lambda: len(sub.results) >= 6, 60, "first results")
+        sent_term = time.time()
+        proc.send_signal(signal.SIGTERM)
+        sub.until(lambda: proc.poll() is not None, 20, "daemon exit")
+        sub.poll(0.5)
+        assert proc.returncode == 0, daemon_log(tmp_path)[-3000:]
+    finally:
+        stop(proc)
+        sub.close()
+    final = status_fields(sub.status("cam1"))
+    assert final["stopping"] and final["dropped"] == 0 and final["publish_dropped"] == 0, final
+    assert final["results"] == final["captured"], final
+    assert [h["seq"] for h in sub.results] == list(range(1, final["captured"] + 1))
+    ordered = results_in_capture_order(sub.results)
+    assert [h["frame_index"] for h in ordered] == list(range(1, final["captured"] + 1))  # each frame exactly once
+    assert [h["frame_index"] for h in sub.results] == [h["frame_index"] for h in ordered]  # published in order
+    late = [h for h in sub.results if h["verdict"] == "ERROR"]
+    assert len(late) >= 4, "the drain finished everything: test too weak"
+    assert {h["error"] for h in late} == {"shutdown: not inspected"}
+    assert all(h["image_score"] is None for h in late)
+    assert all(h["verdict"] == expected_verdict(h["frame_index"]) for h in sub.results if h["verdict"] != "ERROR")
+    during = [s["publish_time"] for s in sub.statuses if s["publish_time"] >= sent_term]
+    assert len(during) >= 4, f"{len(during)} status messages during a 1 s drain"
+    assert max(np.diff(during)) < 0.6, "the life bit stopped during the drain"
+    assert "published as ERROR" in daemon_log(tmp_path)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("frames_are_parts", [True, False])
+def test_frames_dropped_because_inference_is_behind_are_errors_when_frames_are_parts(tmp_path, frames_are_parts):
+    """A camera at 50 frames/s into an engine of ~10 batches/s and a queue of 2: with frames_are_parts every
+    dropped frame is an ERROR result, in capture order, so results == captured; without it, as before: drops are
+    counted in the status and get no message."""
+    model = slow_bundle(tmp_path / "slow", iterations=400_000)
+    write_calibration(model, 0.5)
+    video = write_video(tmp_path / "line.avi", video_frames(8))
+    camera = {"name": "cam1", "kind": "video", "source": str(video), "loop": True, "fps": 50, "queue_size": 2}
+    camera["frames_are_parts"] = frames_are_parts
+    config, endpoint = write_config(
+        tmp_path, model, [camera], health={"drain_timeout_s": 3.0}, engine={"warmup": False}
+    )
+    sub = Subscriber(endpoint)  # before the daemon binds: it sees every message
+    proc = start_daemon(config, tmp_path)
+    key = "dropped_as_error" if frames_are_parts else "dropped"
+    try:
+        sub.until(lambda: (sub.field("cam1", key) or 0) >= 10, 60, f"10 frames counted as {key}")
+        proc.send_signal(signal.SIGTERM)
+        sub.until(lambda: proc.poll() is not None, 20, "daemon exit")
+        sub.poll(0.5)
+        assert proc.returncode == 0, daemon_log(tmp_path)[-3000:]
+    finally:
+        stop(proc)
+        sub.close()
+    final = status_fields(sub.status("cam1"))
+    assert [h["seq"] for h in sub.results] == list(range(1, final["results"] + 1))
+    indices = [h["frame_index"] for h in sub.results]
+    assert indices == sorted(indices)  # in capture order, the dropped parts' ERRORs included
+    dropped = [h for h in sub.results if h["error"] == "dropped: inference behind, not inspected"]
+    inspected = [h for h in sub.results if h["verdict"] != "ERROR"]
+    assert inspected and all(h["verdict"] == expected_verdict(h["frame_index"]) for h in inspected)
+    if frames_are_parts:
+        assert final["dropped"] == 0 and final["results"] == final["captured"], final
+        assert indices == list(range(1, final["captured"] + 1))  # every part has its message
+        assert len(dropped) >= final["dropped_as_error"] >= 10
+        assert all(h["image_score"] is None and h["verdict"] == "ERROR" for h in dropped)
+    else:
+        assert not dropped and final["dropped_as_error"] == 0
+        assert final["dropped"] >= 10 and final["results"] + final["dropped"] == final["captured"], final
+
+
+@pytest.mark.e2e
+def test_a_calibration_only_reload_swaps_at_once_and_a_refused_one_costs_no_warm_up(tmp_path):
+    """The running graph warms up in ~2.5 s (slow at max_batch). A SIGHUP that changes only the calibration keeps
+    the engine: results carry the new thresholds within a fraction of that, without a gap; a broken calibration
+    is refused before any engine is built or warmed up."""
+    model = slow_bundle(tmp_path / "slow_at_max_batch", iterations=60_000, per_extra_frame=True)
+    write_calibration(model, 0.5)
+    video = write_video(tmp_path / "line.avi", video_frames(8))
+    camera = {"name": "cam1", "kind": "video", "source": str(video), "loop": True, "fps": 50}
+    config, endpoint = write_config(
+        tmp_path, model, [camera], engine={"max_batch": 24}, health={"inference_stall_s": 30.0}
+    )
+    sub = Subscriber(endpoint)  # before the daemon binds: it sees every message
+    proc = start_daemon(config, tmp_path)
+    try:
+        sub.until(lambda: len(sub.results) >= 20, 60, "results of calibration 1")
+        assert daemon_log(tmp_path).count("engine warm-up") == 1
+        version = write_calibration(model, 0.75)
+        n = len(sub.results)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGHUP)
+        sub.until(lambda: sub.results[-1]["calibration_version"] == version, 20, "results of the new calibration")
+        swapped = time.monotonic() - t0
+        sub.poll(0.5)
+        (model / bundle.CALIBRATION).write_text('{"broken": ')
+        t1 = time.monotonic()
+        proc.send_signal(signal.SIGHUP)
+        assert _wait_for(lambda: "reload refused" in daemon_log(tmp_path), 20), "the broken calibration was taken"
+        refused = time.monotonic() - t1
+        m = len(sub.results)
+        sub.until(lambda: len(sub.results) >= m + 10, 10, "results after the refused reload")
+        assert proc.poll() is None
+        assert stop(proc) == 0
+    finally:
+        stop(proc)
+        sub.close()
+    text = daemon_log(tmp_path)
+    assert text.count("engine warm-up") == 1 and text.count("engine kept") == 1, text[-3000:]
+    assert swapped < 1.0, f"the calibration took {swapped:.2f} s to swap in"
+    assert refused < 1.0, f"the broken calibration took {refused:.2f} s to refuse"
+    after = [h for h in sub.results[n:] if h["calibration_version"] == version]
+    assert after and {h["thresholds"]["pixel"] for h in after} == {0.75}
+    assert {h["calibration_version"] for h in sub.results[m:]} == {version}  # kept after the refusal
+    stamps = [h["publish_time"] for h in sub.results[n - 10 :]]
+    assert max(np.diff(stamps)) < 0.5, "inference paused during the reloads"

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from linewatch.errors import DataError
-from linewatch.images import read_image
+from linewatch.images import check_images, list_images, read_image
+from tests.helpers import write_bad_images
 
 pytestmark = pytest.mark.integration
 
@@ -141,3 +142,21 @@ def test_16_bit_images_become_8_bit_bgr_rounded_without_a_float64_copy(tmp_path)
         cv2.imwrite(str(tmp_path / name), sixteen)
         out = read_image(tmp_path / name)
         assert out.shape == (8, 8, 3) and out.dtype == np.uint8 and out[3, 3].tolist() == expected
+
+
+def test_check_images_names_every_bad_file_with_its_reason_in_one_error(tmp_path):
+    for i in range(5):
+        assert cv2.imwrite(str(tmp_path / f"good{i}.png"), np.full((40, 40, 3), 30 * i, np.uint8))
+    bad = write_bad_images(tmp_path)
+    files = list_images(tmp_path)
+    start = time.monotonic()
+    with pytest.raises(DataError) as err:
+        check_images(files, "parts")
+    message = str(err.value)
+    assert time.monotonic() - start < 2.0
+    assert message.startswith("3 of 8 parts cannot be used"), message
+    for path, reason in zip(bad, ("cannot decode image", "cannot decode image", "refusing to decode")):
+        (line,) = [line for line in message.splitlines() if str(path) in line]
+        assert reason in line, line
+    assert "good" not in message
+    check_images([p for p in files if p not in bad])  # the good ones alone pass

@@ -116,10 +116,11 @@ def test_result_header_round_trip_over_a_real_socket():
         "line-2_cam",
         7,
         regions=[
-            {"bbox": [30, 10, 20, 10], "area": 200, "peak": np.float32(0.9)},
-            {"bbox": [1, 1, 2, 2], "area": 4, "peak": 0.6},
+            {"bbox": [30, 10, 20, 10], "area": 200, "peak": np.float32(0.9), "defect": True},
+            {"bbox": [1, 1, 2, 2], "area": 4, "peak": 0.6, "defect": False},
         ],
         regions_total=2,
+        defect_regions=1,
         frame_index=np.int64(41),
         mask={"width": 60, "height": 40},
     )
@@ -143,8 +144,9 @@ def test_result_header_round_trip_over_a_real_socket():
     assert h["frame_time"] == 1_700_000_000.25 and h["image_score"] == 0.75
     assert h["thresholds"] == {"pixel": 0.5, "image": 0.6}
     assert (h["calibration_version"], h["model_id"], h["frame_index"]) == (2, "0123456789ab", 41)
-    assert h["regions"][0] == {"bbox": [30, 10, 20, 10], "area": 200, "peak": pytest.approx(0.9)}  # largest first
-    assert h["regions_total"] == 2 and h["error"] is None
+    assert h["regions"][0] == {"bbox": [30, 10, 20, 10], "area": 200, "peak": pytest.approx(0.9), "defect": True}
+    assert h["regions"][1]["defect"] is False  # largest first: the defect region before the speck
+    assert h["regions_total"] == 2 and h["defect_regions"] == 1 and h["error"] is None
     assert h["mask"] == {"format": "png", "width": 60, "height": 40}
     assert before - 1 <= h["publish_time"] <= time.time() and len(h["run_id"]) == 12
     np.testing.assert_array_equal(msg.mask_array() > 0, mask)
@@ -291,3 +293,67 @@ def test_the_subscriber_example_in_protocol_md_runs(tmp_path):
     first = results[0].split()
     assert first[0] == "cam1" and first[2] == f"P-{first[1]}" and first[4] == "0.75" and int(first[5]) > 0
     assert any(line.split() == ["status", "cam1", "online"] for line in lines)
+
+
+@pytest.mark.integration
+def test_published_header_separates_defect_regions_from_specks(deviation_bundle, tmp_path):
+    """The daemon's own header builder on a real engine and calibration, sent and checked over a real socket."""
+    import shutil
+
+    from linewatch.calibrate.store import write_calibration
+    from linewatch.line.frames import Frame
+    from linewatch.line.inference import judge_frames, load_model, result_header
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(deviation_bundle, model_dir)
+    write_calibration(model_dir, 0.5, min_defect_area=10)
+    model = load_model(model_dir)
+    nok, ok = np.full((64, 64, 3), 128, np.uint8), np.full((64, 64, 3), 128, np.uint8)
+    nok[4:10, 4:10] = 255  # 36 px defect
+    nok[40:42, 40:42] = ok[40:42, 40:42] = 255  # 4 px speck on both
+    frames = [Frame("cam1", i, time.time(), time.monotonic(), img) for i, img in enumerate((nok, ok))]
+    headers = [result_header(r, i + 1) for i, r in enumerate(judge_frames(model, frames))]
+    ctx = zmq.Context()
+    pub = ResultPublisher("tcp://127.0.0.1:*", 100)
+    sub = sub_socket(ctx, pub.endpoint, camera_prefix("cam1"))
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not sub.poll(50):
+            pub.publish_result(headers[0], None)
+        got = {}
+        while len(got) < 2 and time.monotonic() < deadline:
+            for h in headers:
+                pub.publish_result(h, None)
+            while sub.poll(50):
+                msg = decode_message(sub.recv_multipart())  # checked against the schema on receipt
+                got[msg.seq] = msg.header
+    finally:
+        sub.close()
+        ctx.term()
+        pub.close()
+    assert got[1]["verdict"] == "NOK" and got[1]["regions_total"] == 2 and got[1]["defect_regions"] == 1
+    assert [(r["area"], r["defect"]) for r in got[1]["regions"]] == [(36, True), (4, False)]
+    assert got[2]["verdict"] == "OK" and got[2]["regions_total"] == 1 and got[2]["defect_regions"] == 0
+    assert [(r["area"], r["defect"]) for r in got[2]["regions"]] == [(4, False)]
+
+
+@pytest.mark.unit
+def test_defect_fields_are_additive_and_checked():
+    speck = {"bbox": [1, 1, 2, 2], "area": 4, "peak": 0.6}
+    big = {"bbox": [5, 5, 6, 6], "area": 36, "peak": 0.9}
+    old = wire(header_for("cam1", 1, regions=[big, speck], regions_total=2))  # a daemon before the fields
+    assert check_result_header(old).defect_regions is None and old["regions"][0]["defect"] is None
+    new = header_for(
+        "cam1", 1, regions=[big | {"defect": True}, speck | {"defect": False}], regions_total=2, defect_regions=1
+    )
+    assert check_result_header(wire(new)).defect_regions == 1
+    with pytest.raises(ValueError, match="that is NOK"):
+        header_for("cam1", 1, verdict="OK", regions=[big | {"defect": True}], defect_regions=1)
+    with pytest.raises(ValueError, match="listed before the specks"):
+        header_for("cam1", 1, regions=[big | {"defect": False}, speck | {"defect": True}], regions_total=2)
+    with pytest.raises(ValueError, match="does not match"):
+        header_for(
+            "cam1", 1, regions=[big | {"defect": True}, speck | {"defect": False}], regions_total=2, defect_regions=2
+        )
+    with pytest.raises(ValueError, match="exceeds regions_total"):
+        header_for("cam1", 1, defect_regions=3)

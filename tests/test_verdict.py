@@ -14,7 +14,7 @@ from linewatch.calibrate.store import (
     load_calibration,
     write_calibration,
 )
-from linewatch.line.verdict import judge
+from linewatch.line.verdict import defect_mask, judge
 
 
 def cal(pixel=0.5, image=None, area=0):
@@ -125,3 +125,31 @@ def test_fast_enough_for_100_fps_at_256():
     per_call = (time.perf_counter() - start) / n
     assert j.verdict == "NOK" and len(j.regions) == 2
     assert per_call < 2e-3, f"{per_call * 1e3:.2f} ms per 256x256 map"
+
+
+@pytest.mark.unit
+def test_defect_regions_are_told_apart_from_specks():
+    amap = np.zeros((32, 32), np.float32)
+    amap[2:8, 2:8] = 0.9  # 36 px: at least min_defect_area, fails the part
+    amap[20:22, 20:22] = 0.8  # 4 px: a speck
+    j = judge(amap, 0.9, cal(0.5, area=10))
+    assert j.verdict == "NOK" and j.regions_total == 2 and j.defect_regions == 1
+    assert [(r.area, r.defect) for r in j.regions] == [(36, True), (4, False)]
+    np.testing.assert_array_equal(defect_mask(j.mask, 10), amap == np.float32(0.9))
+    amap[2:8, 2:8] = 0  # only the speck is left: OK, and it says the speck judged nothing
+    j = judge(amap, 0.8, cal(0.5, area=10))
+    assert j.verdict == "OK" and j.regions_total == 1 and j.defect_regions == 0
+    assert [(r.area, r.defect) for r in j.regions] == [(4, False)]
+    assert not defect_mask(j.mask, 10).any() and j.mask.sum() == 4
+    assert defect_mask(j.mask, 0).sum() == 4  # min area 0 = any pixel, as in judge
+
+
+@pytest.mark.unit
+def test_the_reporting_cut_keeps_the_defect_regions_first():
+    amap = np.zeros((16, 64), np.float32)
+    for i in range(6):  # six 1-px specks, then two 3x3 defects further right
+        amap[1, 2 + 3 * i] = 0.9
+    amap[8:11, 30:33] = amap[8:11, 50:53] = 0.9
+    j = judge(amap, 0.9, cal(0.5, area=5), max_regions=3)
+    assert j.regions_total == 8 and j.defect_regions == 2
+    assert [(r.area, r.defect) for r in j.regions] == [(9, True), (9, True), (1, False)]

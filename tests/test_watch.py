@@ -16,6 +16,7 @@ import zmq.auth
 
 from linewatch.line.publisher import ResultPublisher
 from linewatch.protocol.curve import CurveConfig
+from linewatch.protocol.watch import format_result
 from linewatch.protocol.wire import decode_mask_png, encode_mask_png
 from tests.helpers import result_header
 
@@ -113,3 +114,39 @@ def test_watch_json_lines_with_curve(tmp_path):
     for h in headers:
         assert h["verdict"] == ("NOK" if h["camera"] == "cam1" else "OK") and h["run_id"] == pub.run_id
     assert all(h["part_id"] == f"P/{h['seq']}" for h in headers if h["camera"] == "cam1")
+
+
+def test_watch_on_a_port_nobody_publishes_on_says_what_to_check_and_keeps_waiting():
+    from linewatch.demo.run import free_port
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"  # nothing listens here
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "linewatch.cli", "watch", "--connect", endpoint, "--camera", "cam7"]
+        + ["--quiet-after", "1.5"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(4.5)  # start-up (~1 s) + quiet-after + margin; it must still be waiting after the hint
+        assert proc.poll() is None, proc.communicate()
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=10)
+    assert out == ""  # stdout stays one record per result
+    assert err.count("nothing received") == 1, err  # said once, not every second
+    hint = err[err.index("nothing received") :]
+    assert f"nothing received from {endpoint} for camera cam7 in 1.5 s" in hint and "still waiting" in hint
+    for check in ("daemon running", "publish.endpoint", "'cam7'", "--server-key"):
+        assert check in hint, (check, hint)
+
+
+def test_watch_gives_no_hint_while_messages_arrive_and_shows_defect_counts(tmp_path):
+    with ResultPublisher("tcp://127.0.0.1:*") as pub:  # ~50 results at 20 ms: well past --quiet-after
+        done = run_watch(pub, ["--camera", "cam1", "--count", "50", "--quiet-after", "0.5"])
+    assert done.returncode == 0, done.stderr
+    assert "nothing received" not in done.stderr and len(done.stdout.splitlines()) == 50
+    header = result_header("cam1", 3, regions=[{"bbox": [1, 2, 3, 4], "area": 12, "peak": 0.9, "defect": True}])
+    line = format_result(header.model_copy(update={"defect_regions": 1}).model_dump(mode="json"))
+    assert " regions=1 defects=1 [1,2 3x4 area=12]" in line

@@ -11,6 +11,7 @@ import argparse
 import grp
 import json
 import logging
+import math
 import pwd
 import stat
 import sys
@@ -27,22 +28,29 @@ from linewatch.calibrate.store import (
     current_version,
     graph_sha256,
     next_version,
+    read_calibration_file,
     rollback,
     save_calibration,
 )
 from linewatch.calibrate.thresholds import (
+    OUTLIER_Z,
     REGIONS_PER_IMAGE,
     RealisedRate,
+    check_enough_parts,
     check_enough_samples,
+    contamination_outliers,
     exceedance_rate,
     holdout_split,
+    min_area_for_reject_rate,
     pixel_threshold_for_fpr,
+    pixel_threshold_for_reject_rate,
     realised_image_fpr,
+    realised_part_rate,
     realised_pixel_fpr,
 )
-from linewatch.errors import ConfigError, DataError, LinewatchError
-from linewatch.images import list_images, load_for_model, read_mask, resize_to_model
-from linewatch.line.verdict import judge
+from linewatch.errors import BundleError, ConfigError, DataError, LinewatchError
+from linewatch.images import check_images, list_images, load_for_model, read_mask, resize_to_model
+from linewatch.line.verdict import defect_mask, judge
 from linewatch.protocol.wire import Verdict
 
 if TYPE_CHECKING:
@@ -65,6 +73,8 @@ SEARCH_BITS = (stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH)
 
 def check_args(args: argparse.Namespace) -> None:
     daemon_user(args)  # an unknown --daemon-user is a usage error before any work is done
+    if args.to is not None and not args.rollback:
+        raise ConfigError("--to N goes with --rollback (restore version N)")
     if args.rollback:
         return
     if bool(args.good) == bool(args.camera):
@@ -73,13 +83,19 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError("--camera needs --config (the daemon config that defines the camera)")
     if args.camera and args.frames < 1:
         raise ConfigError(f"--frames must be >= 1, got {args.frames}")
-    if not (0.0 <= args.fpr < 1.0):
+    if args.fpr is not None and args.reject_rate is not None:
+        raise ConfigError("give --reject-rate (parts) or --fpr (pixels), not both")
+    if args.fpr is not None and not (0.0 <= args.fpr < 1.0):
         raise ConfigError(f"--fpr must be in [0, 1), got {args.fpr}")
+    if args.reject_rate is not None and not (0.0 < args.reject_rate < 1.0):
+        raise ConfigError(f"--reject-rate must be in (0, 1), got {args.reject_rate}")
     if args.image_fpr is not None and not (0.0 <= args.image_fpr < 1.0):
         raise ConfigError(f"--image-fpr must be in [0, 1), got {args.image_fpr}")
-    if args.min_defect_area < 0:
+    if args.image_fpr is not None and args.no_image_threshold:
+        raise ConfigError("give --image-fpr or --no-image-threshold, not both")
+    if args.min_defect_area is not None and args.min_defect_area < 0:
         raise ConfigError(f"--min-defect-area must be >= 0, got {args.min_defect_area}")
-    if not (0.0 <= args.holdout <= 0.9):
+    if args.holdout is not None and not (0.0 <= args.holdout <= 0.9):
         raise ConfigError(f"--holdout must be in [0, 0.9], got {args.holdout}")
 
 
@@ -155,6 +171,7 @@ def good_frames(args: argparse.Namespace, size: tuple[int, int]) -> tuple[np.nda
     h, w = size
     if args.good:
         files = list_images(args.good)
+        check_images(files, f"--good images in {args.good}")  # every bad file named at once, before the work
         frames = np.stack([load_for_model(p, h, w) for p in files])
         return frames, [p.name for p in files], {"source_kind": "folder", "source": str(Path(args.good).resolve())}
     from linewatch.line.cameras import grab_frames
@@ -197,6 +214,11 @@ def score_frames(engine: Engine, frames: np.ndarray, what: str) -> tuple[np.ndar
 
 # --- thresholds -------------------------------------------------------------------------------------------------
 
+MODES = ("reject_rate", "fpr")
+DEFAULT_REJECT_RATE = 0.02  # a first calibration without --fpr/--reject-rate: at most 2 % of good parts rejected
+DEFAULT_HOLDOUT = 0.3
+JUMP_FACTOR = 1.5  # a new pixel threshold more than this over the active one needs --force
+
 
 @dataclass
 class Thresholds:
@@ -209,41 +231,91 @@ class Thresholds:
     hold_pixel: RealisedRate | None
     hold_image: RealisedRate | None
     warnings: list[str]
+    min_area: int = 0
+    min_area_derived: str | None = None  # how the area was derived from the data, when it was
+    calib_part_rate: float = 0.0
+    hold_part: RealisedRate | None = None
+
+
+def part_verdicts(maps: np.ndarray, scores: np.ndarray, pixel: float, image: float | None, min_area: int) -> np.ndarray:
+    """NOK (True) per part by the daemon's own rule (linewatch.line.verdict.judge)."""
+    cal = Calibration(
+        version=1, model_sha256="0" * 64, pixel_threshold=pixel, image_threshold=image, min_defect_area=min_area
+    )
+    return np.array([judge(m, s, cal).verdict == Verdict.NOK for m, s in zip(maps, scores)], bool)
+
+
+def grid_cell_area(bundle_dir: Path) -> int:
+    """Input pixels of one cell of the model's regional grid (pool² ; the map is computed on that grid and
+    upsampled, so nothing smaller is a region the model resolved): the first calibration's area in reject-rate
+    mode when none is given or carried over."""
+    pool = (bundle.read_metadata(bundle_dir).get("dfr") or {}).get("pool", 4)
+    return int(pool) ** 2 if isinstance(pool, int) and pool >= 1 else 16
 
 
 def set_thresholds(
     maps: np.ndarray,
     scores: np.ndarray,
-    fpr: float,
+    fpr: float | None,
     image_fpr: float | None,
     holdout: float,
     seed: int = SEED,
     regions_per_image: int = REGIONS_PER_IMAGE,
+    reject_rate: float | None = None,
+    min_area: int | None = 0,
+    cell_area: int = 16,
 ) -> Thresholds:
-    """Thresholds on the calibration split, realised rates (with bounds) on the holdout split."""
+    """Thresholds on the calibration split, realised rates (with bounds) on the holdout split.
+
+    With `reject_rate` the pixel threshold is the lowest at which at most that share of calibration parts fails
+    the daemon's verdict rule at `min_area`; with `fpr` it holds the pixel false-positive rate. `min_area` None
+    derives it: `cell_area` in reject-rate mode, in fpr mode the smallest area at which at most
+    DEFAULT_REJECT_RATE of the calibration parts fail (see docs/CALIBRATION.md)."""
+    if (fpr is None) == (reject_rate is None):
+        raise ValueError("give exactly one of fpr and reject_rate")
     calib, hold = holdout_split(len(maps), holdout, seed)
     try:
-        check_enough_samples(len(calib), fpr, "pixel", regions_per_image)
+        if reject_rate is not None:
+            check_enough_parts(len(calib), reject_rate)
+        else:
+            check_enough_samples(len(calib), fpr or 0.0, "pixel", regions_per_image)
         if image_fpr is not None:
             check_enough_samples(len(calib), image_fpr, "image-score", 1)
     except ValueError as exc:
         raise ConfigError(f"{exc} ({len(maps)} images, {len(hold)} held out)") from exc
     if holdout > 0 and len(hold) == 0:
         raise ConfigError(f"--holdout {holdout:g} leaves no held-out image out of {len(maps)}; give more images")
-    pixel = pixel_threshold_for_fpr(maps[calib], fpr)
+    derived = None
+    if reject_rate is not None:
+        if min_area is None:
+            min_area = cell_area
+            derived = f"one cell of the model's regional grid ({cell_area} input pixels)"
+        pixel = pixel_threshold_for_reject_rate(maps[calib], reject_rate, min_area)
+    else:
+        pixel = pixel_threshold_for_fpr(maps[calib], fpr or 0.0)
+        if min_area is None:
+            min_area = min_area_for_reject_rate(maps[calib], pixel, DEFAULT_REJECT_RATE)
+            derived = (
+                f"the smallest area at which at most {DEFAULT_REJECT_RATE:.0%} of the {len(calib)} calibration "
+                f"parts fail at this pixel threshold"
+            )
     image = None if image_fpr is None else pixel_threshold_for_fpr(scores[calib], image_fpr)
     warnings: list[str] = []
-    hold_pixel = hold_image = None
+    hold_pixel = hold_image = hold_part = None
+    calib_nok = part_verdicts(maps[calib], scores[calib], pixel, image, min_area)
     if len(hold):
         hold_pixel = realised_pixel_fpr(maps[hold], pixel, CONFIDENCE)
-        if hold_pixel.misses(fpr):
+        if fpr is not None and hold_pixel.misses(fpr):
             warnings.append(miss_message("pixel", fpr, hold_pixel))
         if image is not None and image_fpr is not None:  # image is set exactly when image_fpr is
             hold_image = realised_image_fpr(scores[hold], image, CONFIDENCE)
             if hold_image.misses(image_fpr):
                 warnings.append(miss_message("image", image_fpr, hold_image))
+        hold_part = realised_part_rate(part_verdicts(maps[hold], scores[hold], pixel, image, min_area), CONFIDENCE)
+        if reject_rate is not None and hold_part.lower > reject_rate:
+            warnings.append(miss_message("part reject rate", reject_rate, hold_part))
     else:
-        warnings.append("no holdout (--holdout 0): the false-positive rate on unseen good parts is not checked")
+        warnings.append("no holdout (--holdout 0): the reject rate on unseen good parts is not checked")
     return Thresholds(
         pixel,
         image,
@@ -254,6 +326,10 @@ def set_thresholds(
         hold_pixel,
         hold_image,
         warnings,
+        min_area,
+        derived,
+        float(calib_nok.mean()),
+        hold_part,
     )
 
 
@@ -265,9 +341,185 @@ def miss_message(what: str, target: float, rate: RealisedRate) -> str:
         else "fewer false alarms than asked (less sensitive than intended: ties or too few images)"
     )
     return (
-        f"{what} FPR target {target:g} is outside the {rate.confidence:.0%} interval of the realised rate on "
+        f"{what} target {target:g} is outside the {rate.confidence:.0%} interval of the realised rate on "
         f"held-out good images: {rate.rate:.3g} [{rate.lower:.3g}, {rate.upper:.3g}]: {side}"
     )
+
+
+# --- settings: given, carried over, or default ---------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """The settings this calibration runs with and where each came from (shown in the log and the report)."""
+
+    mode: str
+    target: float
+    min_area: int | None  # None: derived from the data (see set_thresholds)
+    image_fpr: float | None
+    holdout: float
+    origin: dict[str, str]
+
+
+def active_calibration(bundle_dir: Path, sha: str) -> tuple[Calibration | None, bool]:
+    """(the bundle's current calibration if it is one at all, whether it was made with this graph)."""
+    path = bundle_dir / bundle.CALIBRATION
+    if not path.is_file():
+        return None, False
+    try:
+        cal = read_calibration_file(path, None)
+    except BundleError as exc:
+        log.warning("the current calibration cannot be read, nothing is carried over from it: %s", exc)
+        return None, False
+    return cal, cal.model_sha256 == sha
+
+
+def plan_settings(args: argparse.Namespace, active: Calibration | None, input_size: tuple[int, int]) -> Plan:
+    """Each setting from the command line, else carried over from the active calibration, else a default.
+
+    A carried-over min area of 0 is never used (it made every speck fail a part): the area is then derived."""
+    origin: dict[str, str] = {}
+    was = f"carried over from v{active.version}" if active else ""
+    mode, target = None, None
+    if args.reject_rate is not None:
+        mode, target, origin["mode"] = "reject_rate", args.reject_rate, "given"
+    elif args.fpr is not None:
+        mode, target, origin["mode"] = "fpr", args.fpr, "given"
+    elif active is not None and active.effective_mode == "reject_rate" and active.reject_rate_target is not None:
+        mode, target, origin["mode"] = "reject_rate", active.reject_rate_target, was
+    elif active is not None and active.effective_mode == "fpr" and active.fpr_target is not None:
+        mode, target, origin["mode"] = "fpr", active.fpr_target, was
+    else:
+        mode, target, origin["mode"] = "reject_rate", DEFAULT_REJECT_RATE, "default"
+
+    min_area: int | None = None
+    same_size = active is not None and active.settings.get("input_size", list(input_size)) == list(input_size)
+    if args.min_defect_area is not None:
+        min_area, origin["min_defect_area"] = args.min_defect_area, "given"
+    elif active is not None and same_size and active.min_defect_area > 0:
+        min_area, origin["min_defect_area"] = active.min_defect_area, was
+    else:
+        origin["min_defect_area"] = "derived"  # the how is filled in from set_thresholds
+
+    image_fpr = None
+    if args.no_image_threshold:
+        origin["image_fpr"] = "given (--no-image-threshold)"
+    elif args.image_fpr is not None:
+        image_fpr, origin["image_fpr"] = args.image_fpr, "given"
+    elif active is not None and active.image_fpr_target is not None:
+        image_fpr, origin["image_fpr"] = active.image_fpr_target, was
+    else:
+        origin["image_fpr"] = "default (no image threshold)"
+
+    held = active.settings.get("holdout") if active is not None else None
+    if args.holdout is not None:
+        holdout, origin["holdout"] = args.holdout, "given"
+    elif isinstance(held, (int, float)) and 0.0 <= held <= 0.9:
+        holdout, origin["holdout"] = float(held), was
+    else:
+        holdout, origin["holdout"] = DEFAULT_HOLDOUT, "default"
+    return Plan(mode, float(target), min_area, image_fpr, holdout, origin)
+
+
+def exclude_contamination(
+    scores: np.ndarray, names: list[str], previous: Calibration | None
+) -> tuple[np.ndarray, list[dict[str, Any]], str | None]:
+    """(indices kept, the images excluded with score and why, a note when the whole batch moved)."""
+    prev = None if previous is None or not previous.good_image_scores else np.array(previous.good_image_scores)
+    outliers, note = contamination_outliers(scores, prev, OUTLIER_Z)
+    gone = {o.index for o in outliers}
+    excluded = [
+        {"image": names[o.index], "score": o.score, "z": o.z if math.isfinite(o.z) else None, "why": o.why}
+        for o in outliers
+    ]  # z is infinite above a constant bulk: JSON has no inf
+    return np.array([i for i in range(len(scores)) if i not in gone], np.int64), excluded, note
+
+
+def check_jump(th: Thresholds, active: Calibration | None, same_graph: bool, force: bool) -> str | None:
+    """Refuse (DataError) a pixel threshold more than JUMP_FACTOR above the active one unless forced; with --force
+    return the warning instead."""
+    if active is None or not same_graph or active.pixel_threshold <= 0:
+        return None
+    factor = th.pixel / active.pixel_threshold
+    if factor <= JUMP_FACTOR:
+        return None
+    text = (
+        f"the new pixel threshold {th.pixel:.6g} is {factor:.2f}x the active one ({active.pixel_threshold:.6g}, "
+        f"v{active.version}), above the {JUMP_FACTOR:g}x a recalibration may move it without --force"
+    )
+    if force:
+        return f"{text}; written anyway (--force)"
+    raise DataError(
+        f"{text}: defective parts among the calibration samples raise the threshold until defects pass. Check "
+        "the samples (the report lists the images it excluded); if the good parts really changed (lighting, "
+        "material, camera), run again with --force"
+    )
+
+
+# --- old vs new -----------------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _part_rate_text(rate: dict[str, Any] | None) -> str:
+    if not rate:
+        return "-"
+    return f"{rate['rate']:.3g} [{rate['lower']:.3g}, {rate['upper']:.3g}] of {rate['n_effective']:.0f}"
+
+
+def comparison(old: Calibration | None, new: Calibration, origin: dict[str, str]) -> list[tuple[str, str, str, str]]:
+    """(setting, active, new, where the new value comes from) rows."""
+
+    def target(c: Calibration) -> str:
+        if c.effective_mode == "reject_rate":
+            return f"part reject rate {_fmt(c.reject_rate_target)}"
+        if c.effective_mode == "fpr":
+            return f"pixel FPR {_fmt(c.fpr_target)}"
+        return "set by hand"
+
+    def row(name: str, get: Any, key: str = "") -> tuple[str, str, str, str]:
+        return (name, "-" if old is None else get(old), get(new), origin.get(key, "computed"))
+
+    return [
+        row("version", lambda c: f"v{c.version}"),
+        row("target", target, "mode"),
+        row("pixel threshold", lambda c: _fmt(c.pixel_threshold)),
+        row("image threshold", lambda c: _fmt(c.image_threshold)),
+        row("image FPR target", lambda c: _fmt(c.image_fpr_target), "image_fpr"),
+        row("min defect area (px)", lambda c: _fmt(c.min_defect_area), "min_defect_area"),
+        row("holdout", lambda c: _fmt(c.settings.get("holdout")), "holdout"),
+        row("parts used / held out", lambda c: f"{c.n_samples} / {c.n_holdout}"),
+        row("held-out part reject rate", lambda c: _part_rate_text(c.holdout_part_reject_rate)),
+        row("held-out pixel FPR", lambda c: _part_rate_text(c.holdout_pixel_fpr)),
+    ]
+
+
+def comparison_table(rows: list[tuple[str, str, str, str]], old: Calibration | None) -> str:
+    head = ("setting", "active" if old is None else f"active (v{old.version})", "new", "from")
+    table = [head, *rows]
+    widths = [max(len(r[i]) for r in table) for i in range(4)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in table)
+
+
+def reload_hint(args: argparse.Namespace) -> str:
+    """How to apply it: the systemd instance is the daemon config's file name (linewatch@line1 reads line1.yaml)."""
+    name = Path(args.config).stem if getattr(args, "config", None) else "NAME"
+    return f"apply it: sudo systemctl reload linewatch@{name}   (SIGHUP: the daemon reloads without restarting)"
+
+
+def readability_text(path: Path, args: argparse.Namespace, reason: str | None) -> str:
+    user = daemon_user(args)
+    if user is None:
+        return f"not checked who can read {path}: no user {DAEMON_USER!r} here (pass --daemon-user NAME)"
+    if reason:
+        return f"the daemon's user {user.pw_name} could NOT read it: {reason}"
+    return f"the daemon's user {user.pw_name} can read {path}"
 
 
 # --- defects (MVTec layout) ---------------------------------------------------------------------------------------
@@ -306,15 +558,19 @@ def region_overlaps(pred: np.ndarray, truth: np.ndarray) -> list[float]:
     return list((covered / sizes).astype(float))
 
 
-def overlay_image(frame: np.ndarray, amap: np.ndarray, threshold: float, truth: np.ndarray | None) -> np.ndarray:
-    """Heat map blended over the frame, predicted regions outlined red, ground truth green."""
+def overlay_image(
+    frame: np.ndarray, amap: np.ndarray, threshold: float, truth: np.ndarray | None, min_defect_area: int = 1
+) -> np.ndarray:
+    """Heat map blended over the frame, ground truth outlined green, and red outlines around the defect regions
+    only (what fails a part): specks smaller than `min_defect_area` never fail one, so they are not drawn."""
     scale = max(float(amap.max()), threshold * 2, 1e-12)
     heat = cv2.applyColorMap(np.clip(amap / scale * 255, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
     out = cv2.addWeighted(frame, 0.6, heat, 0.4, 0)
     if truth is not None:
         contours, _ = cv2.findContours(truth.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(out, contours, -1, (0, 255, 0), 1)
-    contours, _ = cv2.findContours((amap > threshold).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    defects = defect_mask(amap > threshold, min_defect_area).astype(np.uint8)
+    contours, _ = cv2.findContours(defects, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(out, contours, -1, (0, 0, 255), 1)
     return out
 
@@ -325,6 +581,7 @@ def evaluate_defects(
     """Detection rate, PRO at the chosen threshold and good-image reject rate; writes a few overlays."""
     h, w = engine.input_size
     samples = defect_samples(root)
+    check_images([p for _, p, _ in samples] + [m for _, _, m in samples if m], f"--defects files in {root}")
     frames = np.stack([load_for_model(p, h, w) for _, p, _ in samples])
     maps, scores = score_frames(engine, frames, "defect samples")
     per_type: dict[str, Tally] = {}
@@ -340,7 +597,8 @@ def evaluate_defects(
             defect_pixels.append(maps[i][truth])
         if len(overlays) < MAX_OVERLAYS and (truth is not None or kind == "good"):
             name = f"overlay_{kind}_{image.stem}_{verdict}.png"
-            cv2.imwrite(str(report_dir / name), overlay_image(frames[i], maps[i], cal.pixel_threshold, truth))
+            picture = overlay_image(frames[i], maps[i], cal.pixel_threshold, truth, cal.min_defect_area)
+            cv2.imwrite(str(report_dir / name), picture)
             overlays.append(name)
     result = defect_summary(root, per_type, overlaps, overlays)
     return result, (np.concatenate(defect_pixels) if defect_pixels else np.empty(0, np.float32))
@@ -379,6 +637,7 @@ def defect_summary(
             for k, v in per_type.items()
         },
         "good_images": per_type.get("good", {}).get("images", 0),
+        "escape_rate": 1.0 - sum(v["nok"] for v in defect_types.values()) / n_def if n_def else None,
         "good_reject_rate": per_type["good"]["nok"] / per_type["good"]["images"] if "good" in per_type else None,
         "overlays": overlays,
     }
@@ -409,7 +668,7 @@ def plot_distributions(
         cal.pixel_threshold,
         color="k",
         ls="--",
-        label=f"pixel threshold {cal.pixel_threshold:.4g} (target FPR {cal.fpr_target:g})",
+        label=f"pixel threshold {cal.pixel_threshold:.4g} ({target_text(cal)})",
     )
     ax_px.set_yscale("log")
     ax_px.set_xlabel("anomaly map value")
@@ -437,6 +696,14 @@ def plot_distributions(
     plt.close(fig)
 
 
+def target_text(cal: Calibration) -> str:
+    if cal.effective_mode == "reject_rate":
+        return f"target part reject rate {cal.reject_rate_target:g}"
+    if cal.effective_mode == "fpr":
+        return f"target pixel FPR {cal.fpr_target:g}"
+    return "set by hand"
+
+
 def _rate_line(name: str, target: float | None, calib: float | None, rate: RealisedRate | None) -> str:
     held = (
         "not checked (no holdout)"
@@ -446,10 +713,10 @@ def _rate_line(name: str, target: float | None, calib: float | None, rate: Reali
             f"(effective n {rate.n_effective:.0f})"
         )
     )
-    return f"| {name} | {target:g} | {calib:.4g} | {held} |"
+    return f"| {name} | {'-' if target is None else f'{target:g}'} | {calib:.4g} | {held} |"
 
 
-def report_markdown(result: dict[str, Any], cal: Calibration, th: Thresholds) -> str:
+def report_markdown(result: dict[str, Any], cal: Calibration, th: Thresholds, table: str = "") -> str:
     lines = [
         f"# Calibration v{cal.version}",
         "",
@@ -460,13 +727,23 @@ def report_markdown(result: dict[str, Any], cal: Calibration, th: Thresholds) ->
         f"- image threshold: **{'none' if cal.image_threshold is None else f'{cal.image_threshold:.6g}'}**",
         f"- min defect area: {cal.min_defect_area} px (a part is NOK when a region of >= "
         f"{max(1, cal.min_defect_area)} px is above the pixel threshold)",
+        f"- chosen for: {target_text(cal)}",
         "",
         "| rate | target | on calibration split | realised on held-out good images |",
         "| --- | --- | --- | --- |",
+        _rate_line("part reject rate", cal.reject_rate_target, th.calib_part_rate, th.hold_part),
         _rate_line("pixel FPR", cal.fpr_target, th.calib_pixel_fpr, th.hold_pixel),
     ]
     if cal.image_threshold is not None:
         lines.append(_rate_line("image FPR", cal.image_fpr_target, th.calib_image_fpr, th.hold_image))
+    if table:
+        lines += ["", "## Active vs new", "", "```", table, "```"]
+    lines += ["", f"- {result.get('readable', '')}", f"- {result.get('apply', '')}"]
+    excluded = result.get("excluded") or []
+    if excluded:
+        lines += ["", "## Excluded images (probably not good parts)", ""]
+        lines += ["| image | image score | why |", "| --- | --- | --- |"]
+        lines += [f"| {e['image']} | {e['score']:.6g} | {e['why']} |" for e in excluded]
     lines += ["", "![score distributions](distributions.png)", ""]
     if th.warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in th.warnings] + [""]
@@ -479,6 +756,7 @@ def report_markdown(result: dict[str, Any], cal: Calibration, th: Thresholds) ->
             "",
             f"- detection rate (NOK verdicts on {defects['defect_images']} defective images): "
             f"{'n/a' if rate is None else f'{rate:.3f}'}",
+            f"- escape rate (defective images judged OK): {'n/a' if rate is None else f'{1.0 - rate:.3f}'}",
             f"- PRO at the pixel threshold (mean overlap of {defects['gt_regions']} ground-truth regions): "
             f"{'n/a' if pro is None else f'{pro:.3f}'}",
         ]
@@ -520,19 +798,19 @@ def precision_for(args: argparse.Namespace) -> str:
 
 
 def cli_rollback(args: argparse.Namespace) -> int:
-    cal = rollback(args.model, precision_for(args))
-    warn_if_daemon_cannot_read(Path(args.model) / bundle.CALIBRATION, args)
+    cal = rollback(args.model, precision_for(args), to=getattr(args, "to", None))
+    path = Path(args.model) / bundle.CALIBRATION
+    reason = warn_if_daemon_cannot_read(path, args)
     log.info(
-        "rolled back: calibration v%d restored as v%d (replacing v%d); pixel threshold %.6g",
+        "rolled back: calibration v%d restored as v%d (replacing v%d); pixel threshold %.6g\n%s\n%s",
         cal.restored_version,
         cal.version,
         cal.rolled_back_from,
         cal.pixel_threshold,
+        readability_text(path, args, reason),
+        reload_hint(args),
     )
-    _emit_json(
-        args.json,
-        {"rolled_back": True, "calibration": cal.to_dict(), "path": str(Path(args.model) / bundle.CALIBRATION)},
-    )
+    _emit_json(args.json, {"rolled_back": True, "calibration": cal.to_dict(), "path": str(path)})
     return 0
 
 
@@ -546,13 +824,41 @@ def cli_calibrate(args: argparse.Namespace) -> int:
     precision = precision_for(args)
     model_sha = graph_sha256(bundle_dir, precision)
     engine = Engine(bundle_dir, precision=precision)
+    active, same_graph = active_calibration(bundle_dir, model_sha)
+    plan = plan_settings(args, active, engine.input_size)
     frames, names, source = good_frames(args, engine.input_size)
     maps, scores = score_frames(engine, frames, "good samples")
-    th = set_thresholds(maps, scores, args.fpr, args.image_fpr, args.holdout)
+    keep, excluded, shift_note = exclude_contamination(scores, names, active if same_graph else None)
+    for item in excluded:
+        log.warning("excluded %s (image score %.6g): %s", item["image"], item["score"], item["why"])
+    th = set_thresholds(
+        maps[keep],
+        scores[keep],
+        plan.target if plan.mode == "fpr" else None,
+        plan.image_fpr,
+        plan.holdout,
+        reject_rate=plan.target if plan.mode == "reject_rate" else None,
+        min_area=plan.min_area,
+        cell_area=grid_cell_area(bundle_dir),
+    )
+    if th.min_area_derived:
+        plan.origin["min_defect_area"] = f"derived: {th.min_area_derived}"
+    if excluded:
+        th.warnings.append(
+            f"{len(excluded)} of {len(frames)} images excluded as probably defective: "
+            + ", ".join(f"{e['image']} ({e['score']:.4g})" for e in excluded)
+        )
+    if shift_note:
+        th.warnings.append(shift_note)
+    jump = check_jump(th, active, same_graph, args.force)
+    if jump:
+        th.warnings.append(jump)
+    calib_names = [names[keep[i]] for i in th.calib_idx]
+    hold_names = [names[keep[i]] for i in th.hold_idx]
     settings = {
         **source,
         "n_images": len(frames),
-        "holdout": args.holdout,
+        "holdout": plan.holdout,
         "seed": SEED,
         "regions_per_image": REGIONS_PER_IMAGE,
         "confidence": CONFIDENCE,
@@ -560,34 +866,45 @@ def cli_calibrate(args: argparse.Namespace) -> int:
         "providers": list(engine.providers),
         "precision": precision,
         "linewatch": __version__,
+        "origin": plan.origin,
+        "outlier_z": OUTLIER_Z,
     }
     cal = Calibration(
         version=next_version(bundle_dir),
         model_sha256=model_sha,
         pixel_threshold=th.pixel,
         image_threshold=th.image,
-        min_defect_area=args.min_defect_area,
-        fpr_target=args.fpr,
-        image_fpr_target=args.image_fpr,
+        min_defect_area=th.min_area,
+        mode=plan.mode,
+        fpr_target=plan.target if plan.mode == "fpr" else None,
+        reject_rate_target=plan.target if plan.mode == "reject_rate" else None,
+        image_fpr_target=plan.image_fpr,
         n_samples=len(th.calib_idx),
         n_holdout=len(th.hold_idx),
         holdout_pixel_fpr=th.hold_pixel.as_dict() if th.hold_pixel else None,
         holdout_image_fpr=th.hold_image.as_dict() if th.hold_image else None,
+        holdout_part_reject_rate=th.hold_part.as_dict() if th.hold_part else None,
+        good_image_scores=sorted(float(s) for s in scores[keep]),
+        excluded=excluded,
         settings=settings,
         previous_version=current_version(bundle_dir),
     )
 
     report_dir = Path(args.report) if args.report else bundle_dir / REPORT_DIR
     report_dir.mkdir(parents=True, exist_ok=True)
+    rows = comparison(active, cal, plan.origin)
     result = {
         "calibration": cal.to_dict(),
         "path": str(bundle_dir / bundle.CALIBRATION),
         "calibration_split": {
             "pixel_fpr": th.calib_pixel_fpr,
             "image_fpr": th.calib_image_fpr,
-            "images": [names[i] for i in th.calib_idx],
+            "part_reject_rate": th.calib_part_rate,
+            "images": calib_names,
         },
-        "holdout_images": [names[i] for i in th.hold_idx],
+        "holdout_images": hold_names,
+        "excluded": excluded,
+        "comparison": [dict(zip(("setting", "active", "new", "from"), r)) for r in rows],
         "warnings": th.warnings,
         "report": str(report_dir),
     }
@@ -599,23 +916,28 @@ def cli_calibrate(args: argparse.Namespace) -> int:
     unreadable = warn_if_daemon_cannot_read(path, args)
     if unreadable:
         result["warnings"] = [*th.warnings, f"the daemon could not load {path}: {unreadable}"]
-    plot_distributions(report_dir / "distributions.png", maps, scores, th, cal, defect_pixels)
-    (report_dir / "report.md").write_text(report_markdown(result, cal, th) + "\n")
+    result["apply"] = reload_hint(args)
+    result["readable"] = readability_text(path, args, unreadable)
+    plot_distributions(report_dir / "distributions.png", maps[keep], scores[keep], th, cal, defect_pixels)
+    (report_dir / "report.md").write_text(report_markdown(result, cal, th, comparison_table(rows, active)) + "\n")
     bundle.atomic_write_json(report_dir / "report.json", result)
 
     for warning in th.warnings:
         log.warning("%s", warning)
-    hp = th.hold_pixel
+    hp = th.hold_part
     log.info(
-        "calibration v%d: pixel threshold %.6g (target FPR %g; held out %s), image threshold %s, "
-        "min area %d; report in %s",
+        "calibration v%d: pixel threshold %.6g (%s), image threshold %s, min area %d px; held-out part reject "
+        "rate %s; report in %s\n%s\n%s\n%s",
         cal.version,
         cal.pixel_threshold,
-        args.fpr,
-        "n/a" if hp is None else f"{hp.rate:.3g} [{hp.lower:.3g}, {hp.upper:.3g}]",
+        f"part reject rate {plan.target:g}" if plan.mode == "reject_rate" else f"pixel FPR {plan.target:g}",
         "none" if cal.image_threshold is None else f"{cal.image_threshold:.6g}",
         cal.min_defect_area,
+        "n/a" if hp is None else f"{hp.rate:.3g} [{hp.lower:.3g}, {hp.upper:.3g}] of {hp.n_effective:.0f} parts",
         report_dir,
+        comparison_table(rows, active),
+        result["readable"],
+        result["apply"],
     )
     _emit_json(args.json, result)
     return 0

@@ -46,6 +46,9 @@ FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Rate = Annotated[FiniteFloat, Field(ge=0, lt=1)]
 Version = Annotated[StrictInt, Field(ge=1)]
 Count = Annotated[StrictInt, Field(ge=0)]
+# fpr: the pixel threshold holds a pixel false-positive rate; reject_rate: it holds a part reject rate under the
+# daemon's verdict rule; manual: set by hand (write_calibration)
+Mode = Literal["fpr", "reject_rate", "manual"]
 
 # keys a file must spell out even where code may leave them to a default: a reader must not guess a threshold
 FILE_KEYS = (
@@ -86,6 +89,17 @@ class Calibration(TolerantModel):
     previous_version: Union[Version, None] = None
     restored_version: Union[Version, None] = None
     rolled_back_from: Union[Version, None] = None
+    # additive (older files load without them): how the pixel threshold was chosen, what the line feels
+    mode: Union[Mode, None] = None
+    reject_rate_target: Union[Rate, None] = None
+    holdout_part_reject_rate: Union[dict[str, Any], None] = None
+    good_image_scores: Union[list[FiniteFloat], None] = None  # sorted, of the good parts kept (contamination, drift)
+    excluded: list[dict[str, Any]] = Field(default_factory=list)
+
+    @property
+    def effective_mode(self) -> str:
+        """`mode`, or for a file written before it existed: fpr when it has a pixel FPR target, else manual."""
+        return self.mode or ("fpr" if self.fpr_target is not None else "manual")
 
     @model_validator(mode="before")
     @classmethod
@@ -260,6 +274,7 @@ def write_calibration(
     """Write set thresholds (e.g. chosen by hand or by a test) as the next version of the bundle's calibration."""
     bundle_dir = Path(bundle_dir)
     fields.setdefault("settings", {"source_kind": "manual"})
+    fields.setdefault("mode", "manual")
     values = dict(
         version=next_version(bundle_dir),
         model_sha256=graph_sha256(bundle_dir, precision),
@@ -274,24 +289,36 @@ def write_calibration(
     return cal
 
 
-def rollback(bundle_dir: str | Path, precision: str = "fp32") -> Calibration:
-    """Restore the calibration that was active before the current one, under a new version number.
+def rollback(bundle_dir: str | Path, precision: str = "fp32", to: int | None = None) -> Calibration:
+    """Restore an earlier calibration under a new version number: by default the one active before the current
+    one, with `to` any version in the history that was made for the same graph.
 
     The restored file keeps the old thresholds and statistics, gets version = next_version (so a running daemon
     sees a change), `restored_version` = the version it copies and `rolled_back_from` = the version it replaces.
-    Its `previous_version` is the restored one's, so repeated rollbacks walk further back in time.
+    Its `previous_version` is the restored one's, so repeated rollbacks walk further back in time; `to` reaches
+    any version, also one rolled back past by mistake.
     """
     bundle_dir = Path(bundle_dir)
     sha, graph = bundle_graph(bundle_dir, precision)
     current = read_calibration_file(bundle_dir / bundle.CALIBRATION, sha, precision, graph)
-    if current.previous_version is None:
-        raise BundleError(
-            f"{bundle_dir / bundle.CALIBRATION}: version {current.version} has no earlier calibration to roll back to"
-        )
-    source = history_path(bundle_dir, current.previous_version)
+    if to is None:
+        if current.previous_version is None:
+            raise BundleError(
+                f"{bundle_dir / bundle.CALIBRATION}: version {current.version} has no earlier calibration to roll "
+                f"back to; {restorable_text(bundle_dir, sha, current.version)}"
+            )
+        to = current.previous_version
+    elif to == current.version:
+        raise BundleError(f"cannot roll back to version {to}: it is the active calibration")
+    source = history_path(bundle_dir, to)
     if not source.is_file():
-        raise BundleError(f"cannot roll back: {source} (version {current.previous_version}) is missing")
-    old = read_calibration_file(source, sha, precision, graph)
+        raise BundleError(
+            f"cannot roll back: {source} (version {to}) is missing; {restorable_text(bundle_dir, sha, current.version)}"
+        )
+    try:
+        old = read_calibration_file(source, sha, precision, graph)
+    except BundleError as exc:
+        raise BundleError(f"{exc}; {restorable_text(bundle_dir, sha, current.version)}") from None
     restored = old.model_copy(
         update={
             "version": next_version(bundle_dir),
@@ -301,3 +328,26 @@ def rollback(bundle_dir: str | Path, precision: str = "fp32") -> Calibration:
     )
     save_calibration(bundle_dir, restored)
     return restored
+
+
+def restorable_versions(bundle_dir: str | Path, sha256: str) -> list[int]:
+    """History versions that are valid calibrations made for the graph with this hash (what rollback can restore)."""
+    found = []
+    for version in history_versions(bundle_dir):
+        path = history_path(bundle_dir, version)
+        try:
+            cal = calibration_from_dict(bundle.read_json(path, "calibration"), path)
+        except (BundleError, ValueError, OSError):
+            continue
+        if cal.model_sha256 == sha256:
+            found.append(version)
+    return found
+
+
+def restorable_text(bundle_dir: str | Path, sha256: str, current: int) -> str:
+    versions = [v for v in restorable_versions(bundle_dir, sha256) if v != current]
+    if not versions:
+        return "the history holds no other calibration for this graph"
+    return (
+        f"versions in the history for this graph: {', '.join(map(str, versions))} (restore one with --rollback --to N)"
+    )

@@ -21,7 +21,7 @@ from linewatch import bundle
 from linewatch.errors import BundleError, DataError
 from linewatch.evaluation import datasets, metrics
 from linewatch.evaluation.overlay import display_range, grid, overlay
-from linewatch.images import read_image, read_mask, resize_to_model
+from linewatch.images import check_images, read_image, read_mask, resize_to_model
 
 log = logging.getLogger("linewatch.evaluation.evaluate")
 
@@ -138,6 +138,7 @@ def evaluate_scorer(
 ) -> dict:
     """Metrics per defect type and overall for `scorer` on the MVTec-layout category `data_dir`."""
     samples = datasets.read_test_set(data_dir)
+    check_images([s.path for s in samples] + [s.mask_path for s in samples if s.mask_path], f"files in {data_dir}")
     maps, scores, masks = score_samples(scorer, samples, batch, progress)
     types = np.array([s.defect_type for s in samples])
     table = metrics_by_type(maps, scores, masks, types, data_dir, fpr_limit)

@@ -2,6 +2,8 @@
 
 The map is coloured over a fixed range [vmin, vmax] shared by all images of a run (not per image), so a good image
 stays uncoloured instead of having its noise stretched to full red. Colour opacity follows the normalised score.
+Only defect regions (what fails a part: at least the calibration's min defect area above the pixel threshold) are
+outlined; specks below that area are left to the heat map, so a good part never shows a defect outline.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ import numpy as np
 
 from linewatch.errors import DataError
 from linewatch.images import as_bgr
+from linewatch.line.verdict import defect_mask
 
 TRUTH_COLOUR = (0, 255, 0)  # BGR green: ground-truth outline
-THRESHOLD_COLOUR = (255, 0, 255)  # magenta: where the map crosses the threshold
+DEFECT_COLOUR = (0, 0, 255)  # BGR red: the regions that failed the part
 MAX_ALPHA = 0.7
+LEGEND = "red outline: defect region (failed the part); green: true defect; specks below the min area: not outlined"
 
 
 def display_range(good_maps: np.ndarray, all_maps: np.ndarray, percentile: float = 99.9) -> tuple[float, float]:
@@ -35,9 +39,13 @@ def overlay(
     vmax: float,
     mask: np.ndarray | None = None,
     threshold: float | None = None,
+    min_defect_area: int = 0,
+    defects: np.ndarray | None = None,
 ) -> np.ndarray:
     """Image with the JET-coloured map blended in (opacity grows with the score), the ground-truth `mask` outlined
-    in green and the region above `threshold` outlined in magenta. Map and mask are resized to the image if needed."""
+    in green and the defect regions outlined in red: `defects` as given (e.g. from a published mask), else the
+    regions of `map > threshold` with at least `min_defect_area` px (counted at map resolution, as the verdict
+    does). Map and masks are resized to the image if needed."""
     image = as_bgr(np.asarray(image_bgr))
     amap = np.asarray(anomaly_map, np.float32)
     if amap.ndim != 2:
@@ -45,6 +53,8 @@ def overlay(
     if not vmax > vmin:
         raise DataError(f"overlay: need vmax > vmin, got {vmin}..{vmax}")
     h, w = image.shape[:2]
+    if defects is None and threshold is not None:
+        defects = defect_mask(amap > threshold, min_defect_area)
     if amap.shape != (h, w):
         amap = cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR)
     level = np.clip((amap - vmin) / (vmax - vmin), 0.0, 1.0)
@@ -52,14 +62,18 @@ def overlay(
     alpha = (MAX_ALPHA * level)[..., None]
     out = (image.astype(np.float32) * (1 - alpha) + heat * alpha).round().astype(np.uint8)
     thickness = max(1, round(min(h, w) / 200))
-    if threshold is not None:
-        _outline(out, amap >= threshold, THRESHOLD_COLOUR, thickness)
+    if defects is not None:
+        _outline(out, _at_size(defects, h, w), DEFECT_COLOUR, thickness)
     if mask is not None:
-        truth = np.asarray(mask).astype(bool)
-        if truth.shape != (h, w):
-            truth = cv2.resize(truth.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
-        _outline(out, truth, TRUTH_COLOUR, thickness)
+        _outline(out, _at_size(mask, h, w), TRUTH_COLOUR, thickness)
     return out
+
+
+def _at_size(mask: np.ndarray, h: int, w: int) -> np.ndarray:
+    region = np.asarray(mask).astype(bool)
+    if region.shape != (h, w):
+        region = cv2.resize(region.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+    return region
 
 
 def _outline(image: np.ndarray, region: np.ndarray, colour: tuple[int, int, int], thickness: int) -> None:

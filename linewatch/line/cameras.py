@@ -10,11 +10,18 @@ A frame's time is taken when grab() returns it, before it is decoded. A trigger 
 frame whose grab started after the request arrived (plus the camera's `settle_ms`): a frame exposed or in flight
 when the PLC asked is never judged as that part. Sources are shown (logs, `last_error`, errors) through
 `redact_source`, so a camera password never leaves the config file.
+
+State and `last_error` describe what is happening now: a folder that vanishes takes its camera offline (not an
+online camera whose every frame is an ERROR), and recovery clears the error. OpenCV's and FFmpeg's own messages
+are kept off stderr (`quiet_opencv_logs`): they repeat on every reconnect attempt and flood the journal; the camera
+thread logs the failure itself, with its reason, when it changes (and as a reminder every `OUTAGE_REMINDER_S`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 import traceback
@@ -22,6 +29,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
+from urllib.parse import urlsplit
 
 import cv2
 import numpy as np
@@ -38,6 +46,10 @@ T = TypeVar("T")
 
 ONLINE, OFFLINE, RECONNECTING, FINISHED = "online", "offline", "reconnecting", "finished"
 LIVE_KINDS = ("device", "url", "gstreamer")
+OUTAGE_REMINDER_S = 300.0  # an unchanged failure is logged again this often (at most), never per attempt
+URL_PROBE_MAX_S = 2.0
+DEFAULT_PORTS = {"http": 80, "https": 443, "rtsp": 554, "rtsps": 322, "rtmp": 1935, "rtmps": 443}
+FFMPEG_QUIET = "-8"  # AV_LOG_QUIET
 
 
 class SourceEnded(Exception):
@@ -105,8 +117,44 @@ def _open_capture(cfg: CameraConfig) -> cv2.VideoCapture:
         cap = cv2.VideoCapture(cfg.source)
     if not cap.isOpened():
         cap.release()
-        raise SourceFailed(f"cannot open {cfg.kind} {cfg.shown_source}")
+        reason = probe_url(str(cfg.source), cfg.open_timeout_ms / 1000.0) if cfg.kind == "url" else None
+        raise SourceFailed(f"cannot open {cfg.kind} {cfg.shown_source}" + (f": {reason}" if reason else ""))
     return cap
+
+
+def probe_url(source: str, timeout_s: float) -> str | None:
+    """Why a URL camera could not be opened, as far as a TCP connect tells (refused, no answer, unknown host), or
+    None for a URL without a TCP server to ask. FFmpeg's own reason only goes to stderr, which is kept quiet."""
+    try:
+        parts = urlsplit(source)
+        host, port = parts.hostname, parts.port or DEFAULT_PORTS.get(parts.scheme.lower())
+    except ValueError:
+        return None
+    if not host or not port:
+        return None
+    where = f"{host}:{port}"
+    timeout_s = min(timeout_s, URL_PROBE_MAX_S)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return f"{where} accepts connections, but no stream could be opened there (path, format, credentials?)"
+    except ConnectionRefusedError:
+        return f"connection refused by {where}"
+    except socket.timeout:
+        return f"no answer from {where} within {timeout_s:g} s"
+    except socket.gaierror:
+        return f"host name {host!r} not resolved"
+    except OSError as exc:
+        return f"{where}: {exc.strerror or exc}"
+
+
+def quiet_opencv_logs() -> None:
+    """Keep OpenCV's log (to ERROR) and FFmpeg's (quiet) off stderr: both write there directly, several lines per
+    reconnect attempt. The camera threads log failures themselves. An operator's own OPENCV_LOG_LEVEL or
+    OPENCV_FFMPEG_LOGLEVEL wins; FFmpeg's is read when its backend first opens a capture, so this runs before any
+    camera opens (Camera does it)."""
+    if "OPENCV_LOG_LEVEL" not in os.environ:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", FFMPEG_QUIET)
 
 
 class FolderSource:
@@ -129,10 +177,17 @@ class FolderSource:
         return True
 
     def retrieve(self) -> np.ndarray | str:
+        """The image, or the reason it is unusable (a frame error); a file or folder that has vanished is a
+        source failure instead: the camera goes offline and lists the folder again, no stream of ERROR frames."""
+        path = self.files[self.pos]
         try:
-            return read_image(self.files[self.pos])
+            return read_image(path)
         except DataError as exc:
-            return str(exc)
+            if os.path.lexists(path):
+                return str(exc)
+        if not Path(str(self.cfg.source)).is_dir():
+            raise SourceFailed(f"image folder not found: {self.cfg.shown_source}")
+        raise SourceFailed(f"{path.name} has vanished from folder {self.cfg.shown_source}")
 
     def close(self) -> None:
         pass
@@ -171,6 +226,7 @@ class Camera:
     """One capture thread: open, read (paced by the fps cap), crop, queue; reconnect with backoff."""
 
     def __init__(self, cfg: CameraConfig, queue: FrameQueue):
+        quiet_opencv_logs()
         check_backend(cfg)
         self.cfg = cfg
         self.name = cfg.name
@@ -186,7 +242,11 @@ class Camera:
         self.frame_errors = 0
         self.reconnects = 0
         self.last_frame_mono: float | None = None
-        self.last_error: str | None = None
+        self.last_error: str | None = None  # why the camera is not online, or why its last frame failed; None: fine
+        self._down_since: float | None = None  # monotonic start of the current outage
+        self._logged_error: str | None = None  # the failure last logged, and when: logged again only when it changes
+        self._logged_at = 0.0
+        self._frame_error_since: int | None = None  # frame errors in a row since this frame count
         self._thread = threading.Thread(target=self._run, name=f"camera-{cfg.name}", daemon=True)
 
     # public ------------------------------------------------------------------------------------------
@@ -242,17 +302,53 @@ class Camera:
 
     # thread ------------------------------------------------------------------------------------------
     def _set_state(self, state: str) -> None:
-        if state != self._state:
-            level = logging.WARNING if state == OFFLINE and not self._stop.is_set() else logging.INFO
-            log.log(
-                level,
-                "camera %s: %s -> %s%s",
+        """Change state and log what changed: an outage and its reason once (again only when the reason changes,
+        or as a reminder), recovery with how long it took; reconnect attempts only at DEBUG."""
+        old = self._state
+        if state == old:
+            return
+        self._state = state
+        now = time.monotonic()
+        if state == OFFLINE and self._stop.is_set():
+            log.info("camera %s: stopped", self.name)
+        elif state == OFFLINE:
+            self._log_outage(now)
+        elif state == ONLINE:
+            if self._down_since is not None:
+                log.info(
+                    "camera %s: online again after %.1f s (%d reconnects so far; the failure was: %s)",
+                    self.name,
+                    now - self._down_since,
+                    self.reconnects,
+                    self._logged_error,
+                )
+            else:
+                log.info("camera %s: online", self.name)
+            self._down_since = None
+            self._logged_error = None
+            self.last_error = None  # recovered: the status no longer shows a failure that has passed
+        elif state == FINISHED:
+            log.info("camera %s: %s -> finished", self.name, old)
+        else:
+            log.debug("camera %s: %s -> %s", self.name, old, state)
+
+    def _log_outage(self, now: float) -> None:
+        error = self.last_error or "unknown failure"
+        if self._down_since is None:
+            self._down_since = now
+            log.warning("camera %s: offline: %s (reconnecting with backoff)", self.name, error)
+        elif error != self._logged_error or now - self._logged_at >= OUTAGE_REMINDER_S:
+            log.warning(
+                "camera %s: still offline after %.0f s, %d reconnects: %s",
                 self.name,
-                self._state,
-                state,
-                f" ({self.last_error})" if state == OFFLINE and self.last_error else "",
+                now - self._down_since,
+                self.reconnects,
+                error,
             )
-            self._state = state
+        else:
+            log.debug("camera %s: reconnect failed: %s", self.name, error)
+            return
+        self._logged_error, self._logged_at = error, now
 
     def _blocking(self, fn: Callable[[], T]) -> T:
         self._blocking_since = time.monotonic()
@@ -349,6 +445,23 @@ class Camera:
                 frame.part_id, frame.future = part_id, future
                 return
 
+    def _note_frame(self, error: str | None) -> None:
+        """Frame errors in `last_error` while they last; logged when they start and when frames are good again."""
+        if error is not None:
+            self.frame_errors += 1
+            self.last_error = redact_source(f"frame {self.captured}: {error}")
+            if self._frame_error_since is None:
+                self._frame_error_since = self.captured
+                log.warning("camera %s: frame error: %s", self.name, self.last_error)
+        elif self._frame_error_since is not None:
+            log.info(
+                "camera %s: frames good again after %d frame error(s)",
+                self.name,
+                self.captured - self._frame_error_since,
+            )
+            self._frame_error_since = None
+            self.last_error = None
+
     def _count(self, grab: Grab, skipped: bool = False) -> None:
         self.captured += 1
         self.last_frame_mono = grab.done_mono
@@ -374,8 +487,7 @@ class Camera:
                     image = cropped
         self._count(grab)
         frame = Frame(self.name, self.captured, grab.done_wall, grab.done_mono, image, error)
-        if error is not None:
-            self.frame_errors += 1
+        self._note_frame(error)
         self._take_trigger(frame, grab.started_mono)
         if self.cfg.mode == "triggered" and frame.future is None:
             self.skipped += 1

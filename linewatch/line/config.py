@@ -199,6 +199,12 @@ class CameraConfig(StrictModel):
         description="crop [x, y, width, height] in source pixels (x, y >= 0; width, height > 0); null = whole frame",
     )
     queue_size: StrictInt = Field(4, ge=1, le=10_000, description="frames waiting for inference; the oldest is dropped")
+    frames_are_parts: StrictBool = Field(
+        False,
+        description="every frame is a part (a hardware-triggered camera): a frame dropped because inference is "
+        "behind is published as an ERROR result ('dropped: inference behind, not inspected', no inference), so "
+        "every part gets a result; false (free-running sources): drops are only counted in the status `dropped`",
+    )
     open_timeout_ms: StrictInt = Field(5000, ge=1, description="url: FFmpeg open timeout")
     read_timeout_ms: StrictInt = Field(5000, ge=1, description="url: FFmpeg read timeout")
     stall_s: StrictFloat = Field(
@@ -362,7 +368,10 @@ class HealthConfig(StrictModel):
         60.0, ge=1, description="a capture call blocked this long: stop the watchdog pings"
     )
     drain_timeout_s: StrictFloat = Field(
-        5.0, ge=0, description="on SIGTERM: time to inspect and publish what was captured"
+        5.0,
+        ge=0,
+        description="on SIGTERM: time to inspect and publish what was captured; frames still waiting then are "
+        "published as ERROR ('shutdown: not inspected'), so every captured frame gets one message",
     )
     exit_when_sources_end: StrictBool = Field(
         False, description="stop (exit 0) once every camera has finished its file/folder"
@@ -548,7 +557,20 @@ def describe(cfg: Config) -> str:
 
 
 def cli_check_config(args: argparse.Namespace) -> int:
-    """`linewatch check-config FILE`: validate only; exit 0 and a one-line summary, or exit 2 with the reason."""
+    """`linewatch check-config FILE`: everything `linewatch run` checks before READY (linewatch.line.preflight),
+    starting nothing. Exit 0 and a one-line summary; else every problem on stderr, exit 2 (config) or 3 (bundle)."""
+    import sys
+
+    from linewatch.line.preflight import exit_code, preflight
+
     cfg = load_config(args.config)
+    problems = preflight(cfg)
+    if problems:
+        print(
+            f"{cfg.path}: {len(problems)} problem(s): `linewatch run` would fail or not judge parts:", file=sys.stderr
+        )
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return exit_code(problems)
     print(f"{cfg.path}: OK: {describe(cfg)}")
     return 0

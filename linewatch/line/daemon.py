@@ -11,7 +11,12 @@ the camera back; the status topic reports them). A stuck engine, a hung capture 
 pings, so systemd's WatchdogSec restarts the service; the reason is in the status topic (`unhealthy_reason`).
 
 Reloads (SIGHUP) load the new model on their own thread, so status and pings go on meanwhile; the main thread
-swaps it in (the inference thread takes the model per batch) or keeps the old one when loading failed.
+swaps it in (the inference thread takes the model per batch) or keeps the old one when loading failed. The
+calibration is checked before any engine is built, and a new calibration for the graph already running keeps the
+running engine (no session build, no warm-up taking CPU from inference).
+
+Shutdown (SIGTERM): every captured frame gets exactly one message. What is not inspected and published within
+health.drain_timeout_s goes out as ERROR ("shutdown: not inspected"); status keeps its interval during the drain.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import numpy as np
 from linewatch.errors import ConfigError, LinewatchError
 from linewatch.line.cameras import FINISHED, Camera
 from linewatch.line.config import Config, load_config
-from linewatch.line.frames import FrameQueue, TriggerFuture
+from linewatch.line.frames import DROPPED_REASON, SHUTDOWN_REASON, FrameQueue, TriggerFuture
 from linewatch.line.inference import STALL_FACTOR, InferenceWorker, Model, Result, load_model, result_header
 from linewatch.line.systemd_notify import StartupExtender, SystemdNotifier
 from linewatch.protocol.wire import Verdict, encode_mask_png
@@ -50,6 +55,7 @@ log = logging.getLogger("linewatch.line.daemon")
 LATENCY_WINDOW = 2000  # results kept per camera for p50/p99
 FPS_WINDOW_S = 5.0
 TICK_S = 0.05
+EXIT_UNANSWERED = 1  # the stop left captured frames without a message (the socket refused them): see PROTOCOL.md
 MAX_REASON_CHARS = 500  # an ERROR result made from a failed publish carries at most this much of the failure
 
 
@@ -97,6 +103,7 @@ class PublishThread:
     def __init__(self, publish: Callable[[list[Result]], None], max_batches: int = 4):
         self._publish = publish
         self._queue: queue.Queue[list[Result] | None] = queue.Queue(maxsize=max_batches)  # None: stop
+        self._current: list[Result] = []  # the batch being published: at a drain timeout its rest is answered
         self._thread = threading.Thread(target=self._run, name="publish", daemon=True)
 
     def start(self) -> None:
@@ -118,8 +125,9 @@ class PublishThread:
         return not self._thread.is_alive()
 
     def abandon(self) -> list[Result]:
-        """Results still waiting (drain timeout): the caller fails their triggers."""
-        left: list[Result] = []
+        """Results not published yet at a drain timeout, oldest first: the batch being published (the caller
+        skips those already out) and those queued."""
+        left: list[Result] = list(self._current)
         while True:
             try:
                 item = self._queue.get_nowait()
@@ -130,7 +138,9 @@ class PublishThread:
 
     def _run(self) -> None:
         while (results := self._queue.get()) is not None:
+            self._current = results
             self._publish(results)  # guards each result itself: a failure here is a bug, and health reports it
+            self._current = []
 
 
 class Daemon:
@@ -138,8 +148,10 @@ class Daemon:
         from linewatch.line.publisher import ResultPublisher
 
         self.cfg = cfg
-        self.queue = FrameQueue()
+        self.queue = FrameQueue(track=True)  # every frame taken stays on its books until its message is out
         self.cameras = {c.name: Camera(c, self.queue) for c in cfg.cameras}
+        for cam_cfg in cfg.cameras:
+            self.queue.set_frames_are_parts(cam_cfg.name, cam_cfg.frames_are_parts)
         self.stats = {name: CameraStats() for name in self.cameras}
         self.notifier = SystemdNotifier()
         with StartupExtender(self.notifier):  # session creation and warm-up can outlast TimeoutStartSec
@@ -173,8 +185,9 @@ class Daemon:
         self.reloading: Future[tuple[Config, Model]] | None = None  # the model a reload is loading, off this thread
         self.stopping = False
         self.publish_lock = threading.Lock()
-        self.abandoned = False  # drain timed out: late results are not published (already counted as dropped)
+        self.abandoned = False  # drain timed out: late results are not published (their frames were answered)
         self.unhealthy_reason: str | None = None
+        self._next_drain_status = 0.0  # shutdown: when the next status is due
 
     # --- wiring -----------------------------------------------------------------------------------------
     def _curve_config(self) -> CurveConfig | None:
@@ -195,13 +208,15 @@ class Daemon:
 
             self.metrics = DaemonMetrics(allow_insecure_bind=cfg.security.allow_insecure_bind)
             self.metrics.watch_cameras(self._camera_totals)
-            self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
+            self.metrics.set_model(self.model)
         if cfg.archive.enabled:
             from linewatch.line.archive import Archive
 
             if cfg.archive.dir is None:  # ArchiveConfig refuses enabled without it
                 raise ConfigError("archive.enabled needs archive.dir")
             self.archive = Archive(cfg.archive.dir, int(cfg.archive.max_mb * 1024 * 1024), cfg.archive.queue_size)
+            if self.metrics:
+                self.metrics.watch_archive(self.archive)
             self.archive.start()
         if cfg.trigger.enabled:
             from linewatch.line.trigger import TriggerServer
@@ -213,7 +228,11 @@ class Daemon:
                 timeout_s=cfg.trigger.timeout_s,
                 allow_insecure_bind=cfg.security.allow_insecure_bind,
             )
+            if self.metrics:
+                self.metrics.watch_triggers(self.trigger.outcomes.copy)
             self.trigger.start()
+        if self.metrics:  # served once every part is watched: the first scrape already has every series
+            self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
         self.outbox.start()
         self.worker.start()
         for cam in self.cameras.values():
@@ -244,7 +263,10 @@ class Daemon:
 
     def _publish_one(self, result: Result) -> None:
         stats = self.stats[result.frame.camera]
-        sent = self._send_or_error(result, stats.seq + 1)
+        try:
+            sent = self._send_or_error(result, stats.seq + 1)
+        finally:
+            self.queue.settle(result.frame)  # its message went out, or it is counted as not publishable below
         if sent is None:
             self._count_dropped(result, stats)
             return
@@ -299,7 +321,7 @@ class Daemon:
         stats.record(result.verdict, latency, now)
         if frame.future is not None:
             _resolve(frame.future, {"header": header, "mask": mask_png})
-        self._archive(result, stats.seq, mask_png)
+        self._archive(result, stats.seq, mask_png, header)
         if self.metrics:
             self.metrics.verdicts.labels(frame.camera, result.verdict).inc()
             self.metrics.latency.labels(frame.camera).observe(latency)
@@ -312,12 +334,11 @@ class Daemon:
         if self.metrics:
             self.metrics.publish_drops.labels(result.frame.camera).inc()
 
-    def _archive(self, result: Result, seq: int, mask_png: bytes | None) -> None:
+    def _archive(self, result: Result, seq: int, mask_png: bytes | None, header: dict[str, Any]) -> None:
         if self.archive is None or result.verdict not in self.cfg.archive.verdicts:
             return
-        frame = result.frame
-        if not self.archive.submit(frame.camera, seq, result.verdict, frame.image, mask_png) and self.metrics:
-            self.metrics.archive_errors.inc()
+        frame = result.frame  # a full writer queue and failed writes are counted by the archive (and its metrics)
+        self.archive.submit(frame.camera, seq, result.verdict, frame.image, mask_png, header)
 
     def handle_trigger(self, camera: str, part_id: str) -> TriggerFuture:
         """Trigger server callback: the next frame captured from `camera` is inspected for `part_id`."""
@@ -342,6 +363,7 @@ class Daemon:
             "captured": cam.captured,
             "results": stats.seq,
             "dropped": self.queue.dropped[name] + stats.shutdown_dropped,
+            "dropped_as_error": self.queue.dropped_as_error[name],
             "publish_dropped": stats.publish_dropped,
             "skipped": cam.skipped,
             "frame_errors": cam.frame_errors,
@@ -361,6 +383,7 @@ class Daemon:
             name: {
                 "captured": cam.captured,
                 "reconnects": cam.reconnects,
+                "frame_errors": cam.frame_errors,
                 "dropped": self.queue.dropped[name] + self.stats[name].shutdown_dropped,
             }
             for name, cam in self.cameras.items()
@@ -428,8 +451,9 @@ class Daemon:
 
     # --- reload -----------------------------------------------------------------------------------------
     def start_reload(self) -> None:
-        """SIGHUP: load the config's model section on a thread of its own (engine build, warm-up); the main loop
-        goes on publishing status and pinging the watchdog, and `finish_reload` swaps the model in once loaded."""
+        """SIGHUP: load the config's model section on a thread of its own (engine build and warm-up only for a new
+        graph); the main loop goes on publishing status and pinging the watchdog, and `finish_reload` swaps the
+        model in once loaded."""
         self.notifier.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         future: Future[tuple[Config, Model]] = Future()
         future.set_running_or_notify_cancel()
@@ -465,6 +489,7 @@ class Daemon:
             require_calibration=True,
             warmup=self.cfg.engine.warmup,
             trt_cache_dir=trt_cache_dir(self.cfg),
+            reuse=self.model,  # same graph: only the calibration changes, swapped in without a warm-up
         )
         return new_cfg, model
 
@@ -502,6 +527,7 @@ class Daemon:
         self._check_batch_time(model)
         if self.metrics:
             self.metrics.reloads.labels("ok").inc()
+            self.metrics.set_model(model)
         self.notifier.notify("READY=1")
         return True
 
@@ -570,41 +596,35 @@ class Daemon:
         return all(c.state == FINISHED for c in self.cameras.values()) and self.queue.pending() == 0
 
     def shutdown(self) -> int:
-        """Stop capture, inspect and publish what was captured (bounded), report final counts, exit 0."""
+        """Stop capture, inspect and publish what was captured within health.drain_timeout_s, publish the rest as
+        ERROR ("shutdown: not inspected"): every captured frame gets exactly one message. Status keeps its interval
+        meanwhile (the life bit). Exit 0, or EXIT_UNANSWERED when some frame's message could not be sent."""
         self.stopping = True
         self.notifier.notify("STOPPING=1")
         t0 = time.monotonic()
         deadline = t0 + self.cfg.health.drain_timeout_s
+        unsendable = self._publish_drops()
+        self._next_drain_status = t0
         for cam in self.cameras.values():
             cam.stop()
+        # capture threads get a moment even with no drain time: a frame they queue later would get no message
+        self._drain_until(max(deadline, t0 + 0.2), lambda: not any(cam.alive for cam in self.cameras.values()))
         for cam in self.cameras.values():
-            if not cam.join(max(0.1, deadline - time.monotonic())):
+            if cam.alive:
                 log.warning("camera %s: capture call still blocked at shutdown", cam.name)
             cam.fail_pending_triggers("daemon stopping: no frame was taken for this request")
         self.worker.drain()
-        drained = self.worker.join(max(0.1, deadline - time.monotonic()))
-        if drained:
+        if self._drain_until(deadline, lambda: not self.worker.alive):
             self.outbox.close()
-            drained = self.outbox.join(max(0.1, deadline - time.monotonic()))
-        if not drained:
-            with self.publish_lock:
-                self.abandoned = True
-            for frame in list(self.worker.in_flight) + [r.frame for r in self.outbox.abandon()]:
-                frame.fail_trigger("daemon stopping: frame not inspected and published in time")
-            lost = 0
-            with self.publish_lock:
-                for name, stats in self.stats.items():  # taken by inference, never published nor counted
-                    gone = self.queue.taken[name] - stats.seq - stats.publish_dropped
-                    stats.shutdown_dropped += gone
-                    lost += gone
-            log.error(
-                "drain timeout (%.1f s): %d frames in inference or publishing are dropped",
+            self._drain_until(deadline, lambda: not self.outbox.alive)
+        answered = self._answer_the_rest()
+        if answered:
+            log.warning(
+                "drain timeout (%.1f s): %d frames not inspected in time, published as ERROR",
                 self.cfg.health.drain_timeout_s,
-                lost,
+                answered,
             )
-        for frame in self.queue.take(10**9, 0.0, 0.0):
-            self.stats[frame.camera].shutdown_dropped += 1
-            frame.fail_trigger("daemon stopping: frame not inspected in time")
+        unsendable = self._publish_drops() - unsendable
         self.publish_status()  # final counts: captured == results + publish_dropped + dropped + skipped
         totals = {n: self.camera_status(n, time.monotonic()) for n in self.cameras}
         for name, st in totals.items():
@@ -619,7 +639,48 @@ class Daemon:
             )
         self._close_sockets()
         log.info("stopped in %.2f s", time.monotonic() - t0)
+        if unsendable:
+            log.error("%d frames captured before the stop got no message: the socket refused them", unsendable)
+            return EXIT_UNANSWERED
         return 0
+
+    def _drain_until(self, deadline: float, done: Callable[[], bool]) -> bool:
+        """Wait for `done` until `deadline`, publishing status (stopping: true) at its interval meanwhile."""
+        while not done():
+            now = time.monotonic()
+            if now >= deadline:
+                return False
+            if now >= self._next_drain_status:
+                self._next_drain_status = now + self.cfg.publish.status_interval_s
+                self.publish_status()
+                self.notifier.notify("STATUS=stopping: " + self._systemd_status())
+            for cam in self.cameras.values():
+                cam.expire_triggers(self.cfg.trigger.timeout_s)
+            time.sleep(min(TICK_S, max(0.0, deadline - now)))
+        return True
+
+    def _answer_the_rest(self) -> int:
+        """After the drain: results already made are published, every other frame without a message (being scored,
+        being published, still queued) goes out as ERROR, per camera in capture order. Returns how many ERRORs."""
+        with self.publish_lock:
+            self.abandoned = True  # the inference and publishing threads, if still busy, publish nothing more
+            for result in self.outbox.abandon():
+                if not self.queue.is_settled(result.frame):
+                    self._publish_guarded(result)
+            left = self.queue.unanswered()
+            for frame in left:
+                reason = frame.error if frame.error == DROPPED_REASON else SHUTDOWN_REASON
+                self._publish_guarded(Result(frame, Verdict.ERROR, self.model, reason=reason))
+        return len(left)
+
+    def _publish_guarded(self, result: Result) -> None:
+        try:
+            self._publish_one(result)
+        except Exception:  # a bug past every guard in there: logged, and the other frames still get theirs
+            log.exception("camera %s: result of frame %d lost", result.frame.camera, result.frame.index)
+
+    def _publish_drops(self) -> int:
+        return sum(stats.publish_dropped for stats in self.stats.values())
 
     def _close_sockets(self) -> None:
         if self.trigger is not None:

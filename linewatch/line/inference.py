@@ -13,7 +13,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 
@@ -82,9 +82,15 @@ def load_model(
     require_calibration: bool = False,
     warmup: bool = False,
     trt_cache_dir: Path | None = None,
+    reuse: Model | None = None,
 ) -> Model:
     """Load and check a bundle. With require_calibration (reload), a bad calibration raises instead of
-    degrading to uncalibrated, so the caller can keep the model it has.
+    degrading to uncalibrated, so the caller can keep the model it has; it is checked before any engine is built,
+    so a refused reload costs no warm-up.
+
+    `reuse` (reload): the running model, whose engine is kept when it runs this very graph (same file hash and
+    precision; engine settings only change with a restart): a new calibration then swaps in at once, without a
+    session build or warm-up taking CPU from inference.
 
     `trt_cache_dir`: TensorRT engines go to `<trt_cache_dir>/<model id>-<precision>` (one folder per graph, so a
     new bundle never meets engines built for another), else into the bundle as before."""
@@ -92,16 +98,6 @@ def load_model(
 
     bundle_dir = Path(bundle_dir)
     meta = bundle.read_metadata(bundle_dir)
-    cache = None if trt_cache_dir is None else Path(trt_cache_dir) / f"{bundle.model_id(meta)}-{precision}"
-    engine = Engine(
-        bundle_dir,
-        providers=list(providers),
-        precision=precision,
-        threads=threads or None,
-        max_batch=max_batch,
-        trt_cache_dir=cache,
-    )
-    batch_s = warm_up(engine, max_batch) if warmup else None
     try:
         calibration, reason = load_calibration_or_reason(bundle_dir, precision)
     except LinewatchError as exc:
@@ -110,9 +106,35 @@ def load_model(
         calibration, reason = None, f"uncalibrated: invalid calibration: {exc}"
     if calibration is None and require_calibration:
         raise BundleError(reason)
+    if reuse is not None and _runs_graph(reuse, bundle_dir, meta, precision):
+        log.info("graph %s unchanged: engine kept, calibration swapped in without warm-up", reuse.model_id)
+        engine: Scorer = reuse.engine
+        batch_s = reuse.batch_s
+    else:
+        cache = None if trt_cache_dir is None else Path(trt_cache_dir) / f"{bundle.model_id(meta)}-{precision}"
+        engine = Engine(
+            bundle_dir,
+            providers=list(providers),
+            precision=precision,
+            threads=threads or None,
+            max_batch=max_batch,
+            trt_cache_dir=cache,
+        )
+        batch_s = warm_up(engine, max_batch) if warmup else None
     if reason:
         log.error("%s: every result will be ERROR", reason)
     return Model(bundle_dir, engine, calibration, reason, bundle.model_id(meta), engine.input_size, batch_s)
+
+
+def _runs_graph(model: Model, bundle_dir: Path, meta: dict[str, Any], precision: str) -> bool:
+    """Whether `model`'s engine runs the graph file this bundle names for `precision` (hashed, not trusted)."""
+    from linewatch.line.engine import graph_file
+
+    engine = model.engine
+    if getattr(engine, "precision", None) != precision or model.model_id != bundle.model_id(meta):
+        return False
+    _, sha = graph_file(bundle_dir, meta, precision)  # BundleError for a graph that does not match its metadata
+    return bool(sha == getattr(engine, "graph_sha256", None))
 
 
 def warm_up(engine: Scorer, max_batch: int) -> float:
@@ -162,6 +184,7 @@ def result_header(result: Result, seq: int, mask_size: tuple[int, int] | None = 
         "model_id": model.model_id,
         "regions": [] if judgement is None else judgement.regions,
         "regions_total": 0 if judgement is None else judgement.regions_total,
+        "defect_regions": 0 if judgement is None else judgement.defect_regions,
         "error": result.reason,
         "frame_index": frame.index,
         "mask": None if mask_size is None else {"width": mask_size[0], "height": mask_size[1]},

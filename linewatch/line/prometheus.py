@@ -3,31 +3,59 @@
 A private registry (not the process-global default) so tests and reloads never collide on metric names. The HTTP
 endpoint has no authentication, so it follows the sockets' rule: loopback only, unless the config says
 `security.allow_insecure_bind: true` (scrape through a reverse proxy or an SSH tunnel otherwise).
+
+Every labelled series exists from the start (each camera x verdict, publish drops, reload and trigger outcomes at
+0): a series that appears only with its first event makes `rate()` and alerts blind to that first event. Counts
+kept by the parts themselves (capture threads, queues, archive writer, trigger server) are read at scrape time, so
+the metrics can never disagree with the status topic or the log. `process_*` (memory, CPU, open files) and
+`python_*` come from prometheus_client's own collectors.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Mapping, Protocol
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     start_http_server,
 )
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from linewatch.errors import ConfigError
 from linewatch.protocol.curve import is_loopback_host
+from linewatch.protocol.wire import Verdict
+
+if TYPE_CHECKING:
+    from linewatch.line.inference import Model
 
 log = logging.getLogger("linewatch.line.prometheus")
 
 CAMERA_STATES = ("online", "offline", "reconnecting", "finished")
+VERDICTS = tuple(v.value for v in Verdict)
+RELOAD_OUTCOMES = ("ok", "refused")
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+class ArchiveCounts(Protocol):
+    """What the archive writer counts (linewatch.line.archive.Archive)."""
+
+    saved: int
+    errors: int
+    skipped: int
+    deleted: int
+
+    @property
+    def used_bytes(self) -> int: ...
 
 
 class DaemonMetrics:
@@ -37,6 +65,9 @@ class DaemonMetrics:
         self.allow_insecure_bind = allow_insecure_bind
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, process_open_fds
+        PlatformCollector(registry=r)  # python_info
+        GCCollector(registry=r)
         self.verdicts = Counter("linewatch_verdicts", "Results published by verdict", ["camera", "verdict"], registry=r)
         self.publish_drops = Counter(
             "linewatch_publish_dropped", "Results the PUB socket refused", ["camera"], registry=r
@@ -55,17 +86,54 @@ class DaemonMetrics:
             "linewatch_batch_size", "Frames per inference batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
         )
         self.calibration_version = Gauge("linewatch_calibration_version", "Calibration in use (-1: none)", registry=r)
-        self.reloads = Counter("linewatch_reloads", "SIGHUP reloads by outcome", ["outcome"], registry=r)
-        self.archive_errors = Counter(
-            "linewatch_archive_errors", "Archive writes that failed or were skipped", registry=r
+        self.pixel_threshold = Gauge(
+            "linewatch_pixel_threshold", "Anomaly-map threshold of the calibration in use (NaN: none)", registry=r
         )
+        self.image_threshold = Gauge(
+            "linewatch_image_threshold", "Image-score threshold in use (NaN: none, or not set)", registry=r
+        )
+        self.min_defect_area = Gauge(
+            "linewatch_min_defect_area",
+            "Smallest defect region in pixels of the calibration in use (-1: none)",
+            registry=r,
+        )
+        self.model_info = Gauge("linewatch_model_info", "1 for the model in use", ["model_id"], registry=r)
+        self.reloads = Counter("linewatch_reloads", "SIGHUP reloads by outcome", ["outcome"], registry=r)
+        for outcome in RELOAD_OUTCOMES:
+            self.reloads.labels(outcome)
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
-    def watch_cameras(self, totals: Callable[[], dict[str, dict[str, int]]]) -> None:
+    def watch_cameras(self, totals: Callable[[], Mapping[str, Mapping[str, int]]]) -> None:
         """Counters kept by the capture threads and queues, read at scrape time: {camera: {captured, dropped,
-        reconnects}}."""
+        reconnects, frame_errors}}. Every per-camera series is created here, at 0, for the cameras it names."""
         self.registry.register(_CameraTotals(totals))
+        for camera in totals():
+            for verdict in VERDICTS:
+                self.verdicts.labels(camera, verdict)
+            self.publish_drops.labels(camera)
+            self.latency.labels(camera)
+            self.set_camera_state(camera, "offline")  # a camera thread starts offline
+
+    def watch_archive(self, archive: ArchiveCounts) -> None:
+        """The archive writer's own counts, read at scrape time: every failed write is in
+        linewatch_archive_errors_total{kind="write"}, every frame the full queue turned away in kind="skipped"."""
+        self.registry.register(_ArchiveTotals(archive))
+
+    def watch_triggers(self, outcomes: Callable[[], Mapping[str, int]]) -> None:
+        """Trigger requests answered, by outcome (ok or the error code), read at scrape time."""
+        self.registry.register(_TriggerTotals(outcomes))
+
+    def set_model(self, model: Model) -> None:
+        """The model and calibration in use: call at start and after every reload."""
+        cal = model.calibration
+        self.calibration_version.set(-1 if cal is None else int(cal.version))
+        self.pixel_threshold.set(math.nan if cal is None else cal.pixel_threshold)
+        image = None if cal is None else cal.image_threshold
+        self.image_threshold.set(math.nan if image is None else image)
+        self.min_defect_area.set(-1 if cal is None else cal.min_defect_area)
+        self.model_info.clear()
+        self.model_info.labels(model.model_id).set(1)
 
     def set_camera_state(self, camera: str, state: str) -> None:
         for s in CAMERA_STATES:
@@ -100,17 +168,59 @@ class DaemonMetrics:
 
 
 class _CameraTotals:
-    def __init__(self, totals: Callable[[], dict[str, dict[str, int]]]):
+    def __init__(self, totals: Callable[[], Mapping[str, Mapping[str, int]]]):
         self._totals = totals
 
-    def collect(self) -> list[CounterMetricFamily]:
+    def collect(self) -> list[Metric]:
         frames = CounterMetricFamily("linewatch_frames_captured", "Frames captured", labels=["camera"])
         drops = CounterMetricFamily(
             "linewatch_dropped_frames", "Frames dropped before inspection (queue full or shutdown)", labels=["camera"]
         )
         reconnects = CounterMetricFamily("linewatch_camera_reconnects", "Reconnect attempts", labels=["camera"])
+        errors = CounterMetricFamily(
+            "linewatch_frame_errors",
+            "Frames captured but unusable (unreadable image, ROI outside the frame): published as ERROR",
+            labels=["camera"],
+        )
         for camera, t in self._totals().items():
             frames.add_metric([camera], t["captured"])
             drops.add_metric([camera], t["dropped"])
             reconnects.add_metric([camera], t["reconnects"])
-        return [frames, drops, reconnects]
+            errors.add_metric([camera], t["frame_errors"])
+        return [frames, drops, reconnects, errors]
+
+
+class _ArchiveTotals:
+    def __init__(self, archive: ArchiveCounts):
+        self._archive = archive
+
+    def collect(self) -> list[Metric]:
+        a = self._archive
+        errors = CounterMetricFamily(
+            "linewatch_archive_errors",
+            "Frames not archived: write failed (kind=write) or the writer was behind (kind=skipped)",
+            labels=["kind"],
+        )
+        errors.add_metric(["write"], a.errors)
+        errors.add_metric(["skipped"], a.skipped)
+        return [
+            errors,
+            CounterMetricFamily("linewatch_archive_saved", "Frames archived (frame, mask, header)", value=a.saved),
+            CounterMetricFamily("linewatch_archive_deleted", "Archive files deleted by the size cap", value=a.deleted),
+            GaugeMetricFamily(
+                "linewatch_archive_bytes", "Bytes of archived files counted in the cap", value=a.used_bytes
+            ),
+        ]
+
+
+class _TriggerTotals:
+    def __init__(self, outcomes: Callable[[], Mapping[str, int]]):
+        self._outcomes = outcomes
+
+    def collect(self) -> list[Metric]:
+        family = CounterMetricFamily(
+            "linewatch_trigger_requests", "Trigger requests answered, by outcome (ok or error code)", labels=["outcome"]
+        )
+        for outcome, n in self._outcomes().items():
+            family.add_metric([outcome], n)
+        return [family]

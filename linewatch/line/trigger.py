@@ -62,6 +62,8 @@ BUSY = "busy"  # too many requests outstanding (from this client, or from all to
 TIMEOUT = "timeout"  # no result within timeout_s
 FAILED = "failed"  # the request was accepted but no result came (frame dropped, shutdown, ...)
 INTERNAL = "internal"  # a daemon bug: the request gets this instead of a doubtful answer
+OK = "ok"  # not an error: the request got its result
+OUTCOMES = (OK, BAD_REQUEST, UNKNOWN_CAMERA, REJECTED, BUSY, TIMEOUT, FAILED, INTERNAL)  # of every answered request
 
 Handler = Callable[[str, str], Future[Any]]
 
@@ -103,6 +105,7 @@ class TriggerServer:
         self.requests = 0
         self.replies = 0
         self.errors: dict[str, int] = {}
+        self.outcomes: dict[str, int] = dict.fromkeys(OUTCOMES, 0)  # every outcome from the start (metrics)
         self._pending: list[_Pending] = []
         self._per_client: Counter[str] = Counter()  # outstanding requests by client
         self._torn_down = False
@@ -325,10 +328,12 @@ class TriggerServer:
             self._reply_error(item.envelope, request, INTERNAL, f"malformed result: {exc}")
             return
         reply = _reply_base(request) | {"ok": True, "result": header}
+        self.outcomes[OK] += 1
         self._send(item.envelope, [encode_json(reply), mask or b""])
 
     def _reply_error(self, envelope: list[bytes], request: dict[str, Any], code: str, message: str) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
+        self.outcomes[code] = self.outcomes.get(code, 0) + 1
         reply = _reply_base(request) | {"ok": False, "code": code, "error": message}
         self._send(envelope, [encode_json(reply), b""])
 

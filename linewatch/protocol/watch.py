@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from linewatch.protocol.client import Subscriber
 from linewatch.protocol.wire import RESULT, Message, encode_json
 
 SILENT_AFTER_S = 5.0  # no status for this long: say so (the daemon publishes one per camera per second)
+QUIET_AFTER_S = 5.0  # nothing at all since start: a wrong port, camera name or key looks exactly like this
 
 
 def format_result(header: dict[str, Any]) -> str:
@@ -26,6 +28,8 @@ def format_result(header: dict[str, Any]) -> str:
         f"{header['verdict']} score={'-' if score is None else f'{score:.6g}'} "
         f"regions={header.get('regions_total', len(header.get('regions', [])))}"
     )
+    if header.get("defect_regions") is not None:  # the regions that failed the part; the rest are specks
+        line += f" defects={header['defect_regions']}"
     for region in header.get("regions", [])[:3]:
         x, y, w, h = region["bbox"]
         line += f" [{x},{y} {w}x{h} area={region['area']}]"
@@ -52,8 +56,39 @@ def _client_curve(args: argparse.Namespace) -> tuple[bytes | None, tuple[bytes, 
     return load_public_key(server_key), load_key_pair(key_file)
 
 
+def nothing_arrived(args: argparse.Namespace, waited_s: float, curve: bool) -> str:
+    """What to check when a subscriber hears nothing: ZeroMQ connects to a port nobody serves, or subscribes to a
+    camera nobody has, without any error, so silence is all a user would otherwise see."""
+    camera = getattr(args, "camera", None)
+    checks = [
+        "is the daemon running (systemctl status linewatch, or its log)?",
+        f"is {args.connect} the daemon's publish.endpoint (host and port)?"
+        + (
+            " 127.0.0.1 reaches this machine only" if "127.0.0.1" in args.connect or "localhost" in args.connect else ""
+        ),
+    ]
+    if camera:
+        checks.append(
+            f"is a camera named exactly {camera!r} in the daemon's config (cameras: - name:, case-sensitive)?"
+        )
+    if curve:
+        checks.append(
+            "CURVE: is --server-key the daemon's public key, and this client's public key in its authorized_keys_dir?"
+        )
+    else:
+        checks.append("if the daemon has security.curve on, pass --server-key and --client-key-file")
+    return (
+        f"nothing received from {args.connect}" + (f" for camera {camera}" if camera else "") + f" in {waited_s:g} s "
+        "(a running daemon sends each camera's status every second by default); still waiting. Check:\n  - "
+        + "\n  - ".join(checks)
+    )
+
+
 def cli_watch(args: argparse.Namespace) -> int:
     server_key, client_keys = _client_curve(args)
+    quiet_after = getattr(args, "quiet_after", QUIET_AFTER_S)
+    if quiet_after is not None and not quiet_after > 0:
+        raise ConfigError(f"--quiet-after must be a positive number of seconds, got {quiet_after}")
     save = Path(args.save) if args.save else None
     if save is not None:
         save.mkdir(parents=True, exist_ok=True)
@@ -63,8 +98,13 @@ def cli_watch(args: argparse.Namespace) -> int:
     print(f"watching {args.connect}" + (f" camera {args.camera}" if args.camera else ""), file=sys.stderr, flush=True)
     with Subscriber(args.connect, args.camera, server_key=server_key, client_keys=client_keys) as sub:
         missed_seen = 0
+        started, hinted = time.monotonic(), quiet_after is None
         while args.count is None or shown < args.count:
-            msg = sub.recv(timeout_s=1.0)
+            msg = sub.recv(timeout_s=1.0 if hinted else min(1.0, max(0.05, started + quiet_after - time.monotonic())))
+            if not hinted and not sub.tracks and not sub.invalid and time.monotonic() - started >= quiet_after:
+                print(nothing_arrived(args, quiet_after, server_key is not None), file=sys.stderr, flush=True)
+                hinted = True
+            hinted = hinted or bool(sub.tracks) or bool(sub.invalid)
             if msg is not None and msg.kind == RESULT:
                 _show(msg, args.json, save)
                 shown += 1

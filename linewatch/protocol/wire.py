@@ -16,7 +16,16 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Sequence
 
 import numpy as np
-from pydantic import BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, model_validator
+from pydantic import (
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
 
 from linewatch.errors import LinewatchError
 from linewatch.validation import TolerantModel, validate
@@ -117,13 +126,15 @@ CameraName = Annotated[StrictStr, Field(pattern=CAMERA_NAME.pattern)]
 
 
 class RegionHeader(TolerantModel):
-    """One defect region; built straight from `linewatch.line.verdict.Region` (read by attribute)."""
+    """One region above the pixel threshold; built straight from `linewatch.line.verdict.Region` (read by
+    attribute). `defect` says whether it failed the part (None: from a daemon that predates the field)."""
 
     model_config = ConfigDict(from_attributes=True)
 
     bbox: tuple[Int, Int, Int, Int]  # x, y, w, h in model-input pixels
     area: Annotated[Int, Field(ge=0)]
     peak: Reading
+    defect: StrictBool | None = None  # area >= the calibration's min defect area; False: a speck
 
 
 class Thresholds(TolerantModel):
@@ -160,6 +171,8 @@ class ResultHeader(TolerantModel):
     model_id: StrictStr | None
     regions: Annotated[list[RegionHeader], Field(max_length=MAX_REGIONS)]
     regions_total: Annotated[Int, Field(ge=0)]
+    # regions that failed the part (additive: None from a daemon that predates it); they are listed first
+    defect_regions: Annotated[Int, Field(ge=0)] | None = None
     error: StrictStr | None
     frame_index: Int | None
     mask: MaskInfo | None
@@ -177,6 +190,19 @@ class ResultHeader(TolerantModel):
             raise ValueError("regions must be listed largest first")
         if self.regions_total < len(self.regions):
             raise ValueError(f"regions_total {self.regions_total} is less than the {len(self.regions)} regions listed")
+        flags = [r.defect for r in self.regions]
+        if True in flags and False in flags[: flags.index(True)]:
+            raise ValueError("defect regions must be listed before the specks")
+        if self.defect_regions is not None:
+            if self.defect_regions > self.regions_total:
+                raise ValueError(f"defect_regions {self.defect_regions} exceeds regions_total {self.regions_total}")
+            if self.verdict == Verdict.OK and self.defect_regions:
+                raise ValueError(f"an OK result cannot have {self.defect_regions} defect region(s): that is NOK")
+            if None not in flags and flags.count(True) != min(self.defect_regions, len(flags)):
+                raise ValueError(
+                    f"defect_regions {self.defect_regions} does not match the {flags.count(True)} regions "
+                    f"listed with defect: true (of {len(flags)} listed)"
+                )
         return self
 
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from linewatch import __version__, bundle
 from linewatch.errors import BundleError, ConfigError, DataError
 from linewatch.evaluation.datasets import good_image_folder
-from linewatch.images import list_images
+from linewatch.images import check_images, list_images
 from linewatch.training.cae import CAE, pca_latent_dim
 from linewatch.training.features import (
     CACHE_SUFFIX,
@@ -344,10 +344,12 @@ def check_same_weights(state: dict, weights: WeightsSource, path: Path) -> None:
 def start_run(
     settings: TrainSettings, data: str | Path, out: Path, weights_path: str | None, random_init: bool, resume: bool
 ) -> Run:
-    """Check --out, read and split the good images, find the weights; a resumed run must match the saved one."""
+    """Check --out, read and split the good images, find the weights; a resumed run must match the saved one.
+    Every image is decoded once here, so bad files are all named before extraction starts."""
     check_output_dir(out, resume)
     device = pick_device(settings.device)
     paths = good_images(data)
+    check_images(paths, f"good images in {good_image_folder(data)}")
     data_sha = dataset_sha256(paths)
     state = load_train_state(out / TRAIN_STATE) if resume else None
     if state is not None:
