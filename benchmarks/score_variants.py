@@ -2,9 +2,10 @@
 reconstruction are shared, only the per-channel weights of the squared error change; any of them would fold into the
 fused graph's channel-mean layer like the shipped ones do).
 
-- standardised:          the shipped default, each channel's squared error over its training variance;
+- standardised:          each channel's squared error over its training variance (the default until issue 15);
 - layer-balanced:        the same, rescaled so every VGG layer carries an equal share (channel-equal weighting lets
-                         the 512-channel conv4 layers hold 59 % of f_{1:12}'s score);
+                         the 512-channel conv4 layers hold 59 % of f_{1:12}'s score); the default since issue 15
+                         (`DFRConfig.layer_balanced`; benchmarks/map_variants.py compares it with map changes);
 - plain:                 the paper's plain mean;
 - plain layer-balanced:  the plain mean with every layer carrying an equal share.
 

@@ -103,14 +103,23 @@ def export_bundle(
     opset: int = 17,
     int8: bool = False,
     calib_data: str | Path | None = None,
+    layer_balanced: bool | None = None,
 ) -> dict:
     """Write model.onnx (and model_fp16.onnx / model_int8.onnx), check them against the torch model, update
-    metadata['graph']."""
+    metadata['graph']. `layer_balanced` (None: the checkpoint's) chooses the score's layer weighting; the graph
+    records it, and `load_model` scores with it, so the torch model and the graph agree."""
     bundle_dir = Path(bundle_dir)
     meta = bundle.read_metadata(bundle_dir)
-    model = load_model(bundle_dir, "cpu")
+    model = load_model(bundle_dir, "cpu", follow_graph=False)  # the checkpoint's setting, not a previous graph's
+    if layer_balanced is not None:
+        model.config.layer_balanced = layer_balanced
     frames = parity_frames(model.config.height, model.config.width)
-    graph: dict = {"input": bundle.INPUT_NAME, "outputs": [bundle.OUTPUT_MAP, bundle.OUTPUT_SCORE], "opset": opset}
+    graph: dict = {
+        "input": bundle.INPUT_NAME,
+        "outputs": [bundle.OUTPUT_MAP, bundle.OUTPUT_SCORE],
+        "opset": opset,
+        "layer_balanced": model.config.layer_balanced,
+    }
 
     t0 = time.perf_counter()
     path = export_onnx(FusedDFR(model), bundle_dir / bundle.GRAPH, opset)
@@ -164,10 +173,18 @@ def export_bundle(
 
 
 def cli_export(args) -> int:
-    graph = export_bundle(args.model, fp16=args.fp16, opset=args.opset, int8=args.int8, calib_data=args.calib_data)
+    graph = export_bundle(
+        args.model,
+        fp16=args.fp16,
+        opset=args.opset,
+        int8=args.int8,
+        calib_data=args.calib_data,
+        layer_balanced=getattr(args, "layer_balance", None),
+    )
     print(
         f"exported {Path(args.model) / graph['file']} (model id {graph['sha256'][:12]}, "
-        f"parity {graph['parity']['max_rel_map_error']:.1e} of map range)"
+        f"parity {graph['parity']['max_rel_map_error']:.1e} of map range, "
+        f"{'layer-balanced' if graph['layer_balanced'] else 'channel-equal'} score)"
     )
     if "fp16_file" in graph:
         print(

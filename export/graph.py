@@ -131,7 +131,8 @@ class FusedDFR(nn.Module):
 
     def build_rest(self, model: DFR, cae: CAE) -> None:
         """The other CAE layers as 1×1 convs; the last one negated (f - f_hat as a residual add) and the channel
-        mean of squares as a 1×1 conv with the standardised score's 1/std² folded in (free at run time)."""
+        mean of squares as a 1×1 conv with the standardised score's 1/std² and layer shares folded in (free at run
+        time)."""
         self.rest = nn.ModuleList(linear_as_conv(lin) for lin in cae.linears[1:])
         self.relu_after = [i - 1 for i in cae.RELU_AFTER if i > 0]  # indices into `rest`
         self.last_neg = copy.deepcopy(self.rest[-1])

@@ -127,13 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "eval",
         "linewatch.evaluation.evaluate:cli_eval",
-        "Evaluate a model on an MVTec-layout category: pixel ROC-AUC, PRO-AUC (FPR<=0.3), image ROC-AUC.",
-        "  linewatch eval models/bottle --data mvtec/bottle --json bottle.json --overlays out/bottle",
+        "Evaluate a model on an MVTec-layout category: pixel ROC-AUC, PRO-AUC (FPR<=0.3), image ROC-AUC; without "
+        "ground_truth/ (OK/NOK photos, no masks) image ROC-AUC only. With a calibration: false rejects and escapes "
+        "by the daemon's verdict rule.",
+        "  linewatch eval models/bottle --data mvtec/bottle --json bottle.json --overlays out/bottle\n"
+        "  linewatch eval models/line3 --data photos/line3 --plots out/line3   # test/good, test/<defect type>",
     )
     p.add_argument("model", help="model bundle directory")
-    p.add_argument("--data", required=True, help="MVTec-layout category directory")
+    p.add_argument("--data", required=True, help="MVTec-layout category directory (ground_truth/ optional)")
     p.add_argument("--json", help="write metrics as JSON to this file ('-' for stdout)")
     p.add_argument("--overlays", help="write anomaly-map overlay PNGs to this directory")
+    p.add_argument(
+        "--calibration",
+        help="judge every image at this calibration file's thresholds (default: the bundle's calibration.json)",
+    )
+    p.add_argument("--plots", help="write the image-score histogram and ROC plot (PNG) to this directory")
     p.add_argument(
         "--backend",
         choices=["auto", "torch", "onnx"],
@@ -160,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-data", help="good images for the int8 ranges (default: the training data in metadata)")
     p.add_argument(
         "--opset", type=int, default=17, help="ONNX opset of the graph (the runtime's ONNX Runtime must support it)"
+    )
+    p.add_argument(
+        "--layer-balance",
+        action=argparse.BooleanOptionalAction,
+        help="every VGG layer an equal share of the anomaly score; --no-layer-balance: every channel an equal share, "
+        "as before (default: what the model was trained with; recorded in the graph metadata)",
     )
 
     # --- runtime (torch-free) -------------------------------------------------------------------------

@@ -63,7 +63,6 @@ def test_defect_image_without_mask_is_an_error(tmp_path):
     [
         ("test", "no test/ folder"),
         ("test/good", "no good test images"),
-        ("ground_truth", "ground-truth folder not found"),
     ],
 )
 def test_missing_folders_are_errors(tmp_path, broken, message):

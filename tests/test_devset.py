@@ -222,9 +222,9 @@ def test_run_devbench_trains_evaluates_and_tabulates(devset, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = {line.split("  pixel")[0].split(" ", 1)[1].strip(): line for line in proc.stdout.splitlines()}
     assert set(lines) == {"standardised", "layer-balanced", "plain", "plain layer-balanced"}
-    assert (
+    assert (  # new bundles score layer-balanced (issue 15)
         f"pixel {evaluated['overall']['pixel_roc_auc']:.4f}  PRO {evaluated['overall']['pro_auc']:.4f}"
-        in lines["standardised"]
+        in lines["layer-balanced"]
     )
 
     proc = subprocess.run(

@@ -136,7 +136,8 @@ def test_standardised_score_weights_each_channel_by_its_training_variance(worksp
     # and the map is the weighted mean of squared errors
     with torch.inference_mode():
         err = model.region_error(feats[:2])
-        manual = ((feats[:2] - model.cae(feats[:2])).pow(2) * w.view(1, -1, 1, 1)).mean(1)
+        share = model.layer_share if model.config.layer_balanced else 1.0  # each layer an equal share (default)
+        manual = ((feats[:2] - model.cae(feats[:2])).pow(2) * (w * share).view(1, -1, 1, 1)).mean(1)
     torch.testing.assert_close(err, manual)
 
 

@@ -3,9 +3,11 @@
   CATEGORY/train/good/*.png                  good training images
   CATEGORY/test/good/*.png                   good test images (no masks)
   CATEGORY/test/<type>/<stem>.png            defect images, one folder per defect type
-  CATEGORY/ground_truth/<type>/<stem>_mask.png
+  CATEGORY/ground_truth/<type>/<stem>_mask.png   (optional: without the folder the set is image-level)
 
-Every defect image must have its mask: a missing one would silently turn defect pixels into "normal" ones.
+With a ground_truth/ folder every defect image must have its mask: a missing one would silently turn defect pixels
+into "normal" ones. Without one (the common factory case: photos sorted into OK and NOK folders, no masks) the set
+is image-level: every folder under test/ other than good/ holds NOK parts, and only image metrics apply.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ MASK_SUFFIX = "_mask"
 class Sample:
     path: Path
     defect_type: str  # "good" for defect-free images
-    mask_path: Path | None  # None for good images
+    mask_path: Path | None  # None for good images, and for every image of an image-level set
 
     @property
     def is_anomalous(self) -> bool:
@@ -43,7 +45,8 @@ def find_mask(ground_truth: Path, defect_type: str, image: Path) -> Path:
 
 
 def read_test_set(category_dir: str | Path) -> list[Sample]:
-    """Good and defect test samples of an MVTec-layout category, good first, then defect types alphabetically."""
+    """Good and defect test samples of an MVTec-layout category, good first, then defect types alphabetically;
+    without ground_truth/ an image-level set (no masks, see `is_image_level`)."""
     category = Path(category_dir)
     if not category.is_dir():
         raise DataError(f"dataset category not found: {category}")
@@ -59,14 +62,21 @@ def read_test_set(category_dir: str | Path) -> list[Sample]:
     if not defect_dirs:
         raise DataError(f"no defect types in {test_dir} (expected test/<type>/ folders besides good/)")
     ground_truth = category / "ground_truth"
-    if not ground_truth.is_dir():
-        raise DataError(f"ground-truth folder not found: {ground_truth}")
+    if ground_truth.exists() and not ground_truth.is_dir():
+        raise DataError(f"{ground_truth} is not a folder (expected ground_truth/<type>/<stem>_mask.png)")
+    pixel_level = ground_truth.is_dir()
 
     samples = [Sample(p, GOOD, None) for p in list_images(test_dir / GOOD)]
     for folder in defect_dirs:
         for image in list_images(folder):
-            samples.append(Sample(image, folder.name, find_mask(ground_truth, folder.name, image)))
+            mask = find_mask(ground_truth, folder.name, image) if pixel_level else None
+            samples.append(Sample(image, folder.name, mask))
     return samples
+
+
+def is_image_level(samples: list[Sample]) -> bool:
+    """True for a set without masks (no ground_truth/ folder): pixel metrics do not apply."""
+    return all(s.mask_path is None for s in samples)
 
 
 def good_image_folder(data_dir: str | Path) -> Path:

@@ -378,6 +378,32 @@ class HealthConfig(StrictModel):
     )
 
 
+class DriftConfig(StrictModel):
+    enabled: StrictBool = Field(
+        True,
+        description="compare recent parts' image scores with the calibration's good parts (CUSUM, per camera): "
+        "status `drift`, log and metrics say ok / warn / alarm (docs/CALIBRATION.md, Drift watch)",
+    )
+    quantile: StrictFloat = Field(
+        0.9, ge=0.5, le=0.99, description="a part exceeds when its score is above this quantile of the good scores"
+    )
+    detect_rate: StrictFloat = Field(
+        0.3, gt=0, lt=1, description="exceed rate the test is tuned to detect fastest (at least twice the bound)"
+    )
+    confidence: StrictFloat = Field(
+        0.95,
+        ge=0.5,
+        lt=1,
+        description="the false-alarm bounds hold for at least this fraction of calibration samples",
+    )
+    warn_arl0: StrictFloat = Field(
+        1e4, ge=2, le=1e7, description="parts until a false warn under no drift (average, at least)"
+    )
+    alarm_arl0: StrictFloat = Field(
+        1e5, ge=2, le=1e8, description="parts until a false alarm under no drift (average, at least)"
+    )
+
+
 # --- the whole file -------------------------------------------------------------------------------------------
 
 
@@ -402,6 +428,9 @@ class Config(StrictModel):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus metrics over HTTP")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="log output")
     health: HealthConfig = Field(default_factory=HealthConfig, description="watchdog and shutdown timings")
+    drift: DriftConfig = Field(
+        default_factory=DriftConfig, description="drift watch: are parts still scored like the calibration's good parts"
+    )
 
     _path: Union[Path, None] = PrivateAttr(None)
 

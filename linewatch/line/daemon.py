@@ -39,6 +39,8 @@ import numpy as np
 from linewatch.errors import ConfigError, LinewatchError
 from linewatch.line.cameras import FINISHED, Camera
 from linewatch.line.config import Config, load_config
+from linewatch.line.drift import ALARM, OK, DriftDesign, DriftWatch, calibration_scores
+from linewatch.line.drift import design as drift_design
 from linewatch.line.frames import DROPPED_REASON, SHUTDOWN_REASON, FrameQueue, TriggerFuture
 from linewatch.line.inference import STALL_FACTOR, InferenceWorker, Model, Result, load_model, result_header
 from linewatch.line.systemd_notify import StartupExtender, SystemdNotifier
@@ -165,6 +167,9 @@ class Daemon:
                 trt_cache_dir=trt_cache_dir(cfg),
             )
         self._check_batch_time(self.model)
+        # drift watch per camera, with the model its design came from: results of another model are not counted
+        self.drift: tuple[Model, dict[str, DriftWatch]] = self._drift_watches(self.model, self._drift_plan(self.model))
+        self._reload_drift_plan: DriftDesign | str | None = None  # computed on the reload thread
         self.curve = self._curve_config()
         self.publisher = ResultPublisher(
             cfg.publish.endpoint,
@@ -208,6 +213,7 @@ class Daemon:
 
             self.metrics = DaemonMetrics(allow_insecure_bind=cfg.security.allow_insecure_bind)
             self.metrics.watch_cameras(self._camera_totals)
+            self.metrics.watch_drift(self._drift_gauges)
             self.metrics.set_model(self.model)
         if cfg.archive.enabled:
             from linewatch.line.archive import Archive
@@ -319,6 +325,7 @@ class Daemon:
         now = time.monotonic()
         latency = now - frame.captured_mono
         stats.record(result.verdict, latency, now)
+        self._watch_drift(result)
         if frame.future is not None:
             _resolve(frame.future, {"header": header, "mask": mask_png})
         self._archive(result, stats.seq, mask_png, header)
@@ -376,7 +383,75 @@ class Daemon:
             "healthy": self.unhealthy_reason is None,
             "unhealthy_reason": self.unhealthy_reason,
             "stopping": self.stopping,
+            "drift": self.drift[1][name].snapshot(),
         }
+
+    # --- drift watch (linewatch/line/drift.py) ---------------------------------------------------------------
+    def _drift_plan(self, model: Model) -> DriftDesign | str:
+        """The CUSUM design for a model's calibration (exact ARL solves: up to ~1 s, so reloads do it on their
+        thread), or why drift is not watched."""
+        d = self.cfg.drift
+        if not d.enabled:
+            return "drift watch disabled (drift.enabled: false)"
+        if model.calibration is None:
+            return "no calibration"
+        try:
+            scores = calibration_scores(model.calibration)
+            return drift_design(scores, d.quantile, d.detect_rate, d.confidence, d.warn_arl0, d.alarm_arl0)
+        except Exception as exc:  # a design that cannot be made must never stop inspection
+            log.exception("drift watch unavailable")
+            return f"drift watch design failed: {exc}"
+
+    def _drift_watches(self, model: Model, plan: DriftDesign | str) -> tuple[Model, dict[str, DriftWatch]]:
+        if isinstance(plan, str):
+            log.info("drift watch unavailable: %s", plan)
+        else:
+            log.info(
+                "drift watch: parts outside scores %.6g..%.6g (%d good scores) count; warn at %.2f, alarm at %.2f "
+                "(exact ARL0 %.3g and %.3g parts at outside rate <= %.3f, confidence %.2f)",
+                plan.low,
+                plan.high,
+                plan.n_good,
+                plan.warn_at * plan.unit,
+                plan.alarm_at * plan.unit,
+                plan.warn_arl0,
+                plan.alarm_arl0,
+                plan.p0,
+                self.cfg.drift.confidence,
+            )
+        return model, {name: DriftWatch(plan) for name in self.cameras}
+
+    def _watch_drift(self, result: Result) -> None:
+        """Publishing thread: OK/NOK parts judged by the model the watches belong to; log each change of state."""
+        model, watches = self.drift
+        if result.verdict == Verdict.ERROR or result.score is None or result.model is not model:
+            return
+        change = watches[result.frame.camera].update(result.score)
+        if change is None:
+            return
+        old, new = change
+        stat = watches[result.frame.camera].snapshot()
+        if new == OK:
+            log.info("camera %s: drift %s -> ok (statistic %.2f)", result.frame.camera, old, stat["statistic"])
+        else:
+            (log.error if new == ALARM else log.warning)(
+                "camera %s: drift %s -> %s (statistic %.2f, %s at %.2f; of %d parts, %d scored above and %d below "
+                "the good parts' band %.4g..%.4g): %s",
+                result.frame.camera,
+                old,
+                new,
+                stat["statistic"],
+                new,
+                stat["alarm_at" if new == ALARM else "warn_at"],
+                stat["parts"],
+                stat["above"],
+                stat["below"],
+                *stat["band"],
+                stat["advice"],
+            )
+
+    def _drift_gauges(self) -> dict[str, tuple[int, float]]:
+        return {name: watch.gauge() for name, watch in self.drift[1].items()}
 
     def _camera_totals(self) -> dict[str, dict[str, int]]:
         return {
@@ -491,6 +566,7 @@ class Daemon:
             trt_cache_dir=trt_cache_dir(self.cfg),
             reuse=self.model,  # same graph: only the calibration changes, swapped in without a warm-up
         )
+        self._reload_drift_plan = self._drift_plan(model)
         return new_cfg, model
 
     def finish_reload(self) -> bool | None:
@@ -517,6 +593,8 @@ class Daemon:
         self.model = model
         self.worker.model = model  # taken by the next batch; the one running finishes with the old model
         self.cfg = self.cfg.model_copy(update={"model": new_cfg.model})
+        plan = self._reload_drift_plan if self._reload_drift_plan is not None else self._drift_plan(model)
+        self.drift = self._drift_watches(model, plan)  # a new calibration: the watch starts afresh
         log.info(
             "reloaded: model %s -> %s, calibration %s -> %s",
             old.model_id,

@@ -115,6 +115,10 @@ class DaemonMetrics:
             self.latency.labels(camera)
             self.set_camera_state(camera, "offline")  # a camera thread starts offline
 
+    def watch_drift(self, gauges: Callable[[], Mapping[str, tuple[int, float]]]) -> None:
+        """Drift watch per camera, read at scrape time: {camera: (state code, CUSUM statistic in nats)}."""
+        self.registry.register(_DriftGauges(gauges))
+
     def watch_archive(self, archive: ArchiveCounts) -> None:
         """The archive writer's own counts, read at scrape time: every failed write is in
         linewatch_archive_errors_total{kind="write"}, every frame the full queue turned away in kind="skipped"."""
@@ -188,6 +192,25 @@ class _CameraTotals:
             reconnects.add_metric([camera], t["reconnects"])
             errors.add_metric([camera], t["frame_errors"])
         return [frames, drops, reconnects, errors]
+
+
+class _DriftGauges:
+    def __init__(self, gauges: Callable[[], Mapping[str, tuple[int, float]]]):
+        self._gauges = gauges
+
+    def collect(self) -> list[Metric]:
+        state = GaugeMetricFamily(
+            "linewatch_drift_state",
+            "Drift watch: 0 ok, 1 warn, 2 alarm (recalibrate), -1 unavailable (calibration without good scores)",
+            labels=["camera"],
+        )
+        statistic = GaugeMetricFamily(
+            "linewatch_drift_statistic", "Drift watch CUSUM statistic in nats (NaN: unavailable)", labels=["camera"]
+        )
+        for camera, (code, value) in self._gauges().items():
+            state.add_metric([camera], code)
+            statistic.add_metric([camera], value)
+        return [state, statistic]
 
 
 class _ArchiveTotals:

@@ -86,7 +86,27 @@ class TrainSettings(StrictModel):
     batch_vectors: StrictInt = Field(
         4096, ge=1, description="regional vectors per step (shuffled across images and positions)"
     )
-    lr: StrictFloat = Field(1e-3, gt=0, description="Adam learning rate")
+    lr: StrictFloat = Field(1e-3, gt=0, description="Adam learning rate (the peak rate under a schedule)")
+    lr_schedule: Literal["constant", "cosine", "onecycle"] = Field(
+        "constant",
+        description="learning rate over the epoch budget's steps: constant; cosine (from lr down to 0 at the last "
+        "step); onecycle (linear warm-up from lr/25 over the first 10 % of steps, then cosine to 0). A schedule "
+        "spans `epochs`, so a resumed run may not change `epochs` under it",
+    )
+    position_fraction: StrictFloat = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="share of each training image's regional positions used per epoch, drawn anew every epoch "
+        "(seeded): neighbouring regional vectors are near-duplicates, so an epoch on a random share costs that "
+        "share of the time for most of the progress; `epochs` and `patience` then count these shorter epochs",
+    )
+    snapshot_epochs: list[Annotated[StrictInt, Field(ge=1)]] = Field(
+        default_factory=list,
+        description="after each of these epochs also write an evaluable bundle (model.pt, metadata.json with the "
+        "best weights so far, times and CPU seconds) to OUT/snapshots/epoch-NNN: quality against training budget "
+        "from one run",
+    )
     weight_decay: StrictFloat = Field(0.0, ge=0, description="Adam weight decay")
     patience: StrictInt = Field(3, ge=1, description="epochs without validation improvement before stopping")
     min_delta: StrictFloat = Field(1e-4, ge=0, description="relative improvement that counts")

@@ -48,9 +48,12 @@ log = logging.getLogger(__name__)
 TRAIN_STATE = "train_state.pt"
 STATE_VERSION = 1
 # Settings a resumed run may change; every other one must match the interrupted run.
-RESUMABLE_CHANGES = {"epochs", "patience", "device", "extract_batch", "cache_ram_mb", "min_delta"}
+RESUMABLE_CHANGES = {"epochs", "patience", "device", "extract_batch", "cache_ram_mb", "min_delta", "snapshot_epochs"}
 VAL_BATCH = 16384
 MIN_STD = 0.05
+SNAPSHOTS = "snapshots"  # OUT/snapshots/epoch-NNN: bundles written during the run (`snapshot_epochs`)
+ONECYCLE_WARMUP = 0.1  # share of the budget's steps the one-cycle schedule warms up over
+ONECYCLE_START = 1 / 25  # its first learning rate, as a share of lr (torch's OneCycleLR default div_factor)
 
 
 # ---- data ----------------------------------------------------------------------------------------------------
@@ -75,24 +78,44 @@ def split_train_val(paths: list[Path], fraction: float, seed: int) -> tuple[list
 # ---- batches of regional vectors -----------------------------------------------------------------------------
 
 
-def steps_per_epoch(store: FeatureStore, batch: int, block_images: int) -> int:
+def positions_used(positions: int, fraction: float) -> int:
+    """Regional positions per image that one epoch trains on (`position_fraction`, at least one)."""
+    return positions if fraction >= 1.0 else max(1, round(fraction * positions))
+
+
+def steps_per_epoch(store: FeatureStore, batch: int, block_images: int, fraction: float = 1.0) -> int:
+    per_image = positions_used(store.positions, fraction)
     if block_images >= store.n_images:
-        return math.ceil(store.n_vectors / batch)
+        return math.ceil(store.n_images * per_image / batch)
     full, rest = divmod(store.n_images, block_images)
-    per_block = lambda n: math.ceil(n * store.positions / batch)  # noqa: E731
+    per_block = lambda n: math.ceil(n * per_image / batch)  # noqa: E731
     return full * per_block(block_images) + (per_block(rest) if rest else 0)
 
 
-def epoch_batches(store: FeatureStore, batch: int, generator: torch.Generator, block_images: int):
-    """Shuffled float32 batches of regional vectors covering the store once.
+def position_subset(n_images: int, positions: int, fraction: float, generator: torch.Generator) -> np.ndarray:
+    """Flat (image * positions + position) indices of a fresh random share of each image's positions."""
+    keys = torch.rand(n_images, positions, generator=generator)
+    chosen = keys.argsort(dim=1)[:, : positions_used(positions, fraction)]
+    return (torch.arange(n_images)[:, None] * positions + chosen).reshape(-1).numpy()
+
+
+def epoch_batches(
+    store: FeatureStore, batch: int, generator: torch.Generator, block_images: int, fraction: float = 1.0
+):
+    """Shuffled float32 batches of regional vectors covering the store once (or `fraction` of each image's).
 
     In RAM: one permutation of all vectors. On disk: images in shuffled blocks that fit the budget, vectors
-    shuffled within each block (contiguous reads instead of random ones).
+    shuffled within each block (contiguous reads instead of random ones). With `fraction` < 1 each image
+    contributes a random share of its positions, drawn from the same generator, so the run stays seeded.
     """
     channels = store.shape[2]
     if block_images >= store.n_images:
-        perm = torch.randperm(store.n_vectors, generator=generator).numpy()
         flat = store.array.reshape(-1, channels)
+        if fraction < 1.0:
+            chosen = position_subset(store.n_images, store.positions, fraction, generator)
+            perm = chosen[torch.randperm(len(chosen), generator=generator).numpy()]
+        else:
+            perm = torch.randperm(store.n_vectors, generator=generator).numpy()
         for i in range(0, len(perm), batch):
             yield torch.from_numpy(flat[perm[i : i + batch]])
         return
@@ -100,9 +123,28 @@ def epoch_batches(store: FeatureStore, batch: int, generator: torch.Generator, b
     for b in range(0, len(order), block_images):
         images = np.sort(order[b : b + block_images])
         block = np.asarray(store.array[images]).reshape(-1, channels)
+        if fraction < 1.0:
+            block = block[position_subset(len(images), store.positions, fraction, generator)]
         perm = torch.randperm(len(block), generator=generator).numpy()
         for i in range(0, len(perm), batch):
             yield torch.from_numpy(block[perm[i : i + batch]])
+
+
+def learning_rate(settings: TrainSettings, step: int, total_steps: int) -> float:
+    """The rate of optimiser step `step` (0-based) of a budget of `total_steps` under `lr_schedule`.
+
+    A pure function of the step, so a resumed run continues the schedule exactly without a scheduler state.
+    """
+    peak = settings.lr
+    if settings.lr_schedule == "constant" or total_steps <= 0:
+        return peak
+    progress = min(step, total_steps) / total_steps
+    if settings.lr_schedule == "onecycle":
+        warmup = ONECYCLE_WARMUP
+        if progress < warmup:
+            return peak * (ONECYCLE_START + (1.0 - ONECYCLE_START) * progress / warmup)
+        progress = (progress - warmup) / (1.0 - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class StandardisedCAE(nn.Module):
@@ -167,6 +209,7 @@ class Progress:
     bad_epochs: int = 0
     stopped_early: bool = False
     fit_seconds: float = 0.0
+    fit_cpu_seconds: float = 0.0  # process CPU time (all threads) of the epochs: the budget on a shared machine
     history: list = dataclasses.field(default_factory=list)  # [{epoch, train_loss, val_loss}]
 
 
@@ -216,7 +259,9 @@ def load_train_state(path: Path) -> dict:
 
 
 def check_resumable(state: dict, settings: TrainSettings, data_sha: str, path: Path) -> None:
-    old = state["settings"]
+    # a state saved before a setting existed was trained with its default (the behaviour before it)
+    defaults = {k: f.get_default(call_default_factory=True) for k, f in TrainSettings.model_fields.items()}
+    old = {**defaults, **state["settings"]}
     new = settings.model_dump()
     changed = sorted(k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k])
     if changed:
@@ -224,6 +269,11 @@ def check_resumable(state: dict, settings: TrainSettings, data_sha: str, path: P
         raise ConfigError(
             f"--resume: settings differ from the run saved in {path} ({diffs}); "
             f"only {', '.join(sorted(RESUMABLE_CHANGES))} may change"
+        )
+    if new["lr_schedule"] != "constant" and old.get("epochs") != new["epochs"]:
+        raise ConfigError(
+            f"--resume: epochs {old.get('epochs')} -> {new['epochs']}: the {new['lr_schedule']} learning-rate "
+            f"schedule of the run saved in {path} spans its epoch budget; resume with --epochs {old.get('epochs')}"
         )
     if state["dataset_sha256"] != data_sha:
         raise DataError(
@@ -499,12 +549,23 @@ def save_run_state(run: Run, config: DFRConfig, fit: Fit) -> None:
 
 
 def train_epoch(
-    fit: Fit, train: FeatureStore, settings: TrainSettings, device: torch.device, block_images: int, bar: tqdm
+    fit: Fit,
+    train: FeatureStore,
+    settings: TrainSettings,
+    device: torch.device,
+    block_images: int,
+    bar: tqdm,
+    steps: int,
 ) -> float:
-    """One pass over every training vector in shuffled batches; returns the mean training loss."""
+    """One pass over every training vector (or `position_fraction` of them) in shuffled batches; returns the mean
+    training loss. `steps` per epoch place each step on the learning-rate schedule."""
     total, count = 0.0, 0
-    for x in epoch_batches(train, settings.batch_vectors, fit.generator, block_images):
+    first_step, budget = fit.progress.epoch * steps, settings.epochs * steps
+    batches = epoch_batches(train, settings.batch_vectors, fit.generator, block_images, settings.position_fraction)
+    for step, x in enumerate(batches, first_step):
         x = x.to(device).float()
+        for group in fit.optimizer.param_groups:
+            group["lr"] = learning_rate(settings, step, budget)
         fit.optimizer.zero_grad(set_to_none=True)
         loss = F.mse_loss(fit.cae.forward_vectors(x), x)
         loss.backward()
@@ -542,22 +603,25 @@ def fit_cae(
     settings: TrainSettings,
     device: torch.device,
     save_state: Callable[[], None],
+    snapshot: Callable[[], None] | None = None,
 ) -> None:
-    """Epochs of shuffled vector batches until the budget or the patience runs out; `fit.best_cae` ends best."""
+    """Epochs of shuffled vector batches until the budget or the patience runs out; `fit.best_cae` ends best.
+    After each epoch named in `snapshot_epochs`, `snapshot()` writes the best model so far."""
     progress = fit.progress
     block_images = train.images_per_block(settings.cache_ram_mb * (1 << 20) // 4)
-    steps = steps_per_epoch(train, settings.batch_vectors, block_images)
+    steps = steps_per_epoch(train, settings.batch_vectors, block_images, settings.position_fraction)
     remaining = settings.epochs - progress.epoch
     fit.cae.train()
     with tqdm(
         total=max(0, remaining) * steps, desc="train CAE", unit="step", mininterval=1.0, dynamic_ncols=True
     ) as bar:
         while progress.epoch < settings.epochs and not progress.stopped_early:
-            started = time.perf_counter()
-            train_loss = train_epoch(fit, train, settings, device, block_images, bar)
+            started, cpu_started = time.perf_counter(), time.process_time()
+            train_loss = train_epoch(fit, train, settings, device, block_images, bar, steps)
             val_loss = reconstruction_loss(fit.cae, val, device)
             record_epoch(fit, train_loss, val_loss, settings)
             progress.fit_seconds += time.perf_counter() - started
+            progress.fit_cpu_seconds += time.process_time() - cpu_started
             save_state()
             log.info(
                 "epoch %d/%d: train loss %.5f, val loss %.5f (best %.5f at epoch %d)%s",
@@ -569,19 +633,26 @@ def fit_cae(
                 progress.best_epoch,
                 ", stopping early" if progress.stopped_early else "",
             )
+            if snapshot is not None and progress.epoch in settings.snapshot_epochs:
+                snapshot()
 
 
 def with_best_cae(model: DFR, fit: Fit) -> DFR:
-    """The model with the best epoch's CAE, standardisation folded away, and the standardised score's 1/std²."""
-    fit.cae.cae.load_state_dict(fit.best_cae)
-    model.cae = fit.cae.folded()
+    """The model with the best epoch's CAE, standardisation folded away, and the standardised score's 1/std².
+    The CAE in training is left as it is, so a snapshot can be taken between epochs."""
+    best = StandardisedCAE(copy.deepcopy(fit.cae.cae), fit.cae.mean, fit.cae.std)
+    best.cae.load_state_dict(fit.best_cae)
+    model.cae = best.folded()
     if model.config.score != "mean_sq_error":
         model.error_weight.copy_(1.0 / fit.cae.std.double().pow(2).float().to(model.error_weight.device))
     return model.cpu().eval()
 
 
-def training_record(run: Run, progress: Progress, started: float, extract_seconds: float) -> dict:
-    """metadata.json's `training`: data, split sizes, epochs, losses, times and settings."""
+def training_record(
+    run: Run, progress: Progress, started: float, extract_seconds: float, cpu_started: float = 0.0
+) -> dict:
+    """metadata.json's `training`: data, split sizes, epochs, losses, times and settings.
+    `cpu_seconds` is this command's process CPU time (all threads), the fair budget on a shared machine."""
     return {
         "data": str(Path(run.data).resolve()),
         "dataset_sha256": run.data_sha,
@@ -594,19 +665,21 @@ def training_record(run: Run, progress: Progress, started: float, extract_second
         "preset": run.settings.preset,
         "best_val_loss": progress.best_val,
         "train_seconds": round(time.perf_counter() - started, 2),
+        "cpu_seconds": round(time.process_time() - cpu_started, 2),
         "extract_seconds": round(extract_seconds, 2),
         "fit_seconds": round(progress.fit_seconds, 2),
+        "fit_cpu_seconds": round(progress.fit_cpu_seconds, 2),
         "device": str(run.device),
         "settings": run.settings.model_dump(),
         "history": progress.history,
     }
 
 
-def write_bundle(run: Run, model: DFR, training: dict) -> dict:
-    """model.pt (with the training record less its loss history), then metadata.json; returns the metadata."""
-    checkpoint = save_checkpoint(
-        model, run.out, extra={"training": {k: v for k, v in training.items() if k != "history"}}
-    )
+def write_bundle(run: Run, model: DFR, training: dict, out: Path | None = None) -> dict:
+    """model.pt (with the training record less its loss history), then metadata.json, in `out` (default: the
+    run's --out); returns the metadata."""
+    out = run.out if out is None else out
+    checkpoint = save_checkpoint(model, out, extra={"training": {k: v for k, v in training.items() if k != "history"}})
     training["checkpoint_sha256"] = bundle.sha256_file(checkpoint)
     config = model.config
     meta = {
@@ -617,8 +690,22 @@ def write_bundle(run: Run, model: DFR, training: dict) -> dict:
         "training": training,
         "versions": versions(),
     }
-    bundle.write_metadata(run.out, meta)
+    bundle.write_metadata(out, meta)
     return meta
+
+
+def snapshot_dir(out: Path, epoch: int) -> Path:
+    return out / SNAPSHOTS / f"epoch-{epoch:03d}"
+
+
+def write_snapshot(run: Run, model: DFR, fit: Fit, started: float, extract_seconds: float, cpu_started: float) -> None:
+    """An evaluable bundle of the best weights so far, as a run with this epoch budget would have ended
+    (under a constant learning rate), without touching the training state."""
+    out = snapshot_dir(run.out, fit.progress.epoch)
+    out.mkdir(parents=True, exist_ok=True)
+    snap = with_best_cae(copy.deepcopy(model), fit)
+    write_bundle(run, snap, training_record(run, fit.progress, started, extract_seconds, cpu_started), out)
+    log.info("snapshot after epoch %d: %s", fit.progress.epoch, out)
 
 
 def train(
@@ -630,7 +717,7 @@ def train(
     resume: bool = False,
 ) -> dict:
     """Train a bundle in `out`; returns its metadata."""
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     run = start_run(settings, data, Path(out), weights_path, random_init, resume)
     model = frozen_model(run)
     run.out.mkdir(parents=True, exist_ok=True)
@@ -642,11 +729,12 @@ def train(
         extract_seconds = time.perf_counter() - extract_started
         fit = start_fit(run, standardised_cae(run, model.config, train_store))
         save_state = functools.partial(save_run_state, run, model.config, fit)
-        fit_cae(fit, train_store, val_store, run.settings, run.device, save_state)
+        snapshot = functools.partial(write_snapshot, run, model, fit, started, extract_seconds, cpu_started)
+        fit_cae(fit, train_store, val_store, run.settings, run.device, save_state, snapshot)
     if fit.progress.epoch == 0:
         raise ConfigError("epochs: no epoch was trained (the budget is 0 or already spent)")
     model = with_best_cae(model, fit)
-    return write_bundle(run, model, training_record(run, fit.progress, started, extract_seconds))
+    return write_bundle(run, model, training_record(run, fit.progress, started, extract_seconds, cpu_started))
 
 
 def cli_train(args) -> int:
