@@ -10,6 +10,8 @@ on the weights' values). Each round, interleaved because this machine is shared:
      masks on: results/s from its status counters over a window after warm-up (saturated throughput);
   3. the daemon with the camera capped at half the bench rate: end-to-end latency frame capture -> publish from
      the result headers (publish_time - frame_time) as a line with spare capacity sees it.
+  4. right after 2., the daemon saturated as in 2. with previews on (`publish.preview`, --preview-fps for OK
+     parts, every NOK and ERROR part gets one), a subscriber taking them: preview cost = its throughput / 2.'s.
 The ratio daemon/bench is taken within each round; medians over rounds are reported.
 """
 
@@ -75,7 +77,14 @@ def write_video(path: Path, frames: np.ndarray) -> Path:
 
 
 def run_daemon(
-    workdir: Path, bundle_dir: Path, video: Path, batch: int, threads: int, fps: float, seconds: float
+    workdir: Path,
+    bundle_dir: Path,
+    video: Path,
+    batch: int,
+    threads: int,
+    fps: float,
+    seconds: float,
+    preview_fps: float | None = None,
 ) -> dict:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     config = {
@@ -87,6 +96,8 @@ def run_daemon(
         "publish": {"endpoint": endpoint, "status_interval_s": 0.25, "hwm": 10000},
         "logging": {"level": "WARNING"},
     }
+    if preview_fps is not None:
+        config["publish"]["preview"] = {"enabled": True, "max_fps": preview_fps}
     path = workdir / f"daemon_{time.monotonic_ns()}.yaml"
     path.write_text(yaml.safe_dump(config))
     proc = subprocess.Popen(
@@ -99,7 +110,7 @@ def run_daemon(
     sub.setsockopt(zmq.RCVHWM, 100_000)
     sub.setsockopt_string(zmq.SUBSCRIBE, "linewatch/cam1/")
     sub.connect(endpoint)
-    statuses, latencies = [], []
+    statuses, latencies, previews = [], [], 0
     window = None
     try:
         deadline = time.monotonic() + 120 + 2 * seconds
@@ -117,6 +128,8 @@ def run_daemon(
                     window = (now, header)  # warm-up done
                 elif window is not None and now - window[0] >= seconds:
                     break
+            elif parts[0].endswith(b"/preview"):
+                previews += window is not None
             elif window is not None:
                 latencies.append(header["publish_time"] - header["frame_time"])
     finally:
@@ -134,6 +147,9 @@ def run_daemon(
         "latency_p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
         "latency_p99_ms": float(np.percentile(lat, 99)) if lat.size else None,
         "results_in_window": s1["results"] - s0["results"],
+        "nok_in_window": s1["verdicts"]["NOK"] - s0["verdicts"]["NOK"],
+        "previews_received": previews,
+        "previews_dropped": s1.get("previews_dropped", 0) - s0.get("previews_dropped", 0),
     }
 
 
@@ -147,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=8.0)
+    p.add_argument("--preview-fps", type=float, default=2.0, help="previews of OK parts per second (step 4)")
     p.add_argument("--json")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="daemon_bench_") as tmp:
@@ -174,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
             sat = run_daemon(workdir, bundle_dir, video, args.batch, args.threads, 0, args.seconds)
+            prev = run_daemon(workdir, bundle_dir, video, args.batch, args.threads, 0, args.seconds, args.preview_fps)
             half = run_daemon(
                 workdir, bundle_dir, video, args.batch, args.threads, round(bench["images_per_s"] / 2, 1), args.seconds
             )
@@ -181,19 +199,24 @@ def main(argv: list[str] | None = None) -> int:
                 "bench_images_per_s": bench["images_per_s"],
                 "daemon_images_per_s": sat["images_per_s"],
                 "ratio": sat["images_per_s"] / bench["images_per_s"],
+                "preview_ratio": prev["images_per_s"] / sat["images_per_s"],
                 "saturated": sat,
                 "half_load": half,
+                "saturated_previews": prev,
             }
             rounds.append(row)
             print(
                 f"round {i + 1}: bench {bench['images_per_s']:.1f} img/s, daemon {sat['images_per_s']:.1f} img/s "
                 f"({row['ratio']:.1%}), queue drops {sat['dropped']} of {sat['captured']}; at "
                 f"{half['images_per_s']:.1f} img/s: latency p50 {half['latency_p50_ms']:.1f} ms, "
-                f"p99 {half['latency_p99_ms']:.1f} ms",
+                f"p99 {half['latency_p99_ms']:.1f} ms; previews on: {prev['images_per_s']:.1f} img/s "
+                f"({row['preview_ratio']:.1%} of off), {prev['previews_received']} previews for "
+                f"{prev['results_in_window']} results ({prev['nok_in_window']} NOK)",
                 flush=True,
             )
         med = {
-            k: statistics.median(r[k] for r in rounds) for k in ("bench_images_per_s", "daemon_images_per_s", "ratio")
+            k: statistics.median(r[k] for r in rounds)
+            for k in ("bench_images_per_s", "daemon_images_per_s", "ratio", "preview_ratio")
         }
         med["half_load_latency_p50_ms"] = statistics.median(r["half_load"]["latency_p50_ms"] for r in rounds)
         med["half_load_latency_p99_ms"] = statistics.median(r["half_load"]["latency_p99_ms"] for r in rounds)
@@ -210,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"median: bench {med['bench_images_per_s']:.1f} img/s, daemon {med['daemon_images_per_s']:.1f} img/s "
             f"= {med['ratio']:.1%}; latency at half load p50 {med['half_load_latency_p50_ms']:.1f} ms, "
-            f"p99 {med['half_load_latency_p99_ms']:.1f} ms; saturated p50 {med['saturated_latency_p50_ms']:.1f} ms"
+            f"p99 {med['half_load_latency_p99_ms']:.1f} ms; saturated p50 {med['saturated_latency_p50_ms']:.1f} ms; "
+            f"previews on / off {med['preview_ratio']:.1%}"
         )
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -279,6 +279,20 @@ class MaskConfig(StrictModel):
     height: StrictInt = Field(0, ge=0, description="mask height in pixels (0 = model input height)")
 
 
+class PreviewConfig(StrictModel):
+    enabled: StrictBool = Field(
+        False,
+        description="send previews (JPEG of the frame as inspected, low-resolution heat map) on "
+        "linewatch/<camera>/preview, for screens; results are unchanged",
+    )
+    max_fps: StrictFloat = Field(
+        2.0, gt=0, le=100, description="previews of OK parts per second per camera at most; NOK and ERROR get one"
+    )
+    width: StrictInt = Field(320, ge=16, le=4096, description="JPEG width in pixels (never enlarged; aspect kept)")
+    jpeg_quality: StrictInt = Field(80, ge=10, le=100, description="JPEG quality (OpenCV, 10-100)")
+    heatmap_size: StrictInt = Field(64, ge=8, le=512, description="heat map PNG's longer side in pixels")
+
+
 class PublishConfig(StrictModel):
     endpoint: Endpoint = Field(
         "tcp://127.0.0.1:5555",
@@ -292,6 +306,9 @@ class PublishConfig(StrictModel):
         1.0, ge=0.05, le=60, description="period of the per-camera status (life bit)"
     )
     mask: MaskConfig = Field(default_factory=MaskConfig, description="the defect mask sent with each result")
+    preview: PreviewConfig = Field(
+        default_factory=PreviewConfig, description="optional preview stream for screens (off by default)"
+    )
 
 
 class TriggerConfig(StrictModel):

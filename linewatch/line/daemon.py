@@ -44,7 +44,13 @@ from linewatch.line.drift import design as drift_design
 from linewatch.line.frames import DROPPED_REASON, SHUTDOWN_REASON, FrameQueue, TriggerFuture
 from linewatch.line.inference import STALL_FACTOR, InferenceWorker, Model, Result, load_model, result_header
 from linewatch.line.systemd_notify import StartupExtender, SystemdNotifier
-from linewatch.protocol.wire import Verdict, encode_mask_png
+from linewatch.protocol.wire import (
+    PreviewHeader,
+    Verdict,
+    encode_heatmap_png,
+    encode_mask_png,
+    encode_preview_jpeg,
+)
 
 if TYPE_CHECKING:
     from linewatch.line.archive import Archive
@@ -74,6 +80,9 @@ class CameraStats:
         self.seq = 0  # results handed to ZeroMQ: the last seq sent
         self.publish_dropped = 0  # results that got no seq: refused by the socket, or no valid header
         self.shutdown_dropped = 0
+        self.previews = 0  # previews handed to ZeroMQ (never results)
+        self.previews_dropped = 0  # previews refused by the socket or not buildable
+        self.last_ok_preview = float("-inf")  # monotonic time of the last OK part's preview (the rate limit)
         self.verdicts = dict.fromkeys(Verdict, 0)
         self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self.done_times: deque[float] = deque()
@@ -282,6 +291,51 @@ class Daemon:
             self._count_published(published, stats, header, mask_png)
         except Exception:  # a bug in counting or archiving; the result itself went out
             log.exception("camera %s seq %d: bookkeeping after publishing failed", published.frame.camera, stats.seq)
+        if self.cfg.publish.preview.enabled:
+            self._preview(published, stats, header)
+
+    def _preview(self, result: Result, stats: CameraStats, header: dict[str, Any]) -> None:
+        """After its result went out: a preview for every NOK and ERROR part, for OK parts at most max_fps per
+        camera. Built only when selected; a failure or a full socket drops the preview (counted), never a result."""
+        cfg = self.cfg.publish.preview
+        now = time.monotonic()
+        if result.verdict == Verdict.OK:
+            if now - stats.last_ok_preview < 1.0 / cfg.max_fps:
+                return
+            stats.last_ok_preview = now
+        frame = result.frame
+        try:
+            if frame.image is None:  # an ERROR without a picture: nothing to show beyond the result
+                return
+            jpeg, (width, height) = encode_preview_jpeg(frame.image, cfg.width, cfg.jpeg_quality)
+            heat_png, heatmap = None, None
+            if result.anomaly_map is not None:
+                pixel = result.model.thresholds["pixel"]
+                if pixel is not None and np.isfinite(pixel) and pixel > 0:
+                    scale = 2.0 * float(pixel)  # the mask is about where the heat map is >= 128
+                else:
+                    scale = max(float(np.max(result.anomaly_map)), 1e-12)
+                heat_png, (hw, hh) = encode_heatmap_png(result.anomaly_map, cfg.heatmap_size, scale)
+                heatmap = {"width": hw, "height": hh, "scale": scale, "pixel_threshold": pixel}
+            fields = {
+                "camera": frame.camera,
+                "seq": header["seq"],
+                "frame_time": frame.captured_wall,
+                "frame_index": frame.index,
+                "verdict": result.verdict,
+                "image_score": result.score,
+                "image": {"width": width, "height": height},
+                "heatmap": heatmap,
+            }
+            preview = PreviewHeader.model_validate(fields).model_dump(mode="json")
+        except Exception:
+            stats.previews_dropped += 1
+            log.exception("camera %s seq %d: preview not built", frame.camera, header["seq"])
+            return
+        if self.publisher.publish_preview(preview, jpeg, heat_png):
+            stats.previews += 1
+        else:
+            stats.previews_dropped += 1
 
     def _send_or_error(self, result: Result, seq: int) -> tuple[Result, dict[str, Any], bytes | None] | None:
         """Publish `result`; when it cannot be (no valid header, mask not encodable: a bug), publish an ERROR
@@ -372,6 +426,8 @@ class Daemon:
             "dropped": self.queue.dropped[name] + stats.shutdown_dropped,
             "dropped_as_error": self.queue.dropped_as_error[name],
             "publish_dropped": stats.publish_dropped,
+            "previews": stats.previews,
+            "previews_dropped": stats.previews_dropped,
             "skipped": cam.skipped,
             "frame_errors": cam.frame_errors,
             "reconnects": cam.reconnects,

@@ -166,6 +166,7 @@ class Result:
     score: float | None = None
     judgement: Judgement | None = None
     reason: str | None = None
+    anomaly_map: np.ndarray | None = None  # kept (a view of the batch's maps) only for a preview's heat map
 
 
 def result_header(result: Result, seq: int, mask_size: tuple[int, int] | None = None) -> ResultHeader:
@@ -229,12 +230,12 @@ def _judge_one(model: Model, frame: Frame, amap: np.ndarray, score: float) -> Re
     if not np.isfinite(score) or not np.all(np.isfinite(amap)):
         return Result(frame, Verdict.ERROR, model, reason="non-finite anomaly score")
     if model.calibration is None:
-        return Result(frame, Verdict.ERROR, model, score=score, reason=model.uncalibrated_reason)
+        return Result(frame, Verdict.ERROR, model, score=score, reason=model.uncalibrated_reason, anomaly_map=amap)
     try:
         judgement = judge(amap, score, model.calibration)
     except Exception as exc:
-        return Result(frame, Verdict.ERROR, model, score=score, reason=f"cannot judge: {exc}")
-    return Result(frame, judgement.verdict, model, score=score, judgement=judgement)
+        return Result(frame, Verdict.ERROR, model, score=score, reason=f"cannot judge: {exc}", anomaly_map=amap)
+    return Result(frame, judgement.verdict, model, score=score, judgement=judgement, anomaly_map=amap)
 
 
 STALL_FACTOR = 3.0  # a batch this many times slower than the slowest recent one is a hang, not a slow machine

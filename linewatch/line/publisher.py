@@ -8,8 +8,8 @@ telling the sender, so per-subscriber losses show up only at the subscriber, as 
 
 Subscriptions are the only traffic subscribers send, and libzmq keeps every one of them in memory. So the socket
 is an XPUB in manual mode: a small thread reads each subscription and applies only those that can match a topic
-this daemon publishes (a prefix of `linewatch/<camera>/result|status`, or of `linewatch/`), up to a cap of distinct
-topics; the rest are refused and counted. `MAXMSGSIZE` cuts a connection that sends a larger message. A PUB
+this daemon publishes (a prefix of `linewatch/<camera>/result|status|preview`, or of `linewatch/`), up to a cap of
+distinct topics; the rest are refused and counted. `MAXMSGSIZE` cuts a connection that sends a larger message. A PUB
 subscriber sees exactly what a PUB socket would send it (a refused topic could not have matched anything).
 """
 
@@ -38,6 +38,7 @@ from linewatch.protocol.wire import (
     TOPIC_ROOT,
     ResultHeader,
     encode_json,
+    preview_topic,
     result_topic,
     status_header,
     status_topic,
@@ -51,7 +52,7 @@ DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 MAX_INBOUND_BYTES = 1024
 MAX_SUBSCRIPTIONS = 1000  # distinct topics applied at once; each camera needs a handful
 SUBSCRIPTION_POLL_S = 0.05  # the subscription thread's longest sleep (woken earlier by the socket's fd)
-_TOPIC_TAIL = re.compile(rb"[A-Za-z0-9_-]*(/[a-z]{0,6})?")  # after the root: a camera prefix, '/', a kind prefix
+_TOPIC_TAIL = re.compile(rb"[A-Za-z0-9_-]*(/[a-z]{0,7})?")  # after the root: a camera prefix, '/', a kind prefix
 
 
 def _publishable_prefix(topic: bytes) -> bool:
@@ -61,7 +62,7 @@ def _publishable_prefix(topic: bytes) -> bool:
     if not topic.startswith(TOPIC_ROOT) or not _TOPIC_TAIL.fullmatch(topic[len(TOPIC_ROOT) :]):
         return False
     _camera, slash, kind = topic[len(TOPIC_ROOT) :].partition(b"/")
-    return not slash or b"result".startswith(kind) or b"status".startswith(kind)
+    return not slash or any(name.startswith(kind) for name in (b"result", b"status", b"preview"))
 
 
 class ResultPublisher:
@@ -91,6 +92,8 @@ class ResultPublisher:
         self.sent = 0
         self.status_sent = 0
         self.dropped = 0
+        self.previews_sent = 0
+        self.previews_dropped = 0  # previews the socket refused: never counted as result drops
         self.subscriptions_refused = 0  # subscriptions (and other inbound messages) not applied
         self.max_subscriptions = int(max_subscriptions)
         self._topics = None if cameras is None else _prefixes_of(cameras)
@@ -138,23 +141,30 @@ class ResultPublisher:
         header = status_header(camera, status) | self._stamp()
         return self._send([status_topic(camera), encode_json(header)], "status_sent")
 
+    def publish_preview(self, header: dict[str, Any], jpeg: bytes, heatmap_png: bytes | None) -> bool:
+        """Send `[topic, header, JPEG, heat map PNG or b""]`; False (counted in `previews_dropped`) when refused."""
+        sent = header | self._stamp()
+        frames = [preview_topic(header["camera"]), encode_json(sent), jpeg, heatmap_png or b""]
+        return self._send(frames, "previews_sent", "previews_dropped")
+
     def _stamp(self) -> dict[str, Any]:
         return {"publish_time": time.time(), "run_id": self.run_id}
 
-    def _send(self, frames: list[bytes], counter: str) -> bool:
+    def _send(self, frames: list[bytes], counter: str, drops: str = "dropped") -> bool:
         with self._lock:
             if self._closed:
-                self.dropped += 1
+                setattr(self, drops, getattr(self, drops) + 1)
                 return False
             try:
-                self._socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=len(frames[-1]) < 65536)
+                copy = max(len(f) for f in frames[2:] or [b""]) < 65536
+                self._socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy)
                 setattr(self, counter, getattr(self, counter) + 1)
                 return True
             except zmq.Again:
-                self.dropped += 1
+                setattr(self, drops, getattr(self, drops) + 1)
                 return False
             except zmq.ZMQError as exc:
-                self.dropped += 1
+                setattr(self, drops, getattr(self, drops) + 1)
                 log.warning("publish failed: %s", exc)
                 return False
 
@@ -264,5 +274,5 @@ class ResultPublisher:
 
 def _prefixes_of(cameras: Iterable[str]) -> frozenset[bytes]:
     """Every subscription that can match one of these cameras' topics: each prefix of each topic."""
-    topics = [topic(camera) for camera in cameras for topic in (result_topic, status_topic)]
+    topics = [topic(camera) for camera in cameras for topic in (result_topic, status_topic, preview_topic)]
     return frozenset(t[:n] for t in topics for n in range(len(t) + 1))

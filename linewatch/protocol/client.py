@@ -20,6 +20,7 @@ import zmq
 from linewatch.errors import LinewatchError
 from linewatch.protocol.curve import apply_client_curve
 from linewatch.protocol.wire import (
+    PREVIEW,
     RESULT,
     Message,
     ProtocolError,
@@ -29,6 +30,8 @@ from linewatch.protocol.wire import (
     decode_message,
     encode_json,
     parse_header,
+    parse_topic,
+    preview_topic,
     result_topic,
 )
 
@@ -102,6 +105,8 @@ class Subscriber:
     `missed[camera]` counts results that never arrived (seq gaps, including drops at a full high-water mark),
     from the first message received on: a subscriber that joins late (the slow joiner) misses nothing it counts.
     `alive(camera, within_s)` is the life bit: true when the camera's status (or a result) arrived recently.
+    Previews (`previews=True`) come from `recv` and `previews()` as messages of kind "preview"; without it they
+    are skipped, uncounted, even where the subscription (`linewatch/`, `linewatch/<camera>/`) lets them through.
     """
 
     def __init__(
@@ -114,12 +119,14 @@ class Subscriber:
         rcvhwm: int = 10_000,
         timeout_s: float | None = None,
         statuses: bool = True,
+        previews: bool = False,
     ):
         self.endpoint = endpoint
         self.camera = camera
         self.timeout_s = timeout_s
         self.tracks: dict[str, CameraTrack] = {}
         self.invalid = 0
+        self.previews_wanted = previews
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.SUB)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -132,6 +139,8 @@ class Subscriber:
             self._socket.setsockopt(zmq.SUBSCRIBE, prefix)
         else:
             self._socket.setsockopt(zmq.SUBSCRIBE, result_topic(camera) if camera else prefix)
+            if previews and camera:
+                self._socket.setsockopt(zmq.SUBSCRIBE, preview_topic(camera))
         self._socket.connect(endpoint)
 
     # --- receiving ---------------------------------------------------------------------------------------
@@ -144,6 +153,8 @@ class Subscriber:
             if not self._socket.poll(wait, zmq.POLLIN):
                 return None
             frames = self._socket.recv_multipart()
+            if not self.previews_wanted and _is_preview(frames[0]):
+                continue
             try:
                 msg = decode_message(frames)
             except ProtocolError as exc:
@@ -156,6 +167,8 @@ class Subscriber:
     def _track(self, msg: Message) -> None:
         track = self.tracks.setdefault(msg.camera, CameraTrack())
         track.last_heard = time.monotonic()
+        if msg.kind == PREVIEW:
+            return
         if msg.kind == RESULT:
             gap = track.on_result(msg.header["seq"], msg.header.get("run_id"))
         else:
@@ -170,6 +183,15 @@ class Subscriber:
             if msg is None:
                 return
             if msg.kind == RESULT:
+                yield msg
+
+    def previews(self, timeout_s: float | None = None) -> Iterator[Message]:
+        """Preview messages as they come (needs `previews=True`); ends after `timeout_s` without any message."""
+        while True:
+            msg = self.recv(timeout_s)
+            if msg is None:
+                return
+            if msg.kind == PREVIEW:
                 yield msg
 
     def __iter__(self) -> Iterator[Message]:
@@ -323,3 +345,10 @@ def _text(value: Any, limit: int = 1000) -> str:
 
 
 __all__ = ["Subscriber", "TriggerClient", "TriggerError", "TriggerTimeout", "Message", "CameraTrack", "reply_message"]
+
+
+def _is_preview(topic: bytes) -> bool:
+    try:
+        return parse_topic(topic)[1] == PREVIEW
+    except ProtocolError:
+        return False

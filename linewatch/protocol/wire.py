@@ -32,7 +32,8 @@ from linewatch.validation import TolerantModel, validate
 
 SCHEMA_VERSION = 1
 TOPIC_ROOT = b"linewatch/"
-RESULT, STATUS = "result", "status"
+RESULT, STATUS, PREVIEW = "result", "status", "preview"
+KINDS = (RESULT, STATUS, PREVIEW)
 MAX_REGIONS = 100  # regions listed per header (largest first); `regions_total` counts them all
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CAMERA_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -74,14 +75,20 @@ def status_topic(camera: str) -> bytes:
     return camera_prefix(camera) + STATUS.encode()
 
 
+def preview_topic(camera: str) -> bytes:
+    """Not a prefix of the result or status topic (nor they of it): their subscribers never get previews."""
+    return camera_prefix(camera) + PREVIEW.encode()
+
+
 def parse_topic(topic: bytes) -> tuple[str, str]:
     """(camera, kind) of a topic frame; ProtocolError for anything else."""
+    expected = "expected linewatch/<camera>/result|status|preview"
     try:
         root, camera, kind = topic.decode("ascii").split("/")
     except (UnicodeDecodeError, ValueError):
-        raise ProtocolError(f"topic {topic[:80]!r}: expected linewatch/<camera>/result|status") from None
-    if root + "/" != TOPIC_ROOT.decode() or not CAMERA_NAME.fullmatch(camera) or kind not in (RESULT, STATUS):
-        raise ProtocolError(f"topic {topic[:80]!r}: expected linewatch/<camera>/result|status")
+        raise ProtocolError(f"topic {topic[:80]!r}: {expected}") from None
+    if root + "/" != TOPIC_ROOT.decode() or not CAMERA_NAME.fullmatch(camera) or kind not in KINDS:
+        raise ProtocolError(f"topic {topic[:80]!r}: {expected}")
     return camera, kind
 
 
@@ -225,6 +232,46 @@ class StatusHeader(TolerantModel):
     results: Annotated[Int, Field(ge=0)] | None = None
 
 
+class PreviewImage(TolerantModel):
+    format: Literal["jpeg"] = "jpeg"
+    width: Annotated[Int, Field(ge=1)]
+    height: Annotated[Int, Field(ge=1)]
+
+
+class PreviewHeatmap(TolerantModel):
+    """A uint8 greyscale PNG of the anomaly map: map value = pixel / 255 × `scale`. `scale` is twice the pixel
+    threshold when calibrated, so the published mask is roughly where the heat map is >= 128."""
+
+    format: Literal["png"] = "png"
+    width: Annotated[Int, Field(ge=1)]
+    height: Annotated[Int, Field(ge=1)]
+    scale: Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)]
+    pixel_threshold: Reading
+
+
+class PreviewHeader(TolerantModel):
+    """The JSON header of a preview (docs/PROTOCOL.md, "Preview messages"): the frame as inspected and its heat map
+    for a screen, tied to its result by (`run_id`, `camera`, `seq`). Never a verdict of its own: the result is."""
+
+    schema_version: Literal[1] = 1
+    kind: Literal["preview"] = "preview"
+    camera: CameraName
+    seq: Annotated[Int, Field(ge=1)]  # the seq of the result it belongs to
+    run_id: StrictStr | None = None
+    publish_time: Time | None = None
+    frame_time: Time
+    frame_index: Int | None
+    verdict: Verdict
+    image_score: Reading
+    image: PreviewImage
+    heatmap: PreviewHeatmap | None  # None: no map (ERROR before scoring)
+
+
+class SentPreviewHeader(PreviewHeader):
+    run_id: StrictStr
+    publish_time: Time
+
+
 def status_header(camera: str, status: dict[str, Any]) -> dict[str, Any]:
     """The JSON of a status message: the daemon's per-camera fields, flat, plus the protocol's own (the publisher
     adds `publish_time` and `run_id` at send time)."""
@@ -294,14 +341,52 @@ def decode_mask_png(data: bytes) -> np.ndarray:
     return img
 
 
+# --- previews ----------------------------------------------------------------------------------------------
+JPEG_SIGNATURE = b"\xff\xd8\xff"
+
+
+def encode_preview_jpeg(image: np.ndarray, width: int, quality: int) -> tuple[bytes, tuple[int, int]]:
+    """(JPEG, (width, height)) of a BGR frame scaled to `width` (never enlarged), aspect ratio kept."""
+    import cv2
+
+    h, w = image.shape[:2]
+    width = min(int(width), w)
+    height = max(1, round(h * width / w))
+    if (width, height) != (w, h):
+        image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(image), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise ValueError("OpenCV could not encode the preview as JPEG")
+    return buf.tobytes(), (width, height)
+
+
+def encode_heatmap_png(anomaly_map: np.ndarray, size: int, scale: float) -> tuple[bytes, tuple[int, int]]:
+    """(PNG, (width, height)) of the map at most `size` pixels on its longer side, as uint8 of map / scale."""
+    import cv2
+
+    amap: np.ndarray = np.asarray(anomaly_map, dtype=np.float32)
+    h, w = amap.shape
+    factor = min(1.0, size / max(h, w))
+    width, height = max(1, round(w * factor)), max(1, round(h * factor))
+    if (width, height) != (w, h):
+        amap = cv2.resize(amap, (width, height), interpolation=cv2.INTER_AREA)
+    img = (np.clip(amap / scale, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    ok, buf = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, MASK_PNG_COMPRESSION])
+    if not ok:
+        raise ValueError("OpenCV could not encode the heat map as PNG")
+    return buf.tobytes(), (width, height)
+
+
 # --- messages ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Message:
-    """One decoded result or status message. `mask` is the PNG bytes (None when the result has no mask)."""
+    """One decoded result, status or preview message. `mask` is the PNG bytes (None when the result has no mask);
+    a preview carries `image` (JPEG) and `mask` is its heat map PNG (None without one)."""
 
     topic: str
     header: dict[str, Any]  # decoded JSON; decode_message has checked kind and camera against the topic
     mask: bytes | None = None
+    image: bytes | None = None
 
     @property
     def kind(self) -> str:
@@ -369,8 +454,8 @@ def check_mask_frame(header: dict[str, Any], mask: bytes, what: str) -> bytes | 
 def decode_message(frames: Sequence[bytes]) -> Message:
     """Validate and decode `[topic, header, mask]` (result) or `[topic, header]` (status); ProtocolError otherwise."""
     frames = [bytes(f) for f in frames]
-    if len(frames) not in (2, 3):
-        raise ProtocolError(f"message of {len(frames)} frames: expected 3 (result) or 2 (status)")
+    if len(frames) not in (2, 3, 4):
+        raise ProtocolError(f"message of {len(frames)} frames: expected 3 (result), 2 (status) or 4 (preview)")
     camera, kind = parse_topic(frames[0])
     topic = frames[0].decode("ascii")
     header = parse_header(frames[1], f"{topic} header")
@@ -383,7 +468,25 @@ def decode_message(frames: Sequence[bytes]) -> Message:
             raise ProtocolError(f"{topic}: status messages have 2 frames, got {len(frames)}")
         validate(StatusHeader, header, f"{topic} header", error=ProtocolError)
         return Message(topic, header, None)
+    if kind == PREVIEW:
+        return _decode_preview(topic, header, frames)
     if len(frames) != 3:
         raise ProtocolError(f"{topic}: result messages have 3 frames, got {len(frames)}")
     check_result_header(header, f"{topic} header")
     return Message(topic, header, check_mask_frame(header, frames[2], topic))
+
+
+def _decode_preview(topic: str, header: dict[str, Any], frames: list[bytes]) -> Message:
+    """`[topic, header, JPEG, heat map PNG or empty]`, the frames checked against the header."""
+    if len(frames) != 4:
+        raise ProtocolError(f"{topic}: preview messages have 4 frames, got {len(frames)}")
+    checked = validate(SentPreviewHeader, header, f"{topic} header", error=ProtocolError)
+    if not frames[2].startswith(JPEG_SIGNATURE):
+        raise ProtocolError(f"{topic}: the image frame is not a JPEG")
+    if checked.heatmap is None:
+        if frames[3]:
+            raise ProtocolError(f"{topic}: header says no heat map but its frame has {len(frames[3])} bytes")
+        return Message(topic, header, None, frames[2])
+    if not frames[3].startswith(PNG_SIGNATURE):
+        raise ProtocolError(f"{topic}: header announces a PNG heat map but its frame is not a PNG")
+    return Message(topic, header, frames[3], frames[2])
