@@ -293,7 +293,10 @@ def test_settle_ms_answers_with_the_first_frame_exposed_that_long_after_the_requ
             assert wait_for(lambda: frames.extend(queue.take(10_000, 0.0, 0.0)) or any(f.part_id for f in frames), 5)
             answer = next(f for f in frames if f.part_id)
             shown = read_time(answer.image)
-            assert asked + 0.150 <= shown < asked + 0.150 + 0.3, f"exposed {shown - asked:.3f} s after the request"
+            # the camera can only time a frame when it arrives; the time drawn in it is from before it was sent
+            # (local transport: a few ms) and rounded to 1 ms, hence the 5 ms allowance below the 150 ms
+            early = 0.005
+            assert asked + 0.150 - early <= shown < asked + 0.150 + 0.3, f"exposed {shown - asked:.4f} s after"
             earlier = [f for f in frames if f.index < answer.index]
             assert earlier and all(f.part_id is None for f in earlier)  # inspected, but not as the part
             assert any(read_time(f.image) > asked for f in earlier)  # frames after the request, before it settled
