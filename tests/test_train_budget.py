@@ -30,20 +30,10 @@ from linewatch.training.train import (
     train,
 )
 from tests.test_evaluate import make_category
+from tests.test_train import assert_same_cae
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(size=48, layers="1:2", epochs=3, patience=3, batch_vectors=128, seed=2)
-
-
-def cae_state(bundle_dir: Path) -> dict:
-    return torch.load(bundle_dir / bundle.CHECKPOINT, map_location="cpu", weights_only=True)["cae"]
-
-
-def assert_same_cae(a: Path, b: Path) -> None:
-    sa, sb = cae_state(a), cae_state(b)
-    assert sa.keys() == sb.keys()
-    for key in sa:
-        assert torch.equal(sa[key], sb[key]), key
 
 
 @pytest.fixture(scope="module")
