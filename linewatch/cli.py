@@ -12,6 +12,14 @@ from linewatch import __version__
 from linewatch.bundle import PRECISIONS
 from linewatch.errors import EXIT_CODES, LinewatchError
 
+# Optional extras' top-level modules -> the extra that installs them, for a helpful message when one is missing.
+OPTIONAL_MODULES = {
+    "starlette": "dashboard",
+    "uvicorn": "dashboard",
+    "asyncua": "opcua",
+    "paho": "mqtt",
+}
+
 EPILOG_EXIT = "exit codes: " + ", ".join(f"{k} {v}" for k, v in EXIT_CODES.items())
 
 
@@ -337,6 +345,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _cmd(
         sub,
+        "dashboard",
+        "linewatch.dashboard.server:cli_dashboard",
+        "Serve the operator's web page for a running daemon: live frames, heat maps, trend, NOK gallery, feedback.",
+        "  linewatch dashboard --connect tcp://127.0.0.1:5555\n"
+        "  linewatch dashboard --connect tcp://10.0.0.5:5555 --archive /var/lib/linewatch/archive "
+        "--feedback /var/lib/linewatch/feedback --listen 0.0.0.0:8080 --token-file /etc/linewatch/dashboard.token",
+    )
+    importlib.import_module("linewatch.dashboard.options").add_arguments(p)
+
+    bridge = sub.add_parser(
+        "bridge",
+        help="Republish the daemon's results for PLCs and plant systems (OPC UA server, MQTT).",
+        description="Republish the daemon's results for PLCs and plant systems (OPC UA server, MQTT).",
+    )
+    bridges = bridge.add_subparsers(dest="bridge", metavar="PROTOCOL")
+    p = _cmd(
+        bridges,
+        "opcua",
+        "linewatch.bridges.opcua:cli_bridge_opcua",
+        "OPC UA server with one object per camera (verdict, score, counters, life bit) and an Inspect method.",
+        "  linewatch bridge opcua --connect tcp://127.0.0.1:5555 --trigger tcp://127.0.0.1:5556 "
+        "--listen opc.tcp://127.0.0.1:4840",
+    )
+    importlib.import_module("linewatch.bridges.opcua_options").add_arguments(p)
+    p = _cmd(
+        bridges,
+        "mqtt",
+        "linewatch.bridges.mqtt:cli_bridge_mqtt",
+        "Publish each result and status to an MQTT broker (linewatch/<camera>/result|status).",
+        "  linewatch bridge mqtt --connect tcp://127.0.0.1:5555 --broker mqtt://127.0.0.1:1883",
+    )
+    importlib.import_module("linewatch.bridges.mqtt_options").add_arguments(p)
+
+    p = _cmd(
+        sub,
         "demo",
         "linewatch.demo.run:cli_demo",
         "Run the whole pipeline on built-in images: train, export, calibrate, run the daemon, report.",
@@ -372,6 +415,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except ModuleNotFoundError as exc:
+        extra = OPTIONAL_MODULES.get((exc.name or "").split(".")[0])
+        if extra:
+            logging.getLogger("linewatch").error(
+                "this command needs an optional extra: pip install 'linewatch[%s]' (missing module %s)", extra, exc.name
+            )
+            return 2
         if exc.name in ("torch", "torchvision", "onnx", "h5py"):
             logging.getLogger("linewatch").error(
                 "this command needs the build side: pip install 'linewatch[build]' (missing module %s)", exc.name
