@@ -1,4 +1,5 @@
-"""Print exact pins for everything `linewatch[build,dev,dashboard,opcua,mqtt]` pulls in, as installed here: config/constraints.txt.
+"""Print exact pins for everything `linewatch[build,dev,dashboard,opcua,mqtt]` pulls in, as installed here:
+config/constraints.txt.
 
 Run after a dependency change, on a machine where the CI tests passed:
     python .ci/make_constraints.py > config/constraints.txt

@@ -87,9 +87,28 @@ def build_parser() -> argparse.ArgumentParser:
         "linewatch.training.train:cli_train",
         "Train a DFR model on good images only.",
         "  linewatch train --data mvtec/bottle --out models/bottle --preset paper\n"
-        "  linewatch train --data good_parts/ --out models/line1 --preset fast --epochs 20",
+        "  linewatch train --data good_parts/ --out models/line1 --preset fast --epochs 20\n"
+        "  linewatch train --from models/line1 --out models/line1-v2 --feedback /var/lib/linewatch/feedback"
+        "   # retrain with the line's false rejects",
     )
-    p.add_argument("--data", required=True, help="folder of good images, or an MVTec category (uses train/good)")
+    p.add_argument(
+        "--data",
+        help="folder of good images, or an MVTec category (uses train/good); required unless --from gives it",
+    )
+    p.add_argument(
+        "--from",
+        dest="from_model",
+        metavar="MODEL",
+        help="retrain an existing bundle: its recorded training settings, data folder (unless --data), weights "
+        "(unless --weights) and feedback folder (unless --feedback); --config and flags still override settings",
+    )
+    p.add_argument(
+        "--feedback",
+        metavar="FOLDER",
+        help="a dashboard feedback folder: its false rejects (good parts the inspector rejected) join the good "
+        "training images, never its missed defects; the bundle records them and FOLDER/used.json marks them used "
+        "(docs/FEEDBACK.md)",
+    )
     p.add_argument("--out", required=True, help="model bundle directory to write")
     p.add_argument("--config", help="YAML training config (keys as in config/train.yaml)")
     p.add_argument(
@@ -139,10 +158,22 @@ def build_parser() -> argparse.ArgumentParser:
         "ground_truth/ (OK/NOK photos, no masks) image ROC-AUC only. With a calibration: false rejects and escapes "
         "by the daemon's verdict rule.",
         "  linewatch eval models/bottle --data mvtec/bottle --json bottle.json --overlays out/bottle\n"
-        "  linewatch eval models/line3 --data photos/line3 --plots out/line3   # test/good, test/<defect type>",
+        "  linewatch eval models/line3 --data photos/line3 --plots out/line3   # test/good, test/<defect type>\n"
+        "  linewatch eval models/line3 --data photos/line3 --feedback /var/lib/linewatch/feedback   # + missed defects",
     )
     p.add_argument("model", help="model bundle directory")
-    p.add_argument("--data", required=True, help="MVTec-layout category directory (ground_truth/ optional)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="MVTec-layout category directory (ground_truth/ optional), or a dashboard feedback folder (its false "
+        "rejects as good, its missed defects as defect type missed_defect)",
+    )
+    p.add_argument(
+        "--feedback",
+        metavar="FOLDER",
+        help="add a dashboard feedback folder's missed defects to the test set as defect type missed_defect (image "
+        "metrics and verdicts only: no masks) and mark them used in FOLDER/used.json (docs/FEEDBACK.md)",
+    )
     p.add_argument("--json", help="write metrics as JSON to this file ('-' for stdout)")
     p.add_argument("--overlays", help="write anomaly-map overlay PNGs to this directory")
     p.add_argument(
@@ -383,13 +414,26 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         "linewatch.demo.run:cli_demo",
         "Run the whole pipeline on built-in images: train, export, calibrate, run the daemon, report.",
-        "  linewatch demo\n  linewatch demo --out demo_run --parts 40",
+        "  linewatch demo\n  linewatch demo --out demo_run --parts 40\n"
+        "  linewatch demo --dashboard-wait 600       # then look at the line in a browser for 10 minutes",
     )
-    p.add_argument("--out", default="linewatch-demo", help="working directory for the demo")
+    p.add_argument("--out", default="linewatch-demo", help="the demo's working folder")
     p.add_argument("--parts", type=int, default=40, help="parts on the simulated line")
     p.add_argument("--seed", type=int, default=0, help="seed for the parts, their defects and training")
     p.add_argument(
         "--quick", action="store_true", help="a smaller, faster run (fewer images, 2 epochs) for tests and a first look"
+    )
+    p.add_argument(
+        "--no-dashboard",
+        action="store_true",
+        help="do not start the web dashboard beside the demo line (it starts when linewatch[dashboard] is installed)",
+    )
+    p.add_argument(
+        "--dashboard-wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="keep the daemon and the dashboard up this long after the line has run, to look at it (Ctrl-C ends it)",
     )
     return parser
 

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -32,9 +37,80 @@ def run_demo(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     )
 
 
-def test_quick_demo_prints_every_part_and_reports_counts_matching_the_truth(tmp_path):
-    out = tmp_path / "demo"
-    proc = run_demo("--out", str(out), "--parts", str(PARTS), "--quick", "--seed", "1")
+@dataclass
+class QuickDemo:
+    out: Path
+    proc: subprocess.CompletedProcess
+    url: str | None  # from the `dashboard: URL` line
+    page: tuple[int, str] | None  # (status, content type) of GET URL while the demo ran
+    state: dict | None  # the last /api/state read while the demo ran
+    refused_after: bool  # the URL refused connections once the demo had exited
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory) -> QuickDemo:
+    """One quick demo for the module: its stdout read as it comes, and its dashboard asked while the line runs
+    (`--dashboard-wait` keeps it up a few seconds after the last part, so the whole line is seen)."""
+    out = tmp_path_factory.mktemp("quick_demo") / "demo"
+    args = ["--out", str(out), "--parts", str(PARTS), "--quick", "--seed", "1", "--dashboard-wait", "4"]
+    stderr = open(out.parent / "stderr.log", "w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "linewatch.cli", "demo", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=lambda: [*map(lines.put, proc.stdout), lines.put(None)], daemon=True).start()
+    stdout, url, page, state = [], None, None, None
+    deadline = time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=0.2)
+            except queue.Empty:
+                line = ""
+            if line is None:
+                break
+            stdout.append(line)
+            if url is None and (found := re.match(r"^dashboard: (http://\S+) ", line)):
+                url = found[1]
+            if url is not None and proc.poll() is None:
+                page, state = ask_dashboard(url, page, state)
+        proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr.seek(0)
+    refused_after = url is not None and not answers(url)
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, "".join(stdout), stderr.read())
+    return QuickDemo(out, done, url, page, state, refused_after)
+
+
+def answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+def ask_dashboard(url: str, page: tuple | None, state: dict | None) -> tuple[tuple | None, dict | None]:
+    """GET the page once, then /api/state on every call; a refused or failed request keeps what was read."""
+    try:
+        if page is None:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                page = (r.status, r.headers.get("Content-Type", ""))
+        with urllib.request.urlopen(url + "api/state", timeout=2) as r:
+            state = json.loads(r.read())
+    except OSError:
+        pass
+    return page, state
+
+
+def test_quick_demo_prints_every_part_and_reports_counts_matching_the_truth(quick_demo):
+    out, proc = quick_demo.out, quick_demo.proc
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     lines = [LINE.match(line) for line in proc.stdout.splitlines() if line.startswith("part ")]
@@ -82,6 +158,28 @@ def test_quick_demo_prints_every_part_and_reports_counts_matching_the_truth(tmp_
     assert f"{counts['detected']} detected" in html and "data:image/jpeg;base64," in html
     assert f"{expect['detected']} detected, {expect['missed']} missed" in proc.stdout
     assert str((report / "report.html").resolve()) in proc.stdout
+
+
+def test_quick_demo_serves_the_dashboard_while_the_line_runs_and_stops_it_after(quick_demo):
+    proc = quick_demo.proc
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    printed = proc.stdout.splitlines()
+    first_part = next(i for i, line in enumerate(printed) if line.startswith("part "))
+    board = [i for i, line in enumerate(printed) if line.startswith("dashboard: http://127.0.0.1:")]
+    assert board and board[0] < first_part, proc.stdout  # up before the line starts
+    assert "open it in a browser while the demo line runs" in printed[board[0]]
+    assert quick_demo.page is not None and quick_demo.page[0] == 200 and "text/html" in quick_demo.page[1]
+    state = quick_demo.state
+    assert state is not None, "/api/state never answered while the demo ran"
+    camera = state["cameras"]["line1"]
+    counts = camera["counts"]
+    warmup = json.loads((quick_demo.out / "line" / "truth.json").read_text())["warmup_frames"]
+    assert sum(counts.values()) == warmup + PARTS, counts  # it saw every frame of the line, live
+    assert counts == camera["daemon_verdicts"], camera  # the daemon's own counts, from its status
+    assert counts["NOK"] >= len(re.findall(r"^part .* NOK ", proc.stdout, re.M)), (counts, proc.stdout)
+    assert camera["latest_preview"] is not None, "the demo daemon sends previews for the dashboard"
+    assert quick_demo.refused_after, "the dashboard still answers after the demo exited"
+    assert "dashboard wait" in proc.stdout and (quick_demo.out / "dashboard.log").is_file()
 
 
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path):

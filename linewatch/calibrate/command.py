@@ -49,6 +49,7 @@ from linewatch.calibrate.thresholds import (
     realised_pixel_fpr,
 )
 from linewatch.errors import BundleError, ConfigError, DataError, LinewatchError
+from linewatch.feedback import is_feedback_folder
 from linewatch.images import check_images, list_images, load_for_model, read_mask, resize_to_model
 from linewatch.line.verdict import defect_mask, judge
 from linewatch.protocol.wire import Verdict
@@ -79,6 +80,13 @@ def check_args(args: argparse.Namespace) -> None:
         return
     if bool(args.good) == bool(args.camera):
         raise ConfigError("give exactly one source of good samples: --good DIR or --camera NAME (with --config)")
+    if args.good and is_feedback_folder(Path(args.good)):
+        raise ConfigError(
+            f"--good {args.good} holds corrections from the line (a dashboard feedback folder): its false rejects are "
+            "parts the model scores high, and calibrating on them would raise the thresholds until real defects pass. "
+            "Retrain with them instead (linewatch train --feedback, docs/FEEDBACK.md), then calibrate on fresh good "
+            "parts"
+        )
     if args.camera and not args.config:
         raise ConfigError("--camera needs --config (the daemon config that defines the camera)")
     if args.camera and args.frames < 1:

@@ -16,6 +16,8 @@ import base64
 import html
 import json
 import logging
+import os
+import re
 import shutil
 import signal
 import socket
@@ -38,7 +40,9 @@ SIZE = 128  # part images are made at the fast preset's input size: the daemon's
 DEFECT_RATE = 0.3
 TILE = 192  # overlay grid tile size in pixels
 MARKER = ".linewatch-demo"  # marks a folder this command made, so a re-run may replace it
-SUBDIRS = ("data", "line", "model", "report", "daemon.yaml", "daemon.log", "calibration.json")
+# replaced by a re-run; the dashboard's feedback/ folder is not: marks a person made are kept
+SUBDIRS = ("data", "line", "model", "report", "daemon.yaml", "daemon.log", "calibration.json", "dashboard.log")
+DASHBOARD_URL = re.compile(r"^dashboard: (http://\S+)", re.M)  # the line `linewatch dashboard` prints on start
 
 
 @dataclass(frozen=True)
@@ -273,8 +277,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_daemon_config(out: Path, n_frames: int, endpoint: str, s: Settings) -> Path:
-    """One video camera, read once at the line's pace, a queue that holds every frame (none dropped)."""
+def write_daemon_config(out: Path, n_frames: int, endpoint: str, s: Settings, previews: bool = False) -> Path:
+    """One video camera, read once at the line's pace, a queue that holds every frame (none dropped); previews
+    (the frames and heat maps a screen shows) only when the dashboard watches."""
     import yaml
 
     config = {
@@ -290,7 +295,7 @@ def write_daemon_config(out: Path, n_frames: int, endpoint: str, s: Settings) ->
                 "queue_size": n_frames + 1,
             }
         ],
-        "publish": {"endpoint": endpoint, "status_interval_s": 0.5},
+        "publish": {"endpoint": endpoint, "status_interval_s": 0.5, "preview": {"enabled": previews}},
         "trigger": {"enabled": False},
         "metrics": {"enabled": False},
         "health": {"drain_timeout_s": 10.0},
@@ -332,14 +337,33 @@ def defect_area(header: dict, min_defect_area: int) -> int:
     return int(sum(r["area"] for r, defect in zip(header["regions"], flags) if defect))
 
 
-def inspect_line(out: Path, parts: list[LinePart], s: Settings) -> dict[int, dict]:
-    """Start the daemon, receive one result per part over ZeroMQ, print it, stop the daemon with SIGTERM.
-    Returns {part number: {"header", "mask", "area", "above_threshold"}}."""
+def inspect_line(
+    out: Path,
+    parts: list[LinePart],
+    s: Settings,
+    dashboard: bool = False,
+    wait_s: float = 0.0,
+    timings: dict[str, float] | None = None,
+) -> dict[int, dict]:
+    """Start the daemon (and, with `dashboard`, the web dashboard before it, so it sees the whole line), receive
+    one result per part over ZeroMQ, print it, keep both up `wait_s` more seconds (recorded in `timings` as
+    "dashboard wait"), stop them with SIGTERM. Returns {part number: {"header", "mask", "area", "above_threshold"}}."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    board = start_dashboard(out, endpoint) if dashboard else None
+    try:
+        return _inspect(out, parts, s, endpoint, board is not None, wait_s, timings if timings is not None else {})
+    finally:
+        if board is not None:
+            stop_dashboard(board)
+
+
+def _inspect(
+    out: Path, parts: list[LinePart], s: Settings, endpoint: str, previews: bool, wait_s: float, timings: dict
+) -> dict[int, dict]:
     from linewatch.protocol.client import Subscriber
 
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
     n_frames = s.warmup_frames + len(parts)
-    config = write_daemon_config(out, n_frames, endpoint, s)
+    config = write_daemon_config(out, n_frames, endpoint, s, previews)
     log_path = out / "daemon.log"
     sub = Subscriber(endpoint, camera=CAMERA)  # connects before the daemon binds: no start-up results lost
     daemon = start_daemon(config, log_path)
@@ -354,6 +378,8 @@ def inspect_line(out: Path, parts: list[LinePart], s: Settings) -> dict[int, dic
     deadline = time.monotonic() + 90.0 + 3 * n_frames / s.fps
     try:
         results = receive_results(sub, daemon, parts, s.min_defect_area, deadline, log_path)
+        if wait_s > 0:
+            timings["dashboard wait"] = round(linger(daemon, wait_s, log_path), 1)
     finally:
         sub.close()
         code = stop_daemon(daemon)
@@ -364,6 +390,69 @@ def inspect_line(out: Path, parts: list[LinePart], s: Settings) -> dict[int, dic
         )
     log.info("daemon stopped with exit code 0 after SIGTERM")
     return results
+
+
+def linger(daemon: subprocess.Popen, wait_s: float, log_path: Path) -> float:
+    """`--dashboard-wait`: the line has run; daemon and dashboard stay up so a person can look. Ctrl-C ends it
+    early (the daemon, in our process group, takes the SIGINT as a stop too)."""
+    log.info("the line has run; the daemon and the dashboard stay up for %g s (Ctrl-C to stop now)", wait_s)
+    start = time.monotonic()
+    end = start + wait_s
+    try:
+        while (left := end - time.monotonic()) > 0:
+            if daemon.poll() is not None:
+                raise LinewatchError(
+                    f"the daemon exited with {daemon.returncode} while the demo waited; its log {log_path} ends:\n"
+                    + _tail(log_path)
+                )
+            time.sleep(min(left, 0.5))
+    except KeyboardInterrupt:
+        log.info("stopping early (Ctrl-C)")
+    return time.monotonic() - start
+
+
+# --- the dashboard beside the line ------------------------------------------------------------------------------
+
+
+def dashboard_installed() -> bool:
+    """Whether the `dashboard` extra's server libraries are importable (looked up, not imported)."""
+    import importlib.util
+
+    try:
+        return all(importlib.util.find_spec(name) is not None for name in ("starlette", "uvicorn"))
+    except (ImportError, ValueError):  # a broken or half-removed install
+        return False
+
+
+def start_dashboard(out: Path, endpoint: str, timeout_s: float = 30.0) -> subprocess.Popen | None:
+    """`linewatch dashboard` on a free loopback port, subscribed to the demo daemon, marking feedback into
+    out/feedback. Prints its URL. The demo does not need it: one that fails to start is a warning, not an error."""
+    log_path = out / "dashboard.log"
+    args = ["dashboard", "--connect", endpoint, "--listen", f"127.0.0.1:{free_port()}"]
+    args += ["--feedback", str((out / "feedback").resolve())]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # its URL line reaches the log file at once
+    with open(log_path, "w") as board_log:
+        board = subprocess.Popen(linewatch_cmd(*args), stdout=board_log, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + timeout_s
+    while (found := DASHBOARD_URL.search(log_path.read_text(errors="replace"))) is None:
+        if board.poll() is not None or time.monotonic() > deadline:
+            stop_dashboard(board)
+            log.warning(
+                "the dashboard did not start (%s); the demo goes on without it. Its log %s ends:\n%s",
+                f"exit code {board.returncode}" if board.returncode is not None else f"no URL within {timeout_s:g} s",
+                log_path,
+                _tail(log_path),
+            )
+            return None
+        time.sleep(0.1)
+    print(f"dashboard: {found[1]} \u2014 open it in a browser while the demo line runs", flush=True)
+    return board
+
+
+def stop_dashboard(board: subprocess.Popen) -> None:
+    code = stop_daemon(board)  # the same stop: SIGTERM, killed after 30 s
+    if code not in (0, None) and code != -signal.SIGTERM:
+        log.warning("the dashboard exited with code %s (its log: dashboard.log)", code)
 
 
 def start_daemon(config: Path, log_path: Path) -> subprocess.Popen:
@@ -667,6 +756,9 @@ def cli_demo(args) -> int:
     s = QUICK if getattr(args, "quick", False) else FULL
     if not 1 <= args.parts <= 5000:
         raise ConfigError(f"--parts must be between 1 and 5000, got {args.parts}")
+    wait_s = float(getattr(args, "dashboard_wait", 0.0))
+    if not 0 <= wait_s <= 86400:
+        raise ConfigError(f"--dashboard-wait must be between 0 and 86400 seconds, got {wait_s:g}")
     out = Path(args.out)
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -685,8 +777,20 @@ def cli_demo(args) -> int:
     step("model", t0)
     t0 = time.perf_counter()
     log.info("[3/5] running the daemon on the simulated camera")
-    results = inspect_line(out, parts, s)
+    dashboard = not getattr(args, "no_dashboard", False)
+    if dashboard and not dashboard_installed():
+        dashboard = False
+        print(
+            "dashboard: not started: the web dashboard needs its extra, pip install 'linewatch[dashboard]' "
+            "(then `linewatch demo` shows the line in a browser)",
+            flush=True,
+        )
+    waited: dict[str, float] = {}
+    results = inspect_line(out, parts, s, dashboard, wait_s, waited)
     step("inspection", t0)
+    if waited:  # the time a person looked is not inspection time
+        timings["inspection"] = round(timings["inspection"] - waited["dashboard wait"], 1)
+        timings.update(waited)
     t0 = time.perf_counter()
     log.info("[4/5] writing the report")
     report, counts = write_report(out, parts, results, calibration, s, timings)

@@ -8,6 +8,10 @@
 With a ground_truth/ folder every defect image must have its mask: a missing one would silently turn defect pixels
 into "normal" ones. Without one (the common factory case: photos sorted into OK and NOK folders, no masks) the set
 is image-level: every folder under test/ other than good/ holds NOK parts, and only image metrics apply.
+
+A feedback folder (linewatch/feedback.py, docs/FEEDBACK.md) reads as an image-level set: its false rejects as good
+images, its missed defects as defect type "missed_defect"; `with_missed_defects` adds a feedback folder's missed
+defects to any test set.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from linewatch import feedback
 from linewatch.errors import DataError
 from linewatch.images import IMAGE_SUFFIXES, list_images
 
 GOOD = "good"
+MISSED_DEFECT = feedback.MISSED_DEFECT  # the defect type of the dashboard's "missed defect" corrections
 MASK_SUFFIX = "_mask"
 
 
@@ -27,6 +33,7 @@ class Sample:
     path: Path
     defect_type: str  # "good" for defect-free images
     mask_path: Path | None  # None for good images, and for every image of an image-level set
+    feedback: feedback.Entry | None = None  # the correction this image is, when it comes from a feedback folder
 
     @property
     def is_anomalous(self) -> bool:
@@ -50,6 +57,8 @@ def read_test_set(category_dir: str | Path) -> list[Sample]:
     category = Path(category_dir)
     if not category.is_dir():
         raise DataError(f"dataset category not found: {category}")
+    if feedback.is_feedback_folder(category):
+        return read_feedback_set(category)
     test_dir = category / "test"
     if not test_dir.is_dir():
         raise DataError(
@@ -72,6 +81,31 @@ def read_test_set(category_dir: str | Path) -> list[Sample]:
             mask = find_mask(ground_truth, folder.name, image) if pixel_level else None
             samples.append(Sample(image, folder.name, mask))
     return samples
+
+
+def read_feedback_set(folder: str | Path) -> list[Sample]:
+    """A feedback folder as an image-level test set: false rejects (good parts) as good, missed defects as defect
+    type "missed_defect"; each image checked against the sha256 its sidecar recorded."""
+    root = feedback.feedback_root(Path(folder))
+    good = feedback.verified(feedback.entries(root, feedback.FALSE_REJECT))
+    missed = feedback.verified(feedback.entries(root, feedback.MISSED_DEFECT))
+    if not good or not missed:
+        raise DataError(
+            f"the feedback folder {root} has {len(good)} false reject(s) and {len(missed)} missed defect(s): as a test "
+            f"set it needs both (or evaluate a test set with --feedback {root} to add its missed defects)"
+        )
+    return [Sample(e.image, GOOD, None, e) for e in good] + [Sample(e.image, MISSED_DEFECT, None, e) for e in missed]
+
+
+def with_missed_defects(samples: list[Sample], folder: str | Path) -> list[Sample]:
+    """`samples` plus the feedback folder's missed defects as defect type "missed_defect" (image-level: no masks)."""
+    root = feedback.feedback_root(Path(folder))
+    if any(s.defect_type == MISSED_DEFECT for s in samples):
+        raise DataError(f"the test set already has a defect type named {MISSED_DEFECT!r}: cannot add {root}'s")
+    missed = feedback.verified(feedback.entries(root, feedback.MISSED_DEFECT))
+    if not missed:
+        raise DataError(f"no missed defects in the feedback folder {root} (nothing under {feedback.MISSED_DEFECT}/)")
+    return samples + [Sample(e.image, MISSED_DEFECT, None, e) for e in missed]
 
 
 def is_image_level(samples: list[Sample]) -> bool:

@@ -25,6 +25,7 @@ from linewatch import bundle
 from linewatch.errors import BundleError, DataError
 from linewatch.evaluation import datasets, metrics
 from linewatch.evaluation.overlay import display_range, grid, overlay
+from linewatch.feedback import KINDS as FEEDBACK_KINDS
 from linewatch.images import check_images, read_image, read_mask, resize_to_model
 
 if TYPE_CHECKING:
@@ -125,18 +126,27 @@ def metrics_by_type(
     data_dir: str | Path,
     fpr_limit: float = metrics.PRO_FPR_LIMIT,
     pixel: bool = True,
+    image_only: frozenset[str] = frozenset(),
 ) -> dict:
-    """{"overall", "per_type"} metric sets; each defect type is judged against all good images."""
+    """{"overall", "per_type"} metric sets; each defect type is judged against all good images. Types in
+    `image_only` (added without masks, e.g. missed defects from the line) get image metrics only, and stay out of
+    the overall pixel metrics, where their unmarked defect pixels would count as normal ones."""
     anomalous = types != datasets.GOOD
-    if pixel and not masks[anomalous].any():
+    masked = ~np.isin(types, sorted(image_only))
+    if pixel and not masks[anomalous & masked].any():
         raise DataError(f"all ground-truth masks in {Path(data_dir) / 'ground_truth'} are empty")
     per_type = {}
     for name in sorted(set(types[anomalous].tolist())):
         keep = (types == name) | ~anomalous
-        if pixel and not masks[types == name].any():
+        type_pixel = pixel and name not in image_only
+        if type_pixel and not masks[types == name].any():
             raise DataError(f"all ground-truth masks of defect type {name!r} in {data_dir} are empty")
-        per_type[name] = metric_set(maps[keep], scores[keep], masks[keep], anomalous[keep], fpr_limit, pixel)
-    return {"overall": metric_set(maps, scores, masks, anomalous, fpr_limit, pixel), "per_type": per_type}
+        per_type[name] = metric_set(maps[keep], scores[keep], masks[keep], anomalous[keep], fpr_limit, type_pixel)
+    overall = metric_set(maps, scores, masks, anomalous, fpr_limit, pixel and not image_only)
+    if pixel and image_only:
+        masked_set = metric_set(maps[masked], scores[masked], masks[masked], anomalous[masked], fpr_limit, True)
+        overall["pixel_roc_auc"], overall["pro_auc"] = masked_set["pixel_roc_auc"], masked_set["pro_auc"]
+    return {"overall": overall, "per_type": per_type}
 
 
 def judged_nok(maps: np.ndarray, scores: np.ndarray, calibration: Calibration) -> np.ndarray:
@@ -180,15 +190,20 @@ def evaluate_scorer(
     fpr_limit: float = metrics.PRO_FPR_LIMIT,
     calibration: Calibration | None = None,
     plots_dir: str | Path | None = None,
+    feedback: str | Path | None = None,
 ) -> dict:
     """Metrics per defect type and overall for `scorer` on the MVTec-layout category `data_dir`; with a
-    calibration also the verdicts (false rejects, escapes) at its thresholds."""
+    calibration also the verdicts (false rejects, escapes) at its thresholds. `feedback`: a feedback folder whose
+    missed defects join the set as defect type "missed_defect" (image metrics only)."""
     samples = datasets.read_test_set(data_dir)
+    if feedback is not None:
+        samples = datasets.with_missed_defects(samples, feedback)
     pixel = not datasets.is_image_level(samples)
     check_images([s.path for s in samples] + [s.mask_path for s in samples if s.mask_path], f"files in {data_dir}")
     maps, scores, masks = score_samples(scorer, samples, batch, progress)
     types = np.array([s.defect_type for s in samples])
-    table = metrics_by_type(maps, scores, masks, types, data_dir, fpr_limit, pixel)
+    image_only = frozenset(s.defect_type for s in samples if s.is_anomalous and s.mask_path is None and pixel)
+    table = metrics_by_type(maps, scores, masks, types, data_dir, fpr_limit, pixel, image_only)
     result = {
         "data": str(data_dir),
         "level": "pixel" if pixel else "image",
@@ -203,7 +218,31 @@ def evaluate_scorer(
         result["overlays"] = write_overlays(Path(overlays_dir), samples, maps, masks, types != datasets.GOOD)
     if plots_dir is not None:
         result["plots"] = write_plots(Path(plots_dir), scores, types, calibration, result["verdicts"])
+    corrections = [s.feedback for s in samples if s.feedback is not None]
+    if corrections:
+        result["feedback"] = {
+            "folder": str(Path(feedback if feedback is not None else data_dir).resolve()),
+            **{kind: sum(e.kind == kind for e in corrections) for kind in FEEDBACK_KINDS},
+            "files": [{"file": e.relative, "sha256": e.sha256, "kind": e.kind} for e in corrections],
+        }
     return result
+
+
+def mark_feedback_used(result: dict, model: str | Path) -> None:
+    """Record the missed defects this evaluation used in the feedback folder's used.json (the dashboard's count of
+    corrections waiting then drops); a folder that cannot record it only costs a warning, never the result."""
+    from linewatch.feedback import MISSED_DEFECT, FeedbackError, entries, mark_used
+
+    info = result.get("feedback")
+    if not info or not info[MISSED_DEFECT]:
+        return
+    evaluated = {(f["file"], f["sha256"]) for f in info["files"] if f["kind"] == MISSED_DEFECT}
+    try:
+        folder = Path(info["folder"])
+        used = [e for e in entries(folder, MISSED_DEFECT) if (e.relative, e.sha256) in evaluated]
+        mark_used(folder, used, by="eval", target=str(Path(model).resolve()))
+    except FeedbackError as exc:
+        log.warning("the missed defects were evaluated but not marked used: %s", exc)
 
 
 def write_plots(
@@ -371,8 +410,14 @@ def cli_eval(args) -> int:
         overlays_dir=args.overlays,
         calibration=calibration,
         plots_dir=getattr(args, "plots", None),
+        feedback=getattr(args, "feedback", None),
     )
     meta = bundle.read_metadata(args.model)
+    if "feedback" in result:  # false rejects the model was trained on say little about its false-reject rate
+        trained = {f["sha256"] for f in (meta.get("training") or {}).get("feedback", {}).get("files", [])}
+        result["feedback"]["false_reject_trained_on"] = sum(
+            f["kind"] == "false_reject" and f["sha256"] in trained for f in result["feedback"]["files"]
+        )
     result = {
         "model": str(args.model),
         "backend": backend,
@@ -388,10 +433,23 @@ def cli_eval(args) -> int:
         f"images, {level})\n{format_table(result)}",
         file=sys.stderr,
     )
+    if "feedback" in result:
+        fb = result["feedback"]
+        print(
+            f"feedback {fb['folder']}: {fb['missed_defect']} missed defect(s) as defect type missed_defect"
+            + (
+                f", {fb['false_reject']} false reject(s) as good ({fb['false_reject_trained_on']} of them in the "
+                f"model's training images)"
+                if fb["false_reject"]
+                else ""
+            ),
+            file=sys.stderr,
+        )
     if "plots" in result:
         print(f"plots: {result['plots']['histogram']}, {result['plots']['roc']}", file=sys.stderr)
     if args.overlays:
         print(f"overlays: {result['overlays']['dir']} (grid: {result['overlays']['grid']})", file=sys.stderr)
     if args.json:
         write_json(result, args.json)
+    mark_feedback_used(result, args.model)
     return 0

@@ -79,7 +79,6 @@ class CameraStats:
     def __init__(self) -> None:
         self.seq = 0  # results handed to ZeroMQ: the last seq sent
         self.publish_dropped = 0  # results that got no seq: refused by the socket, or no valid header
-        self.shutdown_dropped = 0
         self.previews = 0  # previews handed to ZeroMQ (never results)
         self.previews_dropped = 0  # previews refused by the socket or not buildable
         self.last_ok_preview = float("-inf")  # monotonic time of the last OK part's preview (the rate limit)
@@ -423,7 +422,7 @@ class Daemon:
             "fps": round(fps, 2),
             "captured": cam.captured,
             "results": stats.seq,
-            "dropped": self.queue.dropped[name] + stats.shutdown_dropped,
+            "dropped": self.queue.dropped[name],
             "dropped_as_error": self.queue.dropped_as_error[name],
             "publish_dropped": stats.publish_dropped,
             "previews": stats.previews,
@@ -515,7 +514,7 @@ class Daemon:
                 "captured": cam.captured,
                 "reconnects": cam.reconnects,
                 "frame_errors": cam.frame_errors,
-                "dropped": self.queue.dropped[name] + self.stats[name].shutdown_dropped,
+                "dropped": self.queue.dropped[name],
             }
             for name, cam in self.cameras.items()
         }

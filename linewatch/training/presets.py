@@ -171,13 +171,15 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return _checked(data, path)
 
 
-def resolve_settings(args) -> TrainSettings:
-    """Preset defaults < config file < command-line flags. The preset may come from the file or the flag."""
+def resolve_settings(args, base: dict[str, Any] | None = None) -> TrainSettings:
+    """Preset defaults < config file < command-line flags. The preset may come from the file or the flag.
+    `base` (a bundle's recorded settings, `linewatch train --from`) takes the preset's place."""
     from_file = read_config_file(args.config) if getattr(args, "config", None) else {}
     flags = {key: getattr(args, flag) for flag, key in CLI_KEYS.items() if getattr(args, flag, None) is not None}
     flags = _checked(flags, "command line")
-    preset = flags.get("preset") or from_file.get("preset") or "fast"
-    return validate(TrainSettings, {**PRESETS[preset], **from_file, **flags, "preset": preset}, "training settings")
+    preset = flags.get("preset") or from_file.get("preset") or (base or {}).get("preset") or "fast"
+    start = PRESETS[preset] if base is None else base
+    return validate(TrainSettings, {**start, **from_file, **flags, "preset": preset}, "training settings")
 
 
 def describe(settings: TrainSettings) -> str:

@@ -4,6 +4,8 @@ The CAE is a per-position MLP (1×1 convs), so every regional vector is an indep
 features are extracted once, and training draws shuffled batches of vectors across all images and positions.
 A share of the good images is held out; its reconstruction loss drives early stopping (never a test set).
 The run is deterministic for a seed and resumable from `train_state.pt` after every epoch.
+False rejects from the line (`--feedback`, linewatch/feedback.py) join the training images, never the validation
+share, so early stopping still watches the same held-out images as a run without them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import dataclasses
 import functools
 import logging
 import math
+import os
 import platform
 import time
 from datetime import datetime, timezone
@@ -27,6 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from linewatch import __version__, bundle
+from linewatch import feedback as line_feedback
 from linewatch.errors import BundleError, ConfigError, DataError
 from linewatch.evaluation.datasets import good_image_folder
 from linewatch.images import check_images, list_images
@@ -42,6 +46,7 @@ from linewatch.training.features import (
 from linewatch.training.model import DFR, DFRConfig, save_checkpoint
 from linewatch.training.presets import TrainSettings, describe, resolve_settings
 from linewatch.training.weights import WeightsSource, resolve
+from linewatch.validation import validate
 
 log = logging.getLogger(__name__)
 
@@ -362,6 +367,8 @@ class Run:
     train_paths: list[Path]
     val_paths: list[Path]
     state: dict | None  # the interrupted run's train_state.pt when resuming
+    feedback_root: Path | None = None  # --feedback: the folder whose false rejects joined the training images
+    feedback: list[line_feedback.Entry] = dataclasses.field(default_factory=list)
 
     @property
     def state_path(self) -> Path:
@@ -391,8 +398,34 @@ def check_same_weights(state: dict, weights: WeightsSource, path: Path) -> None:
         )
 
 
+def feedback_images(folder: str | Path) -> tuple[Path, list[line_feedback.Entry]]:
+    """The false rejects of a feedback folder (never its missed defects), checked against their sidecars' sha256;
+    the folder must be writable, so the run can mark them used when it ends."""
+    root = line_feedback.feedback_root(Path(folder))
+    corrections = line_feedback.verified(line_feedback.entries(root, line_feedback.FALSE_REJECT))
+    if not os.access(root, os.W_OK):
+        raise line_feedback.FeedbackError(
+            f"--feedback {root} is not writable: the run could not record in {line_feedback.USED} which corrections "
+            f"it used"
+        )
+    small = sum(1 for e in corrections if e.sidecar.get("source") == "preview")
+    if small:
+        log.warning(
+            "%d false reject(s) are the dashboard's downscaled previews, not full frames (start the dashboard with "
+            "--archive for full frames)",
+            small,
+        )
+    return root, corrections
+
+
 def start_run(
-    settings: TrainSettings, data: str | Path, out: Path, weights_path: str | None, random_init: bool, resume: bool
+    settings: TrainSettings,
+    data: str | Path,
+    out: Path,
+    weights_path: str | None,
+    random_init: bool,
+    resume: bool,
+    feedback: str | Path | None = None,
 ) -> Run:
     """Check --out, read and split the good images, find the weights; a resumed run must match the saved one.
     Every image is decoded once here, so bad files are all named before extraction starts."""
@@ -400,7 +433,11 @@ def start_run(
     device = pick_device(settings.device)
     paths = good_images(data)
     check_images(paths, f"good images in {good_image_folder(data)}")
-    data_sha = dataset_sha256(paths)
+    root, corrections = feedback_images(feedback) if feedback is not None else (None, [])
+    extra = [e.image for e in corrections]
+    if extra:
+        check_images(extra, f"false rejects in {root}")
+    data_sha = dataset_sha256(paths + extra)
     state = load_train_state(out / TRAIN_STATE) if resume else None
     if state is not None:
         check_resumable(state, settings, data_sha, out / TRAIN_STATE)
@@ -408,15 +445,18 @@ def start_run(
     if state is not None:
         check_same_weights(state, weights, out / TRAIN_STATE)
     train_paths, val_paths = split_train_val(paths, settings.val_fraction, settings.seed)
+    train_paths += extra
     log.info(
-        "training on %d good images, validating on %d (from %s); device %s",
+        "training on %d good images (%d of them false rejects from %s), validating on %d (from %s); device %s",
         len(train_paths),
+        len(extra),
+        root,
         len(val_paths),
         data,
         device,
     )
     log.info("settings: %s", describe(settings))
-    return Run(settings, data, out, device, weights, data_sha, train_paths, val_paths, state)
+    return Run(settings, data, out, device, weights, data_sha, train_paths, val_paths, state, root, corrections)
 
 
 def frozen_model(run: Run) -> DFR:
@@ -671,8 +711,15 @@ def training_record(
         "fit_cpu_seconds": round(progress.fit_cpu_seconds, 2),
         "device": str(run.device),
         "settings": run.settings.model_dump(),
+        **({"feedback": feedback_record(run)} if run.feedback_root is not None else {}),
         "history": progress.history,
     }
+
+
+def feedback_record(run: Run) -> dict:
+    """metadata.json's `training.feedback`: the folder and each false reject trained on (file, sha256)."""
+    assert run.feedback_root is not None
+    return {"folder": str(run.feedback_root.resolve()), "files": line_feedback.describe(run.feedback)}
 
 
 def write_bundle(run: Run, model: DFR, training: dict, out: Path | None = None) -> dict:
@@ -715,10 +762,12 @@ def train(
     weights_path: str | None = None,
     random_init: bool = False,
     resume: bool = False,
+    feedback: str | Path | None = None,
 ) -> dict:
-    """Train a bundle in `out`; returns its metadata."""
+    """Train a bundle in `out`; returns its metadata. `feedback`: a feedback folder whose false rejects join the
+    training images and are marked used once the bundle is written."""
     started, cpu_started = time.perf_counter(), time.process_time()
-    run = start_run(settings, data, Path(out), weights_path, random_init, resume)
+    run = start_run(settings, data, Path(out), weights_path, random_init, resume, feedback)
     model = frozen_model(run)
     run.out.mkdir(parents=True, exist_ok=True)
     extract_started = time.perf_counter()
@@ -734,13 +783,70 @@ def train(
     if fit.progress.epoch == 0:
         raise ConfigError("epochs: no epoch was trained (the budget is 0 or already spent)")
     model = with_best_cae(model, fit)
-    return write_bundle(run, model, training_record(run, fit.progress, started, extract_seconds, cpu_started))
+    meta = write_bundle(run, model, training_record(run, fit.progress, started, extract_seconds, cpu_started))
+    if run.feedback_root is not None:
+        line_feedback.mark_used(run.feedback_root, run.feedback, by="train", target=str(run.out.resolve()))
+    return meta
+
+
+@dataclasses.dataclass
+class Retrain:
+    """What `--from MODEL` fills in where the command line leaves it open."""
+
+    settings: dict  # the recorded training settings, less the device (a resource of this machine, not the model)
+    data: str
+    weights: str | None
+    random_init: bool
+    feedback: str | None
+
+
+def retrain_from(model: str | Path, weights: str | None, random_init: bool) -> Retrain:
+    """MODEL's recorded training: settings, data folder, weights (the same file, or one with the same sha256) and
+    feedback folder."""
+    meta = bundle.read_metadata(model)
+    training = meta.get("training") or {}
+    recorded = training.get("settings")
+    if not isinstance(recorded, dict) or not training.get("data"):
+        raise BundleError(
+            f"--from {model}: its metadata records no training settings and data (not trained by `linewatch train`, "
+            f"or by a version before they were recorded); give --data and the settings instead"
+        )
+    settings = validate(TrainSettings, recorded, f"{Path(model) / bundle.METADATA} (training.settings)").model_dump()
+    settings.pop("device", None)
+    if weights is None and not random_init:
+        w = meta.get("weights") or {}
+        if w.get("source") == "random":
+            random_init = True
+        elif w.get("path") and Path(w["path"]).is_file():
+            weights = str(w["path"])
+        else:
+            found = resolve()
+            if w.get("sha256") and found.sha256 != w["sha256"]:
+                raise ConfigError(
+                    f"--from {model}: it was trained with VGG19 weights {w.get('path')} (sha256 "
+                    f"{str(w['sha256'])[:12]}), which are not here, and the weights found ({found.path}) differ: "
+                    f"pass --weights FILE"
+                )
+            weights = found.path
+    fb = (training.get("feedback") or {}).get("folder")
+    return Retrain(settings, str(training["data"]), weights, random_init, fb)
 
 
 def cli_train(args) -> int:
-    settings = resolve_settings(args)
+    data, weights, random_init, fb = args.data, args.weights, args.random_init, args.feedback
+    base = None
+    if args.from_model:
+        if args.preset:
+            raise ConfigError("--from takes MODEL's training settings and --preset would replace them all: give one")
+        again = retrain_from(args.from_model, weights, random_init)
+        base, weights, random_init = again.settings, again.weights, again.random_init
+        data, fb = data or again.data, fb or again.feedback
+        log.info("retraining %s: data %s, feedback %s", args.from_model, data, fb or "none")
+    if not data:
+        raise ConfigError("--data is required (or --from MODEL, which trains on MODEL's training data again)")
+    settings = resolve_settings(args, base)
     meta = train(
-        settings, args.data, args.out, weights_path=args.weights, random_init=args.random_init, resume=args.resume
+        settings, data, args.out, weights_path=weights, random_init=random_init, resume=args.resume, feedback=fb
     )
     t, d = meta["training"], meta["dfr"]
     print(
@@ -748,4 +854,6 @@ def cli_train(args) -> int:
         f"c_d {d['c_d']}; {t['epochs']} epochs (best {t['best_epoch']}, val loss {t['best_val_loss']:.5f}); "
         f"{t['n_train']} train / {t['n_val']} val images; {t['train_seconds']:.1f} s"
     )
+    if "feedback" in t:
+        print(f"{len(t['feedback']['files'])} false reject(s) from {t['feedback']['folder']} trained on, marked used")
     return 0
