@@ -1,5 +1,5 @@
-"""Print exact pins for everything `linewatch[build,dev,dashboard,opcua,mqtt]` pulls in, as installed here:
-config/constraints.txt.
+"""Print exact pins for everything `linewatch[build,dev,dashboard,opcua,mqtt,postgresql,triton]` pulls in, as
+installed here: config/constraints.txt.
 
 Run after a dependency change, on a machine where the CI tests passed:
     python .ci/make_constraints.py > config/constraints.txt
@@ -43,7 +43,7 @@ def closure(root: str, extras: set[str]) -> dict[str, str]:
 
 
 def main() -> None:
-    pins = closure("linewatch", {"build", "dev", "dashboard", "opcua", "mqtt"})
+    pins = closure("linewatch", {"build", "dev", "dashboard", "opcua", "mqtt", "postgresql", "triton"})
     pins.update(closure("pyimgano", set()) | {"pyimgano": md.version("pyimgano")})  # installed --no-deps by CI
     print("# Exact versions CI tested (python .ci/make_constraints.py > config/constraints.txt); used by .ci/run.")
     for name, version in sorted(pins.items()):

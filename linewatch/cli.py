@@ -18,6 +18,9 @@ OPTIONAL_MODULES = {
     "uvicorn": "dashboard",
     "asyncua": "opcua",
     "paho": "mqtt",
+    "tritonclient": "triton",
+    "psycopg": "postgresql",
+    "pytriton": "serve",
 }
 
 EPILOG_EXIT = "exit codes: " + ", ".join(f"{k} {v}" for k, v in EXIT_CODES.items())
@@ -197,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
         "linewatch.export.cli:cli_export",
         "Fuse VGG19 + regional generator + CAE into one ONNX graph inside the bundle.",
         "  linewatch export models/bottle\n  linewatch export models/bottle --fp16\n"
-        "  linewatch export models/bottle --int8 --calib-data data/bottle/train/good",
+        "  linewatch export models/bottle --int8 --calib-data data/bottle/train/good\n"
+        "  linewatch export models/bottle --triton-repository /srv/triton-models   # Triton repository, no re-export",
     )
     p.add_argument("model", help="model bundle directory")
     p.add_argument("--fp16", action="store_true", help="also write an fp16 graph (model_fp16.onnx, GPU)")
@@ -214,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="every VGG layer an equal share of the anomaly score; --no-layer-balance: every channel an equal share, "
         "as before (default: what the model was trained with; recorded in the graph metadata)",
     )
+    importlib.import_module("linewatch.serving.options").add_export_arguments(p)  # --triton-repository DIR
 
     # --- runtime (torch-free) -------------------------------------------------------------------------
     p = _cmd(
@@ -293,9 +298,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--force",
         action="store_true",
         help="write even when the new pixel threshold is over 1.5x the active one (normally refused: defective "
-        "samples raise the threshold until defects pass)",
+        "samples raise the threshold until defects pass), or when it fails its --golden set",
     )
     p.add_argument("--defects", help="MVTec-layout folder with defects and masks for the report")
+    p.add_argument(
+        "--golden",
+        metavar="DIR",
+        help="golden set (good/ and defect/ images, docs/RECIPES.md) the new calibration must judge right before "
+        "it is written; a failure keeps the active calibration unless --force",
+    )
+    p.add_argument(
+        "--ignore-mask",
+        metavar="FILE",
+        help="YAML/JSON polygons (as a camera's ignore_mask in the daemon config) left out of the thresholds; "
+        "default with --camera: that camera's ignore_mask",
+    )
     p.add_argument("--report", help="report directory (default: MODEL/calibration_report)")
     p.add_argument(
         "--rollback",
@@ -321,6 +338,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="warn when this user (the daemon's) could not read the calibration written "
         "(default: linewatch, when that user exists)",
     )
+
+    p = _cmd(
+        sub,
+        "verify",
+        "linewatch.verify:cli_verify",
+        "Judge a golden set (known good and known defective parts) with a bundle and its calibration exactly as "
+        "the daemon would; exit 0 only when every good part is OK and every defective part NOK (docs/RECIPES.md).",
+        "  linewatch verify models/bottle --golden golden/bottle          # golden/bottle/good, golden/bottle/defect\n"
+        "  linewatch verify models/bottle --golden golden/bottle --json report.json",
+    )
+    p.add_argument("model", help="model bundle directory (with its calibration)")
+    p.add_argument(
+        "--golden",
+        required=True,
+        metavar="DIR",
+        help="good/ and defect/ images, optionally <camera>/good, <camera>/defect",
+    )
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="graph to run (as the daemon's)")
+    p.add_argument(
+        "--providers", default="auto", help="ONNX Runtime providers, comma-separated: auto, cpu, cuda, tensorrt"
+    )
+    p.add_argument("--json", help="write the report as JSON ('-' for stdout)")
 
     p = _cmd(
         sub,
@@ -361,6 +400,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="when nothing at all has arrived after this long, say what to check (port, camera name, keys)",
     )
+
+    p = _cmd(
+        sub,
+        "history",
+        "linewatch.line.history_cli:cli_history",
+        "Query the record of every result (time, camera, recipe, part, verdict, score, model, calibration, "
+        "archived frame) and export it as CSV (docs/HISTORY.md).",
+        "  linewatch history --config /etc/linewatch/line1.yaml --camera cam1 --verdict NOK "
+        "--since yesterday --until today\n"
+        "  linewatch history --db /var/lib/linewatch/history-line1.sqlite --part A-000123\n"
+        "  linewatch history --dsn 'host=db.plant dbname=quality user=qa' --since 7d --csv last_week.csv",
+    )
+    importlib.import_module("linewatch.line.history_cli").add_arguments(p)
 
     p = _cmd(
         sub,
@@ -408,6 +460,18 @@ def build_parser() -> argparse.ArgumentParser:
         "  linewatch bridge mqtt --connect tcp://127.0.0.1:5555 --broker mqtt://127.0.0.1:1883",
     )
     importlib.import_module("linewatch.bridges.mqtt_options").add_arguments(p)
+
+    p = _cmd(
+        sub,
+        "serve",
+        "linewatch.serving.server:cli_serve",
+        "Serve the bundle's graph on Triton Inference Server (PyTriton) for line daemons with engine.backend: "
+        "triton: dynamic batching across clients, model named after the graph's hash (docs/SCALING.md).",
+        "  linewatch serve models/bottle --host 0.0.0.0\n"
+        "  linewatch serve models/bottle --precision fp16 --max-batch 32 --preferred-batch-sizes 8,16 "
+        "--max-queue-delay-us 1000",
+    )
+    importlib.import_module("linewatch.serving.options").add_arguments(p)
 
     p = _cmd(
         sub,

@@ -56,6 +56,7 @@ from linewatch.protocol.wire import Verdict
 
 if TYPE_CHECKING:
     from linewatch.line.engine import Engine
+    from linewatch.line.ignore_mask import IgnoreMask
 
 log = logging.getLogger("linewatch.calibrate.command")
 
@@ -197,6 +198,22 @@ def good_frames(args: argparse.Namespace, size: tuple[int, int]) -> tuple[np.nda
             "frames": args.frames,
         },
     )
+
+
+def calibration_ignore_mask(args: argparse.Namespace) -> tuple[IgnoreMask | None, str]:
+    """The daemon's ignore mask for these samples: --ignore-mask FILE, else the --camera's `ignore_mask` in
+    --config (the very polygons the daemon applies), else none."""
+    from linewatch.line.ignore_mask import from_config, load_ignore_mask
+
+    path = getattr(args, "ignore_mask", None)
+    if path:
+        return load_ignore_mask(path), str(path)
+    if args.camera and args.config:
+        from linewatch.line.config import load_config
+
+        mask = from_config(load_config(args.config).camera(args.camera).ignore_mask)
+        return mask, f"camera {args.camera!r} in {args.config}"
+    return None, ""
 
 
 def score_frames(engine: Engine, frames: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -584,7 +601,7 @@ def overlay_image(
 
 
 def evaluate_defects(
-    engine: Engine, root: str | Path, cal: Calibration, report_dir: Path
+    engine: Engine, root: str | Path, cal: Calibration, report_dir: Path, ignore: IgnoreMask | None = None
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Detection rate, PRO at the chosen threshold and good-image reject rate; writes a few overlays."""
     h, w = engine.input_size
@@ -592,6 +609,8 @@ def evaluate_defects(
     check_images([p for _, p, _ in samples] + [m for _, _, m in samples if m], f"--defects files in {root}")
     frames = np.stack([load_for_model(p, h, w) for _, p, _ in samples])
     maps, scores = score_frames(engine, frames, "defect samples")
+    if ignore is not None:
+        maps, scores = ignore.apply_batch(maps, scores)
     per_type: dict[str, Tally] = {}
     overlaps: list[float] = []
     defect_pixels: list[np.ndarray] = []
@@ -792,6 +811,29 @@ def _emit_json(target: str | None, result: dict[str, Any]) -> None:
         Path(target).write_text(text + "\n")
 
 
+def check_golden_before_activation(
+    args: argparse.Namespace, bundle_dir: Path, engine: Engine, cal: Calibration, ignore: IgnoreMask | None
+) -> dict[str, Any] | None:
+    """--golden DIR: the new calibration judges the golden set exactly as the daemon would before it is written;
+    a failure refuses it (the active calibration stays) unless --force. docs/RECIPES.md."""
+    golden = getattr(args, "golden", None)
+    if not golden:
+        return None
+    from linewatch.line.inference import Model
+    from linewatch.verify import ANY_CAMERA, GoldenFailed, check_golden
+
+    masks = {} if ignore is None else {ANY_CAMERA: ignore.polygons}
+    meta = bundle.read_metadata(bundle_dir)
+    model = Model(bundle_dir, engine, cal, None, bundle.model_id(meta), engine.input_size, ignore_masks=masks)
+    try:
+        report = check_golden(model, Path(golden), None, bool(args.force), masks)
+    except GoldenFailed as exc:
+        raise LinewatchError(
+            f"calibration v{cal.version} not written: {exc} (the active calibration stays; --force writes it anyway)"
+        ) from None
+    return None if report is None else report.summary()
+
+
 def precision_for(args: argparse.Namespace) -> str:
     """--precision, else the daemon config's model.precision (thresholds must come from the graph that runs)."""
     if getattr(args, "precision", None):
@@ -836,6 +878,13 @@ def cli_calibrate(args: argparse.Namespace) -> int:
     plan = plan_settings(args, active, engine.input_size)
     frames, names, source = good_frames(args, engine.input_size)
     maps, scores = score_frames(engine, frames, "good samples")
+    ignore, ignore_from = calibration_ignore_mask(args)
+    if ignore is not None:  # the daemon's own mask: no threshold is set on what it never judges
+        maps, scores = ignore.apply_batch(maps, scores)
+        ignored = float(ignore.raster(*maps.shape[1:]).mean())
+        log.info("ignore mask from %s: %.1f%% of the map left out of the thresholds", ignore_from, 100 * ignored)
+        source = {**source, "ignore_mask": [[list(p) for p in poly] for poly in ignore.polygons]}
+        source["ignore_mask_from"] = ignore_from
     keep, excluded, shift_note = exclude_contamination(scores, names, active if same_graph else None)
     for item in excluded:
         log.warning("excluded %s (image score %.6g): %s", item["image"], item["score"], item["why"])
@@ -918,8 +967,11 @@ def cli_calibrate(args: argparse.Namespace) -> int:
     }
     defect_pixels = None
     if args.defects:
-        result["defects"], defect_pixels = evaluate_defects(engine, args.defects, cal, report_dir)
+        result["defects"], defect_pixels = evaluate_defects(engine, args.defects, cal, report_dir, ignore)
 
+    golden = check_golden_before_activation(args, bundle_dir, engine, cal, ignore)
+    if golden is not None:
+        result["golden"] = golden
     path = save_calibration(bundle_dir, cal)
     unreadable = warn_if_daemon_cannot_read(path, args)
     if unreadable:

@@ -59,6 +59,12 @@ class _Entry:
     size: int
 
 
+def entry_name(camera: str, seq: int, verdict: str, wall_time: float) -> str:
+    """The stem of the entry write() makes for a result submitted at `wall_time` (the frame is `<stem>.png`)."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(wall_time)) + f"{wall_time % 1:.3f}"[1:]
+    return f"{PREFIX}{stamp}_{camera}_{seq:09d}_{verdict}"
+
+
 def entry_stem(name: str) -> str:
     """The stem an archive file name shares with the other files of its entry."""
     for suffix in ("_mask.png", ".png", ".json"):
@@ -137,10 +143,13 @@ class Archive:
         image: np.ndarray | None,
         mask_png: bytes | None,
         header: Mapping[str, Any] | None = None,
+        wall_time: float | None = None,
     ) -> bool:
-        """Queue a result for writing (`header`: as published); False (counted) when the writer is behind."""
+        """Queue a result for writing (`header`: as published; `wall_time`: the time its file names carry, see
+        entry_name, default now); False (counted) when the writer is behind."""
+        wall_time = time.time() if wall_time is None else wall_time
         try:
-            self._queue.put_nowait((camera, seq, verdict, image, mask_png, time.time(), header))
+            self._queue.put_nowait((camera, seq, verdict, image, mask_png, wall_time, header))
             return True
         except queue.Full:
             self.skipped += 1
@@ -178,8 +187,7 @@ class Archive:
     ) -> bool:
         """Write one entry: frame, mask, then the header as the commit; on any failure remove what this entry
         wrote (newest first) and count one error. True when the entry is complete on disk."""
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(wall_time)) + f"{wall_time % 1:.3f}"[1:]
-        stem = f"{PREFIX}{stamp}_{camera}_{seq:09d}_{verdict}"
+        stem = entry_name(camera, seq, verdict, wall_time)
         blobs: list[tuple[Path, bytes]] = []
         names: dict[str, str | None] = {"frame": None, "mask": None}
         if image is not None:

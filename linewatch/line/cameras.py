@@ -36,8 +36,10 @@ import numpy as np
 
 from linewatch.errors import ConfigError, DataError
 from linewatch.images import as_bgr, list_images, read_image
+from linewatch.line.camera_settings import CameraSettings
 from linewatch.line.config import CameraConfig, load_config
 from linewatch.line.frames import Frame, FrameQueue, TriggerFuture, fail_future
+from linewatch.line.gating import FrameGate
 from linewatch.validation import redact_source
 
 log = logging.getLogger("linewatch.line.cameras")
@@ -247,6 +249,9 @@ class Camera:
         self._logged_error: str | None = None  # the failure last logged, and when: logged again only when it changes
         self._logged_at = 0.0
         self._frame_error_since: int | None = None  # frame errors in a row since this frame count
+        # locked capture properties and the image gate (docs/CAMERAS.md): reported in the status, never a stop
+        self.settings = CameraSettings(cfg.name, cfg.settings)
+        self.gate = FrameGate(cfg.name, cfg.gating) if cfg.gating.enabled else None
         self._thread = threading.Thread(target=self._run, name=f"camera-{cfg.name}", daemon=True)
 
     # public ------------------------------------------------------------------------------------------
@@ -375,6 +380,8 @@ class Camera:
                 continue
             delivered_before = self.captured
             try:
+                if self.settings.wanted:
+                    self._blocking(lambda: self.settings.apply(getattr(source, "cap", None)))
                 self._pump(source)
             except SourceEnded:
                 self._set_state(FINISHED)
@@ -403,7 +410,12 @@ class Camera:
         period = 1.0 / self.cfg.fps if self.cfg.fps > 0 else 0.0
         live = self.cfg.kind in LIVE_KINDS
         next_slot = time.monotonic()
+        recheck = self.cfg.settings.recheck_s if self.settings.wanted else 0.0
+        next_recheck = next_slot + recheck
         while not self._stop.is_set():
+            if recheck and time.monotonic() >= next_recheck:
+                next_recheck = time.monotonic() + recheck
+                self.settings.recheck(getattr(source, "cap", None))
             if period and not live:
                 wait = next_slot - time.monotonic()
                 if wait > 0 and self._stop.wait(wait):
@@ -485,8 +497,10 @@ class Camera:
                     error, image = cropped, None
                 else:
                     image = cropped
+        gated = None if self.gate is None or image is None else self.gate.check(image)
         self._count(grab)
-        frame = Frame(self.name, self.captured, grab.done_wall, grab.done_mono, image, error)
+        # a gated frame keeps its picture (preview, archive) but is an ERROR, never scored; not a frame error
+        frame = Frame(self.name, self.captured, grab.done_wall, grab.done_mono, image, gated.text if gated else error)
         self._note_frame(error)
         self._take_trigger(frame, grab.started_mono)
         if self.cfg.mode == "triggered" and frame.future is None:

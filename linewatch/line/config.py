@@ -109,6 +109,34 @@ class ModelConfig(StrictModel):
         "fp32",
         description="which of the bundle's graphs runs: fp32, fp16 (GPU), int8 (CPU); calibrate with the same one",
     )
+    golden: Union[ExistingDir, None] = Field(
+        None,
+        description="golden set of recipe 'default' (good/ and defect/ images, optionally <camera>/good, "
+        "<camera>/defect): judged before this model or calibration goes live and on a `verify` request "
+        "(docs/RECIPES.md)",
+    )
+
+
+class EngineTlsConfig(StrictModel):
+    enabled: StrictBool = Field(False, description="use TLS (gRPC over SSL) to reach the server")
+    root_certificates: Union[ExistingFile, None] = Field(
+        None, description="PEM file of the CA(s) that signed the server's certificate (null: the system's roots)"
+    )
+    private_key: Union[ExistingFile, None] = Field(
+        None, description="PEM private key of this client, for a server that asks for client certificates"
+    )
+    certificate_chain: Union[ExistingFile, None] = Field(
+        None, description="PEM certificate chain of this client (with private_key)"
+    )
+
+    @model_validator(mode="after")
+    def _key_with_chain(self) -> EngineTlsConfig:
+        if (self.private_key is None) != (self.certificate_chain is None):
+            missing = "certificate_chain" if self.certificate_chain is None else "private_key"
+            raise expected(
+                "a file: private_key and certificate_chain go together (required key missing)", at=(missing,)
+            )
+        return self
 
 
 class EngineConfig(StrictModel):
@@ -125,6 +153,45 @@ class EngineConfig(StrictModel):
         "systemd gives the service a state directory, else <bundle>/trt_cache. Under systemd the bundle stays "
         "read-only to the daemon",
     )
+    # engine.backend: triton (linewatch/line/remote_engine.py, docs/SCALING.md)
+    backend: Literal["local", "triton"] = Field(
+        "local",
+        description="where frames are scored: local (ONNX Runtime in this process) or triton (a Triton Inference "
+        "Server, e.g. `linewatch serve`, over gRPC; needs the extra linewatch[triton])",
+    )
+    url: Union[StrictStr, None] = Field(
+        None,
+        description="triton: the server's gRPC address host:port (no scheme), e.g. gpu1.line:8001; required with "
+        "backend triton",
+    )
+    model: Union[StrictStr, None] = Field(
+        None,
+        description="triton: the served model's name; default linewatch-<first 16 hex of the graph's sha256>, as "
+        "`linewatch serve` names it, so only the graph the calibration was made for can answer. Checked before "
+        "READY: inputs, outputs, shapes and dtypes, and the graph hash (in the name or the model's graph_sha256 "
+        "parameter); a mismatch refuses the start",
+    )
+    timeout_s: StrictFloat = Field(
+        5.0,
+        gt=0,
+        le=600,
+        description="triton: deadline of one request (a batch) and of each server check; a request past it makes "
+        "its frames ERROR and the engine offline. Less than health.inference_stall_s",
+    )
+    check_interval_s: StrictFloat = Field(
+        2.0,
+        ge=0.1,
+        le=600,
+        description="triton: while online, how often the model's readiness is checked, so the status shows an "
+        "outage even when no frame is being scored",
+    )
+    tls: EngineTlsConfig = Field(
+        default_factory=EngineTlsConfig, description="triton: TLS on the gRPC channel (off by default)"
+    )
+    reconnect: ReconnectConfig = Field(
+        default_factory=lambda: ReconnectConfig(),
+        description="triton: backoff between attempts to reach the server again while it is offline",
+    )
 
 
 class ReconnectConfig(StrictModel):
@@ -140,6 +207,9 @@ class ReconnectConfig(StrictModel):
         if initial is not None and max_s < initial:
             raise expected(f"a value >= initial_s ({initial})", max_s)
         return max_s
+
+
+EngineConfig.model_rebuild(force=True)  # engine.reconnect names ReconnectConfig, defined above only now
 
 
 def _device_source(source: int | str, base: Any) -> int | str:
@@ -180,6 +250,126 @@ _SOURCE_CHECKS = {
     "url": _url_source,
     "gstreamer": _gstreamer_source,
 }
+
+
+class CameraSettingsConfig(StrictModel):
+    """Capture properties locked on open (docs/CAMERAS.md): values as OpenCV's backend takes them."""
+
+    auto_exposure: Union[StrictFloat, StrictInt, None] = Field(
+        None,
+        description="cv2.CAP_PROP_AUTO_EXPOSURE (V4L2: 1 = manual, 3 = auto; DirectShow: 0.25 = manual, 0.75 = "
+        "auto); null = leave as is",
+    )
+    exposure: Union[StrictFloat, StrictInt, None] = Field(
+        None, description="cv2.CAP_PROP_EXPOSURE in the backend's unit (V4L2: 100 µs steps); null = leave as is"
+    )
+    gain: Union[StrictFloat, StrictInt, None] = Field(None, description="cv2.CAP_PROP_GAIN; null = leave as is")
+    auto_wb: Union[StrictFloat, StrictInt, None] = Field(
+        None, description="cv2.CAP_PROP_AUTO_WB (0 = off, 1 = on); null = leave as is"
+    )
+    wb_temperature: Union[StrictFloat, StrictInt, None] = Field(
+        None, description="cv2.CAP_PROP_WB_TEMPERATURE in kelvin (with auto_wb: 0); null = leave as is"
+    )
+    autofocus: Union[StrictFloat, StrictInt, None] = Field(
+        None, description="cv2.CAP_PROP_AUTOFOCUS (0 = off, 1 = on); null = leave as is"
+    )
+    focus: Union[StrictFloat, StrictInt, None] = Field(
+        None, description="cv2.CAP_PROP_FOCUS (with autofocus: 0); null = leave as is"
+    )
+    tolerance: StrictFloat = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="a read-back value further than this fraction of the set value (at least 0.02 absolute) "
+        "from it is a mismatch: a warning in the status and the log, never a stop",
+    )
+    recheck_s: StrictFloat = Field(
+        10.0, ge=0, description="read the properties back this often while capturing (0 = only on open)"
+    )
+
+
+class GatingConfig(StrictModel):
+    """Frames not fit to be judged are ERROR results with the reason, before scoring (docs/CAMERAS.md)."""
+
+    min_mean: Union[StrictFloat, StrictInt, None] = Field(
+        None, ge=0, le=255, description="too dark: mean grey level (0-255) of the frame after ROI below this"
+    )
+    max_mean: Union[StrictFloat, StrictInt, None] = Field(
+        None, ge=0, le=255, description="too bright: mean grey level (0-255) above this"
+    )
+    max_clipped: Union[StrictFloat, None] = Field(
+        None,
+        ge=0,
+        le=1,
+        description="too bright / too dark: fraction of pixels clipped (grey >= 250 or <= 5) above this; the "
+        "reason says which end",
+    )
+    focus_min: Union[StrictFloat, StrictInt, None] = Field(
+        None, ge=0, description="out of focus: variance of the Laplacian of the grey frame below this"
+    )
+    focus_reference: Union[ExistingFile, None] = Field(
+        None, description="a sharp good frame (after ROI); with focus_min_ratio: out of focus relative to it"
+    )
+    focus_min_ratio: Union[StrictFloat, None] = Field(
+        None,
+        gt=0,
+        le=10,
+        description="out of focus: Laplacian variance below this fraction of focus_reference's (needs it)",
+    )
+    empty_reference: Union[ExistingFile, None] = Field(
+        None, description="the empty station (after ROI); with presence_min_diff: no part present"
+    )
+    presence_min_diff: Union[StrictFloat, StrictInt, None] = Field(
+        None,
+        gt=0,
+        le=255,
+        description="no part: mean absolute grey difference to empty_reference (at 160 px width) below this "
+        "(needs empty_reference)",
+    )
+
+    @model_validator(mode="after")
+    def _references(self) -> GatingConfig:
+        if self.focus_min_ratio is not None and self.focus_reference is None:
+            raise expected(
+                "a reference image when focus_min_ratio is set (required key missing)", at=("focus_reference",)
+            )
+        if self.presence_min_diff is not None and self.empty_reference is None:
+            raise expected(
+                "a reference image when presence_min_diff is set (required key missing)", at=("empty_reference",)
+            )
+        if self.min_mean is not None and self.max_mean is not None and self.min_mean >= self.max_mean:
+            raise expected(f"a value above min_mean ({self.min_mean})", self.max_mean, ("max_mean",))
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return any(
+            v is not None
+            for v in (
+                self.min_mean,
+                self.max_mean,
+                self.max_clipped,
+                self.focus_min,
+                self.focus_min_ratio,
+                self.presence_min_diff,
+            )
+        )
+
+
+def _polygons(value: Any) -> Any:
+    """Each polygon: at least 3 [x, y] points, normalised to the frame after ROI (0-1)."""
+    if value is None:
+        return value
+    for i, poly in enumerate(value):
+        if len(poly) < 3:
+            raise expected("a polygon of at least 3 [x, y] points", [list(p) for p in poly], (i,))
+        for j, point in enumerate(poly):
+            if len(point) != 2 or not all(0.0 <= float(c) <= 1.0 for c in point):
+                raise expected("[x, y] with 0 <= x, y <= 1 (fractions of the frame after ROI)", list(point), (i, j))
+    return value
+
+
+Polygons = Annotated[tuple[tuple[tuple[Union[StrictFloat, StrictInt], ...], ...], ...], AfterValidator(_polygons)]
 
 
 class CameraConfig(StrictModel):
@@ -228,6 +418,20 @@ class CameraConfig(StrictModel):
     )
     reconnect: ReconnectConfig = Field(
         default_factory=ReconnectConfig, description="backoff between reconnect attempts"
+    )
+    settings: CameraSettingsConfig = Field(
+        default_factory=CameraSettingsConfig,
+        description="exposure, gain, white balance, focus locked through OpenCV capture properties on open, read "
+        "back and reported (status `camera_settings`); unsupported by a backend: reported, not an error",
+    )
+    gating: GatingConfig = Field(
+        default_factory=GatingConfig,
+        description="frames too dark, too bright, out of focus or without a part: ERROR with the reason, not scored",
+    )
+    ignore_mask: Union[Polygons, None] = Field(
+        None,
+        description="regions that never raise a defect: polygons of [x, y] points as fractions (0-1) of the frame "
+        "after ROI; the anomaly map is zeroed there before thresholding (calibration uses the same mask)",
     )
 
     def __repr_args__(self) -> Any:
@@ -421,6 +625,90 @@ class DriftConfig(StrictModel):
     )
 
 
+class RecipeCameraConfig(StrictModel):
+    roi: Union[tuple[StrictInt, ...], None] = Field(
+        None,
+        description="a further crop [x, y, width, height] of the camera's image (after the camera's own roi) for "
+        "this recipe, applied by the inference thread with the recipe's model; null = the whole image",
+    )
+    ignore_mask: Union[Polygons, None] = Field(
+        None, description="replaces the camera's ignore_mask for this recipe (same format); null = the camera's"
+    )
+
+    @field_validator("roi")
+    @classmethod
+    def _is_a_box(cls, roi: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        return CameraConfig._is_a_box(roi)
+
+
+class RecipeConfig(StrictModel):
+    bundle: ExistingDir = Field(description="this recipe's model bundle (metadata.json, model.onnx, calibration.json)")
+    precision: Literal[tuple(PRECISIONS)] = Field(  # type: ignore[valid-type]
+        "fp32", description="which of the bundle's graphs runs (as model.precision)"
+    )
+    golden: Union[ExistingDir, None] = Field(
+        None, description="this recipe's golden set (as model.golden); null = no golden check for it"
+    )
+    cameras: dict[StrictStr, RecipeCameraConfig] = Field(
+        default_factory=dict, description="per camera name: roi and ignore_mask of this recipe"
+    )
+
+
+class VerifyConfig(StrictModel):
+    force_swaps: StrictBool = Field(
+        False,
+        description="let a model swap (start, SIGHUP reload, recipe switch) go live although its golden set fails "
+        "(logged as an error); a `recipe` request can force one switch with `force: true`",
+    )
+
+
+class HistoryConfig(StrictModel):
+    """A record of every published result, OK included, for traceability (docs/HISTORY.md)."""
+
+    enabled: StrictBool = Field(
+        True,
+        description="record every published result (time, camera, recipe, part id, verdict, score, regions, model, "
+        "calibration, archived frame) in a database; written on its own thread: a full disk or an unreachable "
+        "server loses records (counted in the status `history` and the metrics), never results",
+    )
+    backend: Literal["sqlite", "postgresql"] = Field(
+        "sqlite",
+        description="sqlite: one local file (WAL); postgresql: a plant-wide server (needs dsn and "
+        "pip install 'linewatch[postgresql]')",
+    )
+    path: Union[ResolvedPath, None] = Field(
+        None,
+        description="sqlite file (folder created if missing); default: history-<config name>.sqlite in "
+        "$STATE_DIRECTORY under systemd (/var/lib/linewatch), else beside the config file",
+    )
+    dsn: Union[StrictStr, None] = Field(
+        None,
+        description="postgresql: libpq connection string or URI (e.g. 'host=db.plant user=linewatch "
+        "dbname=quality'; a password is better kept in ~/.pgpass or PGPASSWORD); required with backend postgresql",
+    )
+    max_mb: StrictFloat = Field(
+        2048.0,
+        ge=0,
+        description="sqlite: size cap of the database's pages; the oldest records go first (0 = no cap). "
+        "Not applied to postgresql (the server's administrator sizes it)",
+    )
+    max_days: StrictFloat = Field(
+        365.0, ge=0, description="records older than this many days are deleted (0 = kept until max_mb)"
+    )
+    queue_size: StrictInt = Field(
+        10_000, ge=1, le=1_000_000, description="records waiting to be written; more are lost (counted)"
+    )
+    station: Union[StrictStr, None] = Field(
+        None, description="name of this line PC in each record (plant-wide databases); default: the host name"
+    )
+
+    @model_validator(mode="after")
+    def _dsn_for_postgresql(self) -> HistoryConfig:
+        if self.enabled and self.backend == "postgresql" and not self.dsn:
+            raise expected("a connection string when backend is postgresql (required key missing)", at=("dsn",))
+        return self
+
+
 # --- the whole file -------------------------------------------------------------------------------------------
 
 
@@ -448,6 +736,17 @@ class Config(StrictModel):
     drift: DriftConfig = Field(
         default_factory=DriftConfig, description="drift watch: are parts still scored like the calibration's good parts"
     )
+    recipes: dict[StrictStr, RecipeConfig] = Field(
+        default_factory=dict,
+        description="product variants besides 'default' (the model section and the cameras' roi/ignore_mask), "
+        "by name (letters, digits, '-', '_'); all preloaded at start, switched by a trigger `recipe` request "
+        "(docs/RECIPES.md)",
+    )
+    recipe: StrictStr = Field("default", description="recipe active at start; a SIGHUP that changes it switches to it")
+    verify: VerifyConfig = Field(default_factory=VerifyConfig, description="golden-set checks of model swaps")
+    history: HistoryConfig = Field(
+        default_factory=HistoryConfig, description="a record of every result for traceability (docs/HISTORY.md)"
+    )
 
     _path: Union[Path, None] = PrivateAttr(None)
 
@@ -465,6 +764,8 @@ class Config(StrictModel):
     @model_validator(mode="after")
     def _consistent(self) -> Config:
         _check_unique_names(self.cameras)
+        _check_remote_engine(self)
+        _check_recipes(self)
         if self.trigger.enabled and self.trigger.endpoint == self.publish.endpoint:
             raise expected(
                 "an endpoint different from publish.endpoint", self.trigger.endpoint, ("trigger", "endpoint")
@@ -485,6 +786,41 @@ def _check_unique_names(cameras: tuple[CameraConfig, ...]) -> None:
         if cam.name in seen:
             raise expected("a unique camera name", cam.name, ("cameras", i, "name"))
         seen.add(cam.name)
+
+
+def _check_recipes(cfg: Config) -> None:
+    """Recipe names travel in results and trigger requests; a recipe's cameras must be the config's."""
+    cameras = {c.name for c in cfg.cameras}
+    for name, recipe in cfg.recipes.items():
+        if not CAMERA_NAME.fullmatch(name) or name == "default":
+            raise expected("a recipe name of letters, digits, '-', '_' other than 'default'", name, ("recipes",))
+        for cam in recipe.cameras:
+            if cam not in cameras:
+                raise expected(f"a camera of this config ({', '.join(sorted(cameras))})", cam, ("recipes", name))
+    if cfg.recipe != "default" and cfg.recipe not in cfg.recipes:
+        raise expected(
+            f"'default' or a recipe of recipes ({', '.join(cfg.recipes) or 'none'})", cfg.recipe, ("recipe",)
+        )
+
+
+def _check_remote_engine(cfg: Config) -> None:
+    """backend triton needs a server address; a request deadline past the stall limit would read as a hung engine."""
+    engine = cfg.engine
+    if engine.backend != "triton":
+        return
+    if engine.url is None:
+        raise expected(
+            "host:port of the Triton server when engine.backend is triton (required key missing)", at=("engine", "url")
+        )
+    if "://" in engine.url or ":" not in engine.url.strip("[]"):
+        raise expected("host:port (gRPC, no scheme), e.g. gpu1.line:8001", engine.url, ("engine", "url"))
+    if engine.timeout_s >= cfg.health.inference_stall_s:
+        raise expected(
+            f"less than health.inference_stall_s ({cfg.health.inference_stall_s:g} s): a request waiting longer "
+            "would stop the watchdog instead of reporting the engine offline",
+            engine.timeout_s,
+            ("engine", "timeout_s"),
+        )
 
 
 def _check_settle(cfg: Config) -> None:

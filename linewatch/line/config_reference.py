@@ -60,15 +60,24 @@ def _unwrap(annotation: Any, metadata: list[Any]) -> tuple[Any, list[Any]]:
 
 
 def _model_of(annotation: Any) -> type[BaseModel] | None:
-    """The section model of a field (`Model` or `tuple[Model, ...]`), None for a value."""
+    """The section model of a field (`Model`, `tuple[Model, ...]` or `dict[str, Model]`), None for a value."""
     annotation, _ = _unwrap(annotation, [])
     if typing.get_origin(annotation) is tuple:
         annotation, _ = _unwrap(typing.get_args(annotation)[0], [])
+    elif typing.get_origin(annotation) is dict:
+        annotation, _ = _unwrap(typing.get_args(annotation)[1], [])
     return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
 def _is_list(annotation: Any) -> bool:
     return typing.get_origin(_unwrap(annotation, [])[0]) is tuple
+
+
+def _sub_prefix(path: str, annotation: Any) -> str:
+    """Where a section's keys sit: `cameras[].` for a list, `recipes.<name>.` for a mapping by name."""
+    if _is_list(annotation):
+        return f"{path}[]."
+    return f"{path}.<name>." if typing.get_origin(_unwrap(annotation, [])[0]) is dict else f"{path}."
 
 
 def choices(field: FieldInfo) -> tuple[Any, ...] | None:
@@ -87,7 +96,7 @@ def schema_keys(model: type[BaseModel], prefix: str = "") -> list[tuple[str, Fie
         keys.append((path, field))
         section = _model_of(field.annotation)
         if section is not None:
-            keys += schema_keys(section, f"{path}[]." if _is_list(field.annotation) else f"{path}.")
+            keys += schema_keys(section, _sub_prefix(path, field.annotation))
     return keys
 
 
@@ -145,7 +154,7 @@ def _default_text(field: FieldInfo) -> str:
     if field.is_required():
         return "required"
     if _model_of(field.annotation) is not None and field.default_factory is not None:
-        return "(section)"
+        return "`{}`" if typing.get_origin(_unwrap(field.annotation, [])[0]) is dict else "(section)"
     return f"`{_value_text(field.get_default(call_default_factory=True))}`"
 
 
@@ -164,7 +173,12 @@ def reference(model: type[BaseModel] = schema.Config) -> str:
         about = field.description or ""
         parts.append(f"\n## `{title}`{required}\n\n{about[:1].upper()}{about[1:]}.\n")
         parts.append("| key | type | default | meaning |\n| --- | --- | --- | --- |")
-        rows = schema_keys(section, f"{title}.") if section is not None else [(name, field)]
+        if section is None:
+            rows = [(name, field)]
+        elif typing.get_origin(_unwrap(field.annotation, [])[0]) is dict:  # the mapping itself, then its entries' keys
+            rows = [(name, field), *schema_keys(section, _sub_prefix(name, field.annotation))]
+        else:
+            rows = schema_keys(section, f"{title}.")
         parts += [_row(path, sub) for path, sub in rows]
     return "\n".join(parts) + "\n"
 

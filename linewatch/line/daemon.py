@@ -37,12 +37,23 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 import numpy as np
 
 from linewatch.errors import ConfigError, LinewatchError
+from linewatch.line.archive import entry_name
 from linewatch.line.cameras import FINISHED, Camera
 from linewatch.line.config import Config, load_config
 from linewatch.line.drift import ALARM, OK, DriftDesign, DriftWatch, calibration_scores
 from linewatch.line.drift import design as drift_design
 from linewatch.line.frames import DROPPED_REASON, SHUTDOWN_REASON, FrameQueue, TriggerFuture
-from linewatch.line.inference import STALL_FACTOR, InferenceWorker, Model, Result, load_model, result_header
+from linewatch.line.ignore_mask import mask_for
+from linewatch.line.inference import (
+    STALL_FACTOR,
+    InferenceWorker,
+    Model,
+    Result,
+    engine_status,
+    load_model,
+    result_header,
+)
+from linewatch.line.recipes import RecipeBook, RecipeRefused
 from linewatch.line.systemd_notify import StartupExtender, SystemdNotifier
 from linewatch.protocol.wire import (
     PreviewHeader,
@@ -54,6 +65,7 @@ from linewatch.protocol.wire import (
 
 if TYPE_CHECKING:
     from linewatch.line.archive import Archive
+    from linewatch.line.history import History
     from linewatch.line.prometheus import DaemonMetrics
     from linewatch.line.trigger import TriggerServer
     from linewatch.protocol.curve import CurveConfig
@@ -65,6 +77,8 @@ FPS_WINDOW_S = 5.0
 TICK_S = 0.05
 EXIT_UNANSWERED = 1  # the stop left captured frames without a message (the socket refused them): see PROTOCOL.md
 MAX_REASON_CHARS = 500  # an ERROR result made from a failed publish carries at most this much of the failure
+RELOADED = ("model", "recipes", "recipe", "verify")  # config sections a SIGHUP applies; others need a restart
+STATUS_GOLDEN_FAILURES = 10  # failed golden parts listed in the status topic (the log and the reply list all)
 
 
 class HealthReporter(Protocol):
@@ -164,19 +178,20 @@ class Daemon:
             self.queue.set_frames_are_parts(cam_cfg.name, cam_cfg.frames_are_parts)
         self.stats = {name: CameraStats() for name in self.cameras}
         self.notifier = SystemdNotifier()
+        # recipes (linewatch/line/recipes.py): every recipe's model preloaded, so a changeover costs no load time
+        self.swap_lock = threading.Lock()  # one recipe switch, verify or reload swap at a time
+        self.last_golden: dict[str, Any] | None = None  # the latest golden-set check (status `golden`)
         with StartupExtender(self.notifier):  # session creation and warm-up can outlast TimeoutStartSec
-            self.model: Model = load_model(
-                cfg.model.bundle,
-                cfg.engine.providers,
-                cfg.engine.threads,
-                cfg.model.precision,
-                cfg.engine.max_batch,
-                warmup=cfg.engine.warmup,
-                trt_cache_dir=trt_cache_dir(cfg),
-            )
+            self.recipes = RecipeBook.load(cfg, self._load_model, cfg.recipe)
+            self.recipes.drift_plans = {n: self._drift_plan(m) for n, m in self.recipes.models.items()}
+            self.model: Model = self.recipes.models[cfg.recipe]
+            self._golden_gate(self.model, "start", cfg.verify.force_swaps, cfg)
         self._check_batch_time(self.model)
+        self._reload_recipes: RecipeBook | None = None  # loaded on the reload thread
         # drift watch per camera, with the model its design came from: results of another model are not counted
-        self.drift: tuple[Model, dict[str, DriftWatch]] = self._drift_watches(self.model, self._drift_plan(self.model))
+        self.drift: tuple[Model, dict[str, DriftWatch]] = self._drift_watches(
+            self.model, self.recipes.drift_plans[cfg.recipe]
+        )
         self._reload_drift_plan: DriftDesign | str | None = None  # computed on the reload thread
         self.curve = self._curve_config()
         self.publisher = ResultPublisher(
@@ -189,10 +204,13 @@ class Daemon:
         self.trigger: TriggerServer | None = None
         self.metrics: DaemonMetrics | None = None
         self.archive: Archive | None = None
+        self.history: History | None = None  # every result recorded (docs/HISTORY.md), on its own thread
         self.outbox = PublishThread(self.publish_results)
         self.worker = InferenceWorker(
             self.queue, self.model, self.outbox.submit, cfg.engine.max_batch, cfg.engine.max_wait_ms / 1000.0
         )
+        # ignore masks (linewatch/line/ignore_mask.py): applied to each camera's maps before thresholding
+        self.worker.ignore_masks = {c.name: c.ignore_mask for c in cfg.cameras if c.ignore_mask}
         self.stop_requested = threading.Event()
         self.reload_requested = threading.Event()
         self.reloading: Future[tuple[Config, Model]] | None = None  # the model a reload is loading, off this thread
@@ -222,7 +240,10 @@ class Daemon:
             self.metrics = DaemonMetrics(allow_insecure_bind=cfg.security.allow_insecure_bind)
             self.metrics.watch_cameras(self._camera_totals)
             self.metrics.watch_drift(self._drift_gauges)
+            self.metrics.watch_gating(lambda: {n: c.gate.snapshot() for n, c in self.cameras.items() if c.gate})
             self.metrics.set_model(self.model)
+            if self.last_golden is not None:  # the start's golden check ran before the metrics existed
+                self.metrics.set_golden(self.last_golden["recipe"], bool(self.last_golden["passed"]))
         if cfg.archive.enabled:
             from linewatch.line.archive import Archive
 
@@ -241,10 +262,18 @@ class Daemon:
                 curve=self.curve,
                 timeout_s=cfg.trigger.timeout_s,
                 allow_insecure_bind=cfg.security.allow_insecure_bind,
+                control=self.handle_control,
             )
             if self.metrics:
                 self.metrics.watch_triggers(self.trigger.outcomes.copy)
             self.trigger.start()
+        if cfg.history.enabled:
+            from linewatch.line.history import History
+
+            self.history = History.from_config(cfg)
+            if self.metrics:
+                self.metrics.watch_history(self.history)
+            self.history.start()
         if self.metrics:  # served once every part is watched: the first scrape already has every series
             self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
         self.outbox.start()
@@ -306,7 +335,9 @@ class Daemon:
         try:
             if frame.image is None:  # an ERROR without a picture: nothing to show beyond the result
                 return
-            jpeg, (width, height) = encode_preview_jpeg(frame.image, cfg.width, cfg.jpeg_quality)
+            ignore = mask_for(result.model.ignore_masks.get(frame.camera) or self.worker.ignore_masks.get(frame.camera))
+            shown = frame.image if ignore is None else ignore.outline(frame.image)  # the ignored area, hatched
+            jpeg, (width, height) = encode_preview_jpeg(shown, cfg.width, cfg.jpeg_quality)
             heat_png, heatmap = None, None
             if result.anomaly_map is not None:
                 pixel = result.model.thresholds["pixel"]
@@ -381,7 +412,9 @@ class Daemon:
         self._watch_drift(result)
         if frame.future is not None:
             _resolve(frame.future, {"header": header, "mask": mask_png})
-        self._archive(result, stats.seq, mask_png, header)
+        archived = self._archive(result, stats.seq, mask_png, header)
+        if self.history is not None:  # never blocks: a full writer queue counts the record as lost
+            self.history.submit(header, archived)
         if self.metrics:
             self.metrics.verdicts.labels(frame.camera, result.verdict).inc()
             self.metrics.latency.labels(frame.camera).observe(latency)
@@ -394,11 +427,14 @@ class Daemon:
         if self.metrics:
             self.metrics.publish_drops.labels(result.frame.camera).inc()
 
-    def _archive(self, result: Result, seq: int, mask_png: bytes | None, header: dict[str, Any]) -> None:
+    def _archive(self, result: Result, seq: int, mask_png: bytes | None, header: dict[str, Any]) -> str | None:
+        """Queue the result for the archive; the file name its frame will have (for the history), if any."""
         if self.archive is None or result.verdict not in self.cfg.archive.verdicts:
-            return
-        frame = result.frame  # a full writer queue and failed writes are counted by the archive (and its metrics)
-        self.archive.submit(frame.camera, seq, result.verdict, frame.image, mask_png, header)
+            return None
+        frame, now = result.frame, time.time()  # a full queue and failed writes are counted by the archive
+        if not self.archive.submit(frame.camera, seq, result.verdict, frame.image, mask_png, header, now):
+            return None
+        return None if frame.image is None else entry_name(frame.camera, seq, result.verdict, now) + ".png"
 
     def handle_trigger(self, camera: str, part_id: str) -> TriggerFuture:
         """Trigger server callback: the next frame captured from `camera` is inspected for `part_id`."""
@@ -412,6 +448,132 @@ class Daemon:
         future: TriggerFuture = Future()
         cam.request_trigger(part_id, future)
         return future
+
+    # --- recipes and golden sets (linewatch/line/recipes.py, linewatch/verify.py) ---------------------------
+    def handle_control(self, request: dict[str, Any]) -> Future[dict[str, Any]]:
+        """Trigger server callback for `recipe` and `verify` requests: the work (a golden set, a drift design)
+        runs on a thread of its own; the future resolves to the reply's payload."""
+        if self.stopping:
+            raise LinewatchError("daemon is stopping")
+        future: Future[dict[str, Any]] = Future()
+        future.set_running_or_notify_cancel()
+
+        def work() -> None:
+            try:
+                if request["request"] == "recipe":
+                    future.set_result(self.switch_recipe(str(request["recipe"]), bool(request.get("force"))))
+                else:
+                    future.set_result(self.run_verify())
+            except BaseException as exc:  # a bug: the request gets `failed` with the text, the daemon goes on
+                log.exception("%s request failed", request["request"])
+                future.set_exception(exc)
+
+        threading.Thread(target=work, name=f"{request['request']}-request", daemon=True).start()
+        return future
+
+    def switch_recipe(self, name: str, force: bool = False) -> dict[str, Any]:
+        """Switch to a preloaded recipe between batches, after its golden set passed (unless forced); refused
+        (the recipe running stays) for an unknown or broken recipe or a failed golden set."""
+        t0 = time.monotonic()
+        with self.swap_lock:
+            old = self.model
+            try:
+                if self.reloading is not None:
+                    raise RecipeRefused("a reload is in progress: try again when it is done")
+                model = self.recipes.get(name)
+                golden = None
+                if model is not old:
+                    force = force or self.cfg.verify.force_swaps
+                    golden = self._golden_gate(model, f"switch to recipe {name}", force, self.cfg)
+                    plan = self.recipes.drift_plans.get(name) or self._drift_plan(model)
+                    self.model = model
+                    self.worker.model = model  # taken by the next batch; the one running finishes with the old
+                    self.drift = self._drift_watches(model, plan)
+                    self.recipes.active = name
+                    if self.metrics:
+                        self.metrics.set_model(model)
+            except RecipeRefused as exc:
+                log.error("recipe switch to %r refused, keeping recipe %s: %s", name, old.recipe, exc)
+                if self.metrics:
+                    self.metrics.recipe_switches.labels("refused").inc()
+                return {"ok": False, "code": "refused", "error": str(exc), "recipe": old.recipe, "golden": exc.golden}
+        switch_ms = (time.monotonic() - t0) * 1000
+        log.info(
+            "recipe %s -> %s (model %s, calibration %s) in %.1f ms%s",
+            old.recipe,
+            name,
+            model.model_id,
+            model.calibration_version,
+            switch_ms,
+            "" if golden is None else f", golden set {'passed' if golden['passed'] else 'FAILED (forced)'}",
+        )
+        if self.metrics:
+            self.metrics.recipe_switches.labels("ok").inc()
+        return {"ok": True, "recipe": name, "previous": old.recipe, "switch_ms": round(switch_ms, 3), "golden": golden}
+
+    def run_verify(self) -> dict[str, Any]:
+        """`verify` request (a PLC at shift start): the active recipe's golden set, judged by its model; the
+        outcome goes to the status topic (`golden`), the metrics and the log."""
+        from linewatch.verify import verify_model
+
+        with self.swap_lock:
+            model = self.model
+            golden = self.recipes.golden(model.recipe)
+            if golden is None:
+                return {
+                    "ok": False,
+                    "code": "refused",
+                    "error": f"recipe {model.recipe!r} has no golden set (model.golden or recipes.<name>.golden)",
+                    "recipe": model.recipe,
+                }
+            try:
+                report = verify_model(model, golden, list(self.cameras), self.worker.ignore_masks)
+            except LinewatchError as exc:  # a golden set that cannot be read fails the check
+                log.error("verify: golden set %s of recipe %s cannot be judged: %s", golden, model.recipe, exc)
+                self._record_golden({"recipe": model.recipe, "golden": str(golden), "passed": False, "error": str(exc)})
+                return {"ok": False, "code": "verify_failed", "error": str(exc), "recipe": model.recipe}
+            summary = report.summary()
+            self._record_golden(summary)
+        (log.info if report.passed else log.error)("verify: %s", report.one_line())
+        if report.passed:
+            return {"ok": True, "recipe": model.recipe, "verify": summary}
+        return {
+            "ok": False,
+            "code": "verify_failed",
+            "error": report.one_line(),
+            "recipe": model.recipe,
+            "verify": summary,
+        }
+
+    def _golden_gate(self, model: Model, what: str, force: bool, cfg: Config) -> dict[str, Any] | None:
+        """Before `model` goes live (start, reload, recipe switch): its recipe's golden set must pass, unless
+        forced. Returns the check's summary (None without a golden set); RecipeRefused when it failed."""
+        from linewatch.verify import GoldenFailed, check_golden
+
+        golden = cfg.model.golden if model.recipe == "default" else cfg.recipes[model.recipe].golden
+        masks = {c.name: c.ignore_mask for c in cfg.cameras if c.ignore_mask}
+        try:
+            report = check_golden(model, golden, [c.name for c in cfg.cameras], force, masks)
+        except GoldenFailed as exc:
+            self._record_golden(exc.report.summary())
+            raise RecipeRefused(f"{what}: {exc}", exc.report.summary()) from None
+        except LinewatchError as exc:
+            self._record_golden({"recipe": model.recipe, "golden": str(golden), "passed": False, "error": str(exc)})
+            raise RecipeRefused(f"{what}: {exc}") from None
+        if report is None:
+            return None
+        summary = report.summary()
+        self._record_golden(summary)
+        return summary
+
+    def _record_golden(self, summary: dict[str, Any]) -> None:
+        shown = dict(summary)
+        if len(shown.get("failed", [])) > STATUS_GOLDEN_FAILURES:
+            shown["failed"] = shown["failed"][:STATUS_GOLDEN_FAILURES]
+        self.last_golden = shown
+        metrics = getattr(self, "metrics", None)  # None before start(): the start's check is set in start()
+        if metrics is not None:
+            metrics.set_golden(summary["recipe"], bool(summary["passed"]))
 
     # --- status, health, systemd ------------------------------------------------------------------------
     def camera_status(self, name: str, now: float) -> dict[str, Any]:
@@ -439,6 +601,13 @@ class Daemon:
             "unhealthy_reason": self.unhealthy_reason,
             "stopping": self.stopping,
             "drift": self.drift[1][name].snapshot(),
+            "recipe": self.model.recipe,
+            "recipes": self.recipes.summary(),
+            "golden": self.last_golden,
+            "history": None if self.history is None else self.history.status(name),  # docs/HISTORY.md
+            "camera_settings": cam.settings.report(),  # docs/CAMERAS.md: {property: {set, read, state}}
+            "gated": {} if cam.gate is None else cam.gate.snapshot(),  # frames gated (ERROR) by reason
+            "engine": engine_status(self.model.engine),  # docs/PROTOCOL.md: a remote engine's state
         }
 
     # --- drift watch (linewatch/line/drift.py) ---------------------------------------------------------------
@@ -566,7 +735,9 @@ class Daemon:
             ("result publisher", self.publisher),  # its CURVE authenticator
             ("trigger server", self.trigger),
             ("archive", self.archive),
+            ("history", self.history),
             ("metrics server", self.metrics),
+            ("remote engine", self.model.engine if hasattr(self.model.engine, "health") else None),  # type: ignore[list-item]
         ]
         return [(name, part) for name, part in parts if part is not None]
 
@@ -577,6 +748,9 @@ class Daemon:
         parts = [f"{k}: {','.join(v)}" for k, v in sorted(states.items())]
         cal = self.model.calibration_version
         text = f"model {self.model.model_id} cal {cal if cal is not None else 'NONE'}; " + "; ".join(parts)
+        engine = engine_status(self.model.engine)
+        if engine["state"] != "online":  # an outage is reported, not a reason to be restarted
+            text = f"engine {engine['state']} ({engine.get('last_error')}); {text}"
         return text if self.unhealthy_reason is None else f"UNHEALTHY ({self.unhealthy_reason}); {text}"
 
     # --- reload -----------------------------------------------------------------------------------------
@@ -606,23 +780,38 @@ class Daemon:
         changed = [
             name
             for name in Config.model_fields
-            if name != "model" and getattr(new_cfg, name) != getattr(self.cfg, name)
+            if name not in RELOADED and getattr(new_cfg, name) != getattr(self.cfg, name)
         ]
         if changed:
-            log.warning("reload: changes to %s need a restart; only the model section is reloaded", ", ".join(changed))
-        model = load_model(
-            new_cfg.model.bundle,
-            self.cfg.engine.providers,
-            self.cfg.engine.threads,
-            new_cfg.model.precision,
-            self.cfg.engine.max_batch,
-            require_calibration=True,
-            warmup=self.cfg.engine.warmup,
-            trt_cache_dir=trt_cache_dir(self.cfg),
-            reuse=self.model,  # same graph: only the calibration changes, swapped in without a warm-up
-        )
-        self._reload_drift_plan = self._drift_plan(model)
+            log.warning(
+                "reload: changes to %s need a restart; only %s are reloaded", ", ".join(changed), ", ".join(RELOADED)
+            )
+        # the config's recipe when it changed, else the one running (a PLC's choice survives a recalibration)
+        active = new_cfg.recipe if new_cfg.recipe != self.cfg.recipe else self.recipes.active
+        # same graph: only the calibration changes, swapped in without a warm-up
+        book = RecipeBook.load(new_cfg, self._load_model, active, self.recipes, require_active_calibration=True)
+        model = book.models[active]
+        self._golden_gate(model, "reload", new_cfg.verify.force_swaps, new_cfg)
+        book.drift_plans = {n: self._drift_plan(m) for n, m in book.models.items()}
+        self._reload_recipes = book
+        self._reload_drift_plan = book.drift_plans[active]
         return new_cfg, model
+
+    def _load_model(self, bundle_dir: Path, precision: str, require_calibration: bool, reuse: Model | None) -> Model:
+        """One recipe's model with this daemon's engine settings (a change of those needs a restart)."""
+        cfg = self.cfg
+        return load_model(
+            bundle_dir,
+            cfg.engine.providers,
+            cfg.engine.threads,
+            precision,
+            cfg.engine.max_batch,
+            require_calibration=require_calibration,
+            warmup=cfg.engine.warmup,
+            trt_cache_dir=trt_cache_dir(cfg),
+            reuse=reuse,
+            remote=cfg.engine,  # engine.backend: triton -> linewatch/line/remote_engine.py
+        )
 
     def finish_reload(self) -> bool | None:
         """Main loop: once the reload thread is done, swap the new model in (True) or keep the old one (False);
@@ -647,7 +836,9 @@ class Daemon:
         old = self.model
         self.model = model
         self.worker.model = model  # taken by the next batch; the one running finishes with the old model
-        self.cfg = self.cfg.model_copy(update={"model": new_cfg.model})
+        self.cfg = self.cfg.model_copy(update={name: getattr(new_cfg, name) for name in RELOADED})
+        if self._reload_recipes is not None:
+            self.recipes, self._reload_recipes = self._reload_recipes, None
         plan = self._reload_drift_plan if self._reload_drift_plan is not None else self._drift_plan(model)
         self.drift = self._drift_watches(model, plan)  # a new calibration: the watch starts afresh
         log.info(
@@ -695,8 +886,13 @@ class Daemon:
         next_status = next_ping = time.monotonic()
         while not self.stop_requested.wait(TICK_S):
             now = time.monotonic()
-            self.finish_reload()
-            if self.reload_requested.is_set() and self.reloading is None:  # one at a time; a later SIGHUP waits
+            if self.swap_lock.acquire(blocking=False):  # never swaps under a recipe switch or verify; never waits
+                try:
+                    self.finish_reload()
+                finally:
+                    self.swap_lock.release()
+            # one at a time; a later SIGHUP waits, as it does for a recipe switch or verify running
+            if self.reload_requested.is_set() and self.reloading is None and not self.swap_lock.locked():
                 self.reload_requested.clear()
                 self.start_reload()
             for cam in self.cameras.values():
@@ -821,6 +1017,8 @@ class Daemon:
         self.publisher.close()
         if self.archive is not None:
             self.archive.close()
+        if self.history is not None:
+            self.history.close()  # writes what is queued (a few seconds at most)
         if self.metrics is not None:
             self.metrics.close()
         self.notifier.close()

@@ -11,9 +11,9 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
 import numpy as np
 
@@ -21,12 +21,14 @@ from linewatch import bundle
 from linewatch.errors import BundleError, LinewatchError
 from linewatch.images import resize_to_model
 from linewatch.line.frames import Frame, FrameQueue
+from linewatch.line.ignore_mask import IgnoreMask, mask_for
 from linewatch.line.verdict import Judgement, judge
 from linewatch.protocol.wire import ProtocolError, ResultHeader, Verdict
 from linewatch.validation import validate
 
 if TYPE_CHECKING:
     from linewatch.calibrate.store import Calibration
+    from linewatch.line.config import EngineConfig
 
 log = logging.getLogger("linewatch.line.inference")
 
@@ -40,6 +42,11 @@ class Scorer(Protocol):
     def score(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
+class EngineOffline(LinewatchError):
+    """A remote engine cannot score now (unreachable, failing, or refused): its frames become ERROR results
+    while it reconnects, like an offline camera's, instead of counting as a hung engine."""
+
+
 @dataclass(frozen=True)
 class Model:
     """Everything a reload swaps in one assignment: engine, calibration and their identities."""
@@ -51,6 +58,11 @@ class Model:
     model_id: str
     input_size: tuple[int, int]
     batch_s: float | None = None  # one full batch once warm, measured at warm-up (None: no warm-up)
+    # the recipe this model judges for (linewatch/line/recipes.py): its name goes into every result header, its
+    # per-camera crop (inside the camera's image) is applied here, so a batch is never judged half one recipe
+    recipe: str = "default"
+    rois: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    ignore_masks: Mapping[str, Any] = field(default_factory=dict)  # camera -> polygons replacing the camera's own
 
     @property
     def calibration_version(self) -> int | None:
@@ -83,6 +95,7 @@ def load_model(
     warmup: bool = False,
     trt_cache_dir: Path | None = None,
     reuse: Model | None = None,
+    remote: EngineConfig | None = None,
 ) -> Model:
     """Load and check a bundle. With require_calibration (reload), a bad calibration raises instead of
     degrading to uncalibrated, so the caller can keep the model it has; it is checked before any engine is built,
@@ -93,7 +106,10 @@ def load_model(
     session build or warm-up taking CPU from inference.
 
     `trt_cache_dir`: TensorRT engines go to `<trt_cache_dir>/<model id>-<precision>` (one folder per graph, so a
-    new bundle never meets engines built for another), else into the bundle as before."""
+    new bundle never meets engines built for another), else into the bundle as before.
+
+    `remote`: the config's engine section; with `backend: triton` the frames are scored by a Triton server
+    (linewatch/line/remote_engine.py), checked against this bundle and calibration before this returns."""
     from linewatch.line.engine import Engine
 
     bundle_dir = Path(bundle_dir)
@@ -110,6 +126,11 @@ def load_model(
         log.info("graph %s unchanged: engine kept, calibration swapped in without warm-up", reuse.model_id)
         engine: Scorer = reuse.engine
         batch_s = reuse.batch_s
+    elif remote is not None and remote.backend == "triton":
+        from linewatch.line.remote_engine import TritonScorer
+
+        engine = TritonScorer.connect(bundle_dir, precision, remote, max_batch, calibration)
+        batch_s = warm_up(engine, max_batch) if warmup and engine_status(engine)["state"] == "online" else None
     else:
         cache = None if trt_cache_dir is None else Path(trt_cache_dir) / f"{bundle.model_id(meta)}-{precision}"
         engine = Engine(
@@ -124,6 +145,12 @@ def load_model(
     if reason:
         log.error("%s: every result will be ERROR", reason)
     return Model(bundle_dir, engine, calibration, reason, bundle.model_id(meta), engine.input_size, batch_s)
+
+
+def engine_status(engine: Scorer) -> dict[str, Any]:
+    """The status topic's `engine` (docs/PROTOCOL.md): a remote scorer reports its own; a local one is online."""
+    status = getattr(engine, "status", None)
+    return dict(status()) if callable(status) else {"backend": "local", "state": "online"}
 
 
 def _runs_graph(model: Model, bundle_dir: Path, meta: dict[str, Any], precision: str) -> bool:
@@ -183,6 +210,7 @@ def result_header(result: Result, seq: int, mask_size: tuple[int, int] | None = 
         "thresholds": model.thresholds,
         "calibration_version": model.calibration_version,
         "model_id": model.model_id,
+        "recipe": model.recipe,
         "regions": [] if judgement is None else judgement.regions,
         "regions_total": 0 if judgement is None else judgement.regions_total,
         "defect_regions": 0 if judgement is None else judgement.defect_regions,
@@ -193,8 +221,9 @@ def result_header(result: Result, seq: int, mask_size: tuple[int, int] | None = 
     return validate(ResultHeader, fields, f"camera {frame.camera} result {seq}", error=ProtocolError)
 
 
-def judge_frames(model: Model, frames: list[Frame]) -> list[Result]:
-    """Score a batch and judge each frame; every frame in gives exactly one result out, in order."""
+def judge_frames(model: Model, frames: list[Frame], camera_masks: Mapping[str, Any] | None = None) -> list[Result]:
+    """Score a batch and judge each frame; every frame in gives exactly one result out, in order.
+    `camera_masks`: camera -> the config's ignore_mask polygons, used where the model (recipe) has none of its own."""
     results: dict[int, Result] = {}  # frame index -> its result
     height, width = model.input_size
     batch, slots = [], []
@@ -203,7 +232,11 @@ def judge_frames(model: Model, frames: list[Frame]) -> list[Result]:
             results[i] = Result(frame, Verdict.ERROR, model, reason=frame.error or "no image")
             continue
         try:
-            batch.append(resize_to_model(frame.image, height, width))
+            image = frame.image
+            roi = model.rois.get(frame.camera)
+            if roi is not None:
+                image = _recipe_crop(image, roi, model.recipe)
+            batch.append(resize_to_model(image, height, width))
             slots.append(i)
         except Exception as exc:
             results[i] = Result(frame, Verdict.ERROR, model, reason=f"cannot prepare frame: {exc}")
@@ -216,19 +249,34 @@ def judge_frames(model: Model, frames: list[Frame]) -> list[Result]:
                     f"engine returned maps {maps.shape} and scores {scores.shape} "
                     f"for {len(batch)} frames of {height}x{width}"
                 )
-        except Exception as exc:
-            log.error("inference failed for %d frames: %s", len(batch), exc)
+        except Exception as exc:  # an offline remote engine logs its own changes of state, not every batch
+            (log.debug if isinstance(exc, EngineOffline) else log.error)(
+                "inference failed for %d frames: %s", len(batch), exc
+            )
             for i in slots:
                 results[i] = Result(frames[i], Verdict.ERROR, model, reason=f"inference failed: {exc}")
         else:
             for k, i in enumerate(slots):
-                results[i] = _judge_one(model, frames[i], maps[k], float(scores[k]))
+                polygons = model.ignore_masks.get(frames[i].camera) or (camera_masks or {}).get(frames[i].camera)
+                results[i] = _judge_one(model, frames[i], maps[k], float(scores[k]), mask_for(polygons))
     return [results[i] for i in range(len(frames))]
 
 
-def _judge_one(model: Model, frame: Frame, amap: np.ndarray, score: float) -> Result:
+def _recipe_crop(image: np.ndarray, roi: tuple[int, ...], recipe: str) -> np.ndarray:
+    x, y, w, h = roi
+    if x + w > image.shape[1] or y + h > image.shape[0]:
+        raise LinewatchError(
+            f"recipe {recipe!r} roi {list(roi)} does not fit in the {image.shape[1]}x{image.shape[0]} image"
+        )
+    return image[y : y + h, x : x + w]
+
+
+def _judge_one(model: Model, frame: Frame, amap: np.ndarray, score: float, ignore: IgnoreMask | None = None) -> Result:
     if not np.isfinite(score) or not np.all(np.isfinite(amap)):
         return Result(frame, Verdict.ERROR, model, reason="non-finite anomaly score")
+    if ignore is not None:  # before thresholding: nothing inside can fail the part or appear in mask and regions
+        amap = ignore.apply(amap)
+        score = float(amap.max())
     if model.calibration is None:
         return Result(frame, Verdict.ERROR, model, score=score, reason=model.uncalibrated_reason, anomaly_map=amap)
     try:
@@ -266,6 +314,7 @@ class InferenceWorker:
         self.max_wait_s = max_wait_s
         self.idle_wake_s = idle_wake_s
         self.last_progress = time.monotonic()  # updated after each batch and each idle wake
+        self.ignore_masks: dict[str, Any] = {}  # camera -> its config's ignore_mask polygons (see judge_frames)
         self.in_flight: list[Frame] = []  # the batch being scored/published, for accounting at shutdown
         self._batch_s: deque[float] = deque(maxlen=BATCH_HISTORY)  # scoring + judging time of recent batches
         self._batch_lock = threading.Lock()  # the main thread reads what this thread appends
@@ -321,7 +370,7 @@ class InferenceWorker:
                 continue
             self.in_flight = batch
             t0 = time.monotonic()
-            results = judge_frames(self.model, batch)
+            results = judge_frames(self.model, batch, self.ignore_masks)
             with self._batch_lock:
                 self._batch_s.append(time.monotonic() - t0)
             self.on_results(results)  # hands over only: publishing guards each result

@@ -43,6 +43,10 @@ def preflight(cfg: Config) -> list[LinewatchError]:
     meta = check(bundle.read_metadata, cfg.model.bundle)
     graph_ok = meta is not None and check(_graph_scores, cfg) is True
     check(_calibration, cfg, graph_ok)
+    for name in cfg.recipes:  # every recipe is loaded at start; one that cannot be could never be switched to
+        check(_recipe, cfg, name)
+    if cfg.engine.backend == "triton" and graph_ok:
+        check(_remote_engine, cfg)
     from linewatch.line.cameras import check_backend
 
     for cam in cfg.cameras:
@@ -99,6 +103,18 @@ def _graph_scores(cfg: Config) -> bool:
     return True
 
 
+def _recipe(cfg: Config, name: str) -> None:
+    """A recipe's bundle, graph and calibration, checked as the model section's are (docs/RECIPES.md)."""
+    recipe = cfg.recipes[name]
+    model = cfg.model.model_copy(update={"bundle": recipe.bundle, "precision": recipe.precision})
+    as_model = cfg.model_copy(update={"model": model})
+    try:
+        bundle.read_metadata(recipe.bundle)
+        _calibration(as_model, _graph_scores(as_model) is True)
+    except LinewatchError as exc:
+        raise type(exc)(f"recipes.{name}: {exc}") from None
+
+
 def _calibration(cfg: Config, graph_ok: bool) -> None:
     """Thresholds for the graph that runs; without them `run` starts but no part can be judged."""
     from linewatch.calibrate.store import read_calibration_file
@@ -118,6 +134,21 @@ def _calibration(cfg: Config, graph_ok: bool) -> None:
         raise BundleError(f"{exc}; {UNCALIBRATED} (invalid calibration)") from None
     if reason is not None:
         raise BundleError(f"{reason}; {UNCALIBRATED}")
+
+
+def _remote_engine(cfg: Config) -> None:
+    """engine.backend triton: the server runs this graph (a mismatch would refuse the start). An unreachable server
+    is only logged: `run` starts with the engine offline and reconnects, so the unit must not fail on it."""
+    from linewatch.line.remote_engine import check_server
+
+    unreachable = check_server(cfg.model.bundle, cfg.model.precision, cfg.engine, cfg.engine.max_batch)
+    if unreachable is not None:
+        logging.getLogger("linewatch.line.preflight").warning(
+            "engine.url %s: not reachable now (%s); `linewatch run` starts with the engine offline, every result "
+            "ERROR until it is back",
+            cfg.engine.url,
+            unreachable,
+        )
 
 
 # --- keys, folders, endpoints -------------------------------------------------------------------------------

@@ -58,6 +58,16 @@ class ArchiveCounts(Protocol):
     def used_bytes(self) -> int: ...
 
 
+class HistoryCounts(Protocol):
+    """What the history writer counts (linewatch.line.history.History)."""
+
+    deleted: int
+    errors: int
+    used_bytes: int | None
+
+    def totals(self) -> Mapping[str, tuple[int, int]]: ...
+
+
 class DaemonMetrics:
     """The daemon's metrics; `serve()` starts the HTTP endpoint, `health()` is None while its thread runs."""
 
@@ -101,6 +111,19 @@ class DaemonMetrics:
         self.reloads = Counter("linewatch_reloads", "SIGHUP reloads by outcome", ["outcome"], registry=r)
         for outcome in RELOAD_OUTCOMES:
             self.reloads.labels(outcome)
+        # recipes and golden sets (docs/RECIPES.md)
+        self.recipe_info = Gauge("linewatch_recipe_info", "1 for the recipe in use", ["recipe"], registry=r)
+        self.recipe_switches = Counter(
+            "linewatch_recipe_switches", "Recipe switch requests by outcome", ["outcome"], registry=r
+        )
+        for outcome in RELOAD_OUTCOMES:
+            self.recipe_switches.labels(outcome)
+        self.golden_passed = Gauge(
+            "linewatch_golden_passed", "Latest golden-set check of a recipe: 1 passed, 0 failed", ["recipe"], registry=r
+        )
+        self.golden_checks = Counter("linewatch_golden_checks", "Golden-set checks by outcome", ["outcome"], registry=r)
+        for outcome in ("passed", "failed"):
+            self.golden_checks.labels(outcome)
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -119,10 +142,19 @@ class DaemonMetrics:
         """Drift watch per camera, read at scrape time: {camera: (state code, CUSUM statistic in nats)}."""
         self.registry.register(_DriftGauges(gauges))
 
+    def watch_gating(self, counts: Callable[[], Mapping[str, Mapping[str, int]]]) -> None:
+        """Frames the image gate turned into ERROR results, read at scrape time: {camera: {reason: count}}."""
+        self.registry.register(_GatedTotals(counts))
+
     def watch_archive(self, archive: ArchiveCounts) -> None:
         """The archive writer's own counts, read at scrape time: every failed write is in
         linewatch_archive_errors_total{kind="write"}, every frame the full queue turned away in kind="skipped"."""
         self.registry.register(_ArchiveTotals(archive))
+
+    def watch_history(self, history: HistoryCounts) -> None:
+        """The history writer's own counts, read at scrape time (docs/HISTORY.md): records written and lost per
+        camera, rows removed by retention, failed opens/transactions, the database's used bytes (SQLite)."""
+        self.registry.register(_HistoryTotals(history))
 
     def watch_triggers(self, outcomes: Callable[[], Mapping[str, int]]) -> None:
         """Trigger requests answered, by outcome (ok or the error code), read at scrape time."""
@@ -138,6 +170,13 @@ class DaemonMetrics:
         self.min_defect_area.set(-1 if cal is None else cal.min_defect_area)
         self.model_info.clear()
         self.model_info.labels(model.model_id).set(1)
+        self.recipe_info.clear()
+        self.recipe_info.labels(model.recipe).set(1)
+
+    def set_golden(self, recipe: str, passed: bool) -> None:
+        """A golden-set check's outcome (start, reload, recipe switch, verify request)."""
+        self.golden_passed.labels(recipe).set(1 if passed else 0)
+        self.golden_checks.labels("passed" if passed else "failed").inc()
 
     def set_camera_state(self, camera: str, state: str) -> None:
         for s in CAMERA_STATES:
@@ -194,6 +233,22 @@ class _CameraTotals:
         return [frames, drops, reconnects, errors]
 
 
+class _GatedTotals:
+    def __init__(self, counts: Callable[[], Mapping[str, Mapping[str, int]]]):
+        self._counts = counts
+
+    def collect(self) -> list[Metric]:
+        family = CounterMetricFamily(
+            "linewatch_gated_frames",
+            "Frames not scored because the image gate refused them (published as ERROR), by reason",
+            labels=["camera", "reason"],
+        )
+        for camera, reasons in self._counts().items():
+            for reason, n in reasons.items():
+                family.add_metric([camera, reason], n)
+        return [family]
+
+
 class _DriftGauges:
     def __init__(self, gauges: Callable[[], Mapping[str, tuple[int, float]]]):
         self._gauges = gauges
@@ -232,6 +287,41 @@ class _ArchiveTotals:
             CounterMetricFamily("linewatch_archive_deleted", "Archive files deleted by the size cap", value=a.deleted),
             GaugeMetricFamily(
                 "linewatch_archive_bytes", "Bytes of archived files counted in the cap", value=a.used_bytes
+            ),
+        ]
+
+
+class _HistoryTotals:
+    def __init__(self, history: HistoryCounts):
+        self._history = history
+
+    def collect(self) -> list[Metric]:
+        h = self._history
+        recorded = CounterMetricFamily(
+            "linewatch_history_recorded", "Results recorded in the history database", labels=["camera"]
+        )
+        lost = CounterMetricFamily(
+            "linewatch_history_lost",
+            "Results not recorded (writer behind, database unwritable or unreachable); the results were published",
+            labels=["camera"],
+        )
+        for camera, (n_recorded, n_lost) in h.totals().items():
+            recorded.add_metric([camera], n_recorded)
+            lost.add_metric([camera], n_lost)
+        used = h.used_bytes
+        return [
+            recorded,
+            lost,
+            CounterMetricFamily(
+                "linewatch_history_deleted", "Records removed by the retention policy", value=h.deleted
+            ),
+            CounterMetricFamily(
+                "linewatch_history_errors", "Failed opens and transactions of the history database", value=h.errors
+            ),
+            GaugeMetricFamily(
+                "linewatch_history_bytes",
+                "Bytes the SQLite history's pages take (NaN: not known yet, or PostgreSQL)",
+                value=math.nan if used is None else used,
             ),
         ]
 

@@ -20,10 +20,10 @@ import time
 from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any, Callable, Literal, Union
 
 import zmq
-from pydantic import Field, StrictInt, StrictStr, field_validator
+from pydantic import Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
 from linewatch.errors import ConfigError, LinewatchError
 from linewatch.protocol.curve import (
@@ -62,10 +62,16 @@ BUSY = "busy"  # too many requests outstanding (from this client, or from all to
 TIMEOUT = "timeout"  # no result within timeout_s
 FAILED = "failed"  # the request was accepted but no result came (frame dropped, shutdown, ...)
 INTERNAL = "internal"  # a daemon bug: the request gets this instead of a doubtful answer
+REFUSED = "refused"  # a recipe switch refused (unknown or broken recipe, golden set failed): the old one stays
+VERIFY_FAILED = "verify_failed"  # a verify request ran and the golden set failed
 OK = "ok"  # not an error: the request got its result
-OUTCOMES = (OK, BAD_REQUEST, UNKNOWN_CAMERA, REJECTED, BUSY, TIMEOUT, FAILED, INTERNAL)  # of every answered request
+OUTCOMES = (OK, BAD_REQUEST, UNKNOWN_CAMERA, REJECTED, BUSY, TIMEOUT, FAILED, INTERNAL, REFUSED, VERIFY_FAILED)
+CONTROL_KINDS = ("recipe", "verify")  # requests that change or check the daemon rather than inspect a part
+CONTROL_TIMEOUT_S = 60.0  # at least this long for them: a golden set takes longer than one part
 
 Handler = Callable[[str, str], Future[Any]]
+# control(request dict) -> Future of the reply's payload: {"ok": bool, "code"?: str, "error"?: str, ...}
+ControlHandler = Callable[[dict[str, Any]], Future[dict[str, Any]]]
 
 
 @dataclass
@@ -94,11 +100,13 @@ class TriggerServer:
         allow_insecure_bind: bool = False,
         max_pending: int = MAX_PENDING,
         max_pending_per_client: int = MAX_PENDING_PER_CLIENT,
+        control: ControlHandler | None = None,
     ):
         if not callable(handler):
             raise TypeError("TriggerServer needs a handler(camera, part_id) -> Future")
         check_bind_security(endpoint, curve is not None, allow_insecure_bind, "trigger endpoint")
         self.handler = handler
+        self.control = control  # recipe / verify requests (None: answered `rejected`)
         self.timeout_s = float(timeout_s)
         self.max_pending = int(max_pending)
         self.max_pending_per_client = int(max_pending_per_client)
@@ -253,7 +261,8 @@ class TriggerServer:
             log.debug("trigger: unroutable message of %d frames ignored", len(frames))
             return
         try:
-            request = parse_request(body).model_dump()
+            parsed = parse_request(body)
+            request = parsed.model_dump()
         except RequestError as exc:
             self._reply_error(envelope, exc.request, BAD_REQUEST, str(exc))
             return
@@ -264,8 +273,15 @@ class TriggerServer:
         if len(self._pending) >= self.max_pending:
             self._reply_error(envelope, request, BUSY, f"{len(self._pending)} requests outstanding; try again")
             return
+        timeout_s = self.timeout_s
         try:
-            future = self.handler(request["camera"], request["part_id"])
+            if isinstance(parsed, ControlRequest):
+                if self.control is None:
+                    raise LinewatchError(f"{parsed.request} requests are not served here")
+                future = self.control(request)
+                timeout_s = max(timeout_s, CONTROL_TIMEOUT_S)
+            else:
+                future = self.handler(request["camera"], request["part_id"])
         except KeyError:
             self._reply_error(envelope, request, UNKNOWN_CAMERA, f"unknown camera {request['camera']!r}")
             return
@@ -281,7 +297,7 @@ class TriggerServer:
             self._reply_error(envelope, request, INTERNAL, "handler did not return a Future")
             return
         future.add_done_callback(self._wake)  # before it counts as pending: nothing after this can fail
-        self._pending.append(_Pending(envelope, request, future, time.monotonic() + self.timeout_s, client))
+        self._pending.append(_Pending(envelope, request, future, time.monotonic() + timeout_s, client))
         self._per_client[client] += 1
 
     def _answer_ready(self) -> None:
@@ -312,6 +328,9 @@ class TriggerServer:
 
     def _reply_result(self, item: _Pending) -> None:
         request = item.request
+        if request.get("request") in CONTROL_KINDS:
+            self._reply_control(item)
+            return
         try:
             value = item.future.result()
         except Exception as exc:  # accepted, but no result: frame dropped, daemon stopping, ...
@@ -330,6 +349,22 @@ class TriggerServer:
         reply = _reply_base(request) | {"ok": True, "result": header}
         self.outcomes[OK] += 1
         self._send(item.envelope, [encode_json(reply), mask or b""])
+
+    def _reply_control(self, item: _Pending) -> None:
+        """A recipe/verify reply: the daemon's payload (`ok`, and `code`/`error` when not ok) on the usual base."""
+        try:
+            payload = dict(item.future.result())
+        except Exception as exc:
+            self._reply_error(item.envelope, item.request, FAILED, str(exc) or exc.__class__.__name__)
+            return
+        ok = payload.get("ok") is True
+        code = OK if ok else str(payload.get("code") or FAILED)
+        if not ok:
+            self.errors[code] = self.errors.get(code, 0) + 1
+            payload = payload | {"ok": False, "code": code, "error": str(payload.get("error") or code)}
+        self.outcomes[code] = self.outcomes.get(code, 0) + 1
+        reply = _reply_base(item.request) | payload
+        self._send(item.envelope, [encode_json(reply), b""])
 
     def _reply_error(self, envelope: list[bytes], request: dict[str, Any], code: str, message: str) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
@@ -395,6 +430,24 @@ class TriggerRequest(TolerantModel):
         return value
 
 
+class ControlRequest(TolerantModel):
+    """`{"request": "recipe", "recipe": NAME, "force"?: bool}` (switch the recipe between parts) or
+    `{"request": "verify"}` (judge the active recipe's golden set); `request_id` as for inspections."""
+
+    request: Literal["recipe", "verify"]
+    recipe: Union[Id, None] = None
+    force: StrictBool = False
+    request_id: StrictStr | StrictInt = None  # type: ignore[assignment]
+
+    @model_validator(mode="after")
+    def _recipe_named(self) -> "ControlRequest":
+        if self.request == "recipe" and self.recipe is None:
+            raise ValueError("a recipe request needs `recipe`: the name of the recipe to switch to")
+        if self.request_id is not None and not _echoable(self.request_id):
+            raise ValueError(f"request_id: at most {MAX_PART_ID_CHARS} characters, to be echoed")
+        return self
+
+
 def split_envelope(frames: list[bytes]) -> tuple[list[bytes] | None, list[bytes]]:
     """ROUTER frames -> (routing envelope to echo, body). REQ clients add an empty delimiter, DEALERs may not."""
     if not frames:
@@ -404,15 +457,21 @@ def split_envelope(frames: list[bytes]) -> tuple[list[bytes] | None, list[bytes]
     return frames[:1], frames[1:]
 
 
-def parse_request(body: list[bytes]) -> TriggerRequest:
-    """The request of a body `[JSON]`; RequestError (with whatever ids could be read) otherwise."""
+def parse_request(body: list[bytes]) -> TriggerRequest | ControlRequest:
+    """The request of a body `[JSON]`; RequestError (with whatever ids could be read) otherwise. `request`
+    (default "inspect") says which: inspect a part, or the control requests recipe and verify."""
     if len(body) != 1:
         raise RequestError(f"expected one frame with a JSON object, got {len(body)} frames")
     data = body[0]
     if len(data) > MAX_REQUEST_BYTES:
         raise RequestError(f"request of {len(data)} bytes: at most {MAX_REQUEST_BYTES}")
     request = json_object(data, RequestError)
+    kind = request.get("request", "inspect")
     try:
+        if kind in CONTROL_KINDS:
+            return validate(ControlRequest, request, "request", error=RequestError)
+        if kind != "inspect":
+            raise RequestError(f"request: unknown request {str(kind)[:40]!r}: expected inspect, recipe or verify")
         return validate(TriggerRequest, request, "request", error=RequestError)
     except RequestError as exc:
         exc.request = _ids(request)
@@ -438,13 +497,16 @@ def _echoable(value: Any) -> bool:
 
 
 def _reply_base(request: dict[str, Any]) -> dict[str, Any]:
-    return {
+    base = {
         "schema_version": SCHEMA_VERSION,
         "kind": REPLY,
         "request_id": request.get("request_id"),
         "camera": request.get("camera"),
         "part_id": request.get("part_id"),
     }
+    if request.get("request") in CONTROL_KINDS:
+        base["request"] = request["request"]
+    return base
 
 
 def unpack_result(value: Any) -> tuple[dict[str, Any], bytes | None]:

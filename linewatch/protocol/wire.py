@@ -176,6 +176,7 @@ class ResultHeader(TolerantModel):
     thresholds: Thresholds
     calibration_version: Int | None
     model_id: StrictStr | None
+    recipe: StrictStr | None = None  # the recipe judged with (additive: None from a daemon that predates recipes)
     regions: Annotated[list[RegionHeader], Field(max_length=MAX_REGIONS)]
     regions_total: Annotated[Int, Field(ge=0)]
     # regions that failed the part (additive: None from a daemon that predates it); they are listed first
