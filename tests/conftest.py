@@ -25,3 +25,16 @@ def deviation_bundle(tmp_path_factory):
     from tests.bundles import make_deviation_bundle
 
     return make_deviation_bundle(tmp_path_factory.mktemp("deviation_bundle"), 64, 64)
+
+
+@pytest.fixture
+def calibrated(deviation_bundle, tmp_path):
+    """A copy of the deviation bundle calibrated at pixel threshold 0.5: what the daemon tests run on."""
+    import shutil
+
+    from tests.test_daemon import write_calibration
+
+    dst = tmp_path / "bundle"
+    shutil.copytree(deviation_bundle, dst)
+    write_calibration(dst, 0.5)
+    return dst

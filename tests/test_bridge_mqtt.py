@@ -31,21 +31,12 @@ from tests.test_daemon import (
     start_daemon,
     stop,
     video_frames,
-    write_calibration,
     write_config,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
 MOSQUITTO = "/usr/sbin/mosquitto"
 STATUS_INTERVAL = 0.2  # write_config's publish.status_interval_s
-
-
-@pytest.fixture
-def calibrated(deviation_bundle, tmp_path):
-    dst = tmp_path / "bundle"
-    shutil.copytree(deviation_bundle, dst)
-    write_calibration(dst, 0.5)
-    return dst
 
 
 # --- real parts ---------------------------------------------------------------------------------------------------

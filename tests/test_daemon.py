@@ -41,14 +41,6 @@ def write_calibration(bundle_dir: Path, pixel_threshold: float, min_defect_area:
     return write(bundle_dir, pixel_threshold, min_defect_area=min_defect_area).version
 
 
-@pytest.fixture
-def calibrated(deviation_bundle, tmp_path):
-    dst = tmp_path / "bundle"
-    shutil.copytree(deviation_bundle, dst)
-    write_calibration(dst, 0.5)
-    return dst
-
-
 def video_frames(n: int = 8) -> list[np.ndarray]:
     return [with_white_square() if i % PERIOD == 1 else grey() for i in range(n)]
 

@@ -4,8 +4,6 @@ family, and the daemon as a subprocess on a folder camera with the deviation bun
 
 from __future__ import annotations
 
-import shutil
-
 import cv2
 import numpy as np
 import pytest
@@ -26,7 +24,7 @@ from linewatch.line.gating import (
     small,
 )
 from linewatch.validation import validate
-from tests.test_daemon import Subscriber, daemon_log, start_daemon, status_fields, stop, write_calibration, write_config
+from tests.test_daemon import Subscriber, daemon_log, start_daemon, status_fields, stop, write_config
 
 SIZE = 96
 
@@ -144,14 +142,6 @@ def test_gated_counts_are_a_prometheus_family_per_camera_and_reason():
 
 
 # --- end to end: the daemon as a subprocess ------------------------------------------------------------------
-
-
-@pytest.fixture
-def calibrated(deviation_bundle, tmp_path):
-    dst = tmp_path / "bundle"
-    shutil.copytree(deviation_bundle, dst)
-    write_calibration(dst, 0.5)
-    return dst
 
 
 @pytest.mark.e2e

@@ -31,19 +31,10 @@ from tests.test_daemon import (
     start_daemon,
     stop,
     video_frames,
-    write_calibration,
     write_config,
 )
 
 CAMERA = {"name": "cam1", "kind": "video", "loop": True, "fps": 30, "queue_size": 16}
-
-
-@pytest.fixture
-def calibrated(deviation_bundle, tmp_path):
-    dst = tmp_path / "bundle"
-    shutil.copytree(deviation_bundle, dst)
-    write_calibration(dst, 0.5)
-    return dst
 
 
 def rows(db: Path) -> list[dict]:

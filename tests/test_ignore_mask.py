@@ -104,14 +104,6 @@ def test_judge_frames_uses_the_camera_mask_and_a_models_own_replaces_it(deviatio
 # --- end to end: the daemon as a subprocess ------------------------------------------------------------------
 
 
-@pytest.fixture
-def calibrated(deviation_bundle, tmp_path):
-    dst = tmp_path / "bundle"
-    shutil.copytree(deviation_bundle, dst)
-    write_calibration(dst, 0.5)
-    return dst
-
-
 @pytest.mark.e2e
 def test_a_defect_inside_the_mask_never_fails_a_part_and_one_outside_still_does(calibrated, tmp_path):
     folder = tmp_path / "frames"

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 
 import cv2
@@ -30,20 +29,11 @@ from tests.test_daemon import (
     start_daemon,
     stop,
     video_frames,
-    write_calibration,
     write_config,
 )
 
 MAX_FPS = 2.0
 PREVIEW = {"enabled": True, "max_fps": MAX_FPS, "width": 48, "jpeg_quality": 80, "heatmap_size": 32}
-
-
-@pytest.fixture
-def calibrated(deviation_bundle, tmp_path):
-    dst = tmp_path / "bundle"
-    shutil.copytree(deviation_bundle, dst)
-    write_calibration(dst, 0.5)
-    return dst
 
 
 class RawSub:
@@ -110,6 +100,9 @@ def test_previews_rate_limited_for_ok_every_nok_decodable_and_results_untouched(
     previews = [decode_message(m) for m in everything if m[0].endswith(b"/preview")]
     statuses = [decode_message(m) for m in everything if m[0].endswith(b"/status")]
     assert len(results) >= 80, len(results)
+    # slow joiner: the subscription may begin between a part's result and its preview; such a preview has no result
+    # here to be checked against
+    previews = [p for p in previews if p.seq >= results[0].seq]
     assert all(r.verdict == expected_verdict(r.header["frame_index"]) for r in results)
     by_seq = {r.seq: r for r in results}
     nok = [r for r in results if r.verdict == "NOK"]
