@@ -360,7 +360,9 @@ def test_the_page_and_its_scripts_come_from_the_dashboard_alone(line):
     _, _, script = get(line.url + "static/vendor/uPlot.iife.min.js")
     assert b"uPlot" in script and b"(v1.6.32)" in script
     assert not re.findall(rb"(?i)(?:src|href)\s*=\s*[\"'](?:https?:)?//", script)
-    vendor = ROOT / "linewatch" / "dashboard" / "static" / "vendor"
+    import linewatch.dashboard
+
+    vendor = Path(linewatch.dashboard.__file__).parent / "static" / "vendor"  # as installed (the wheel too)
     assert "MIT License" in (vendor / "LICENSE").read_text() and "1.6.32" in (vendor / "README.md").read_text()
 
 

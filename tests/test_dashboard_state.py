@@ -237,6 +237,18 @@ def test_offline_and_drift_banners_follow_the_status():
     assert state.snapshot(now=1.8)["cameras"]["cam1"]["drift"]["state"] == "unavailable"
 
 
+def test_a_remote_engine_offline_is_a_banner_until_it_is_back():
+    state = DashboardState(now=0.0)
+    assert banners(state.on_message(status(engine={"backend": "local", "state": "online"}), now=1.0)) == []
+    down = {"backend": "triton", "state": "offline", "url": "gpu1:8001", "last_error": "connection refused"}
+    events = state.on_message(status(t=1001.0, engine=down), now=1.1)
+    assert banners(events) == [("engine", "cam1", True)]
+    text = [e for e in events if e[0] == "banner"][0][1]["text"]
+    assert "gpu1:8001" in text and "connection refused" in text and "ERROR" in text
+    back = {"backend": "triton", "state": "online", "url": "gpu1:8001"}
+    assert banners(state.on_message(status(t=1002.0, engine=back), now=1.2)) == [("engine", "cam1", False)]
+
+
 def test_a_daemon_restart_starts_the_parts_again():
     state = DashboardState(now=0.0)
     state.on_message(result(1, "NOK", 0.9), now=1)

@@ -316,6 +316,18 @@ class DashboardState:
             offline = state is not None and state != "online"
             detail = f": {status['last_error']}" if status.get("last_error") else ""
             events += self._banner("offline", cam.name, offline, "error", f"{cam.name}: camera {state}{detail}")
+            raw_engine = status.get("engine")
+            engine: dict[str, Any] = raw_engine if isinstance(raw_engine, dict) else {}
+            engine_down = engine.get("state") == "offline"  # a remote (Triton) engine: every part is ERROR meanwhile
+            events += self._banner(
+                "engine",
+                cam.name,
+                engine_down,
+                "error",
+                f"{cam.name}: inference server offline ({engine.get('url') or engine.get('backend')})"
+                + (f": {engine['last_error']}" if engine.get("last_error") else "")
+                + "; every part is published as ERROR until it is back",
+            )
             raw = status.get("drift")
             drift: dict[str, Any] = raw if isinstance(raw, dict) else {}
             drift_state = drift.get("state")
