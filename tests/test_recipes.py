@@ -102,7 +102,7 @@ def control(client: TriggerClient, **request) -> dict:
 def test_a_changeover_during_continuous_inspection_loses_no_frame_and_mixes_no_recipes(bundles, tmp_path):
     a, b, broken = bundles
     config, endpoint, trigger = recipe_config(tmp_path, a, {"b": {"bundle": str(b)}, "broken": {"bundle": str(broken)}})
-    sub = Subscriber(endpoint)  # before the daemon binds: it sees every message
+    sub = Subscriber(endpoint)  # before the daemon binds (ZeroMQ still joins only on its next reconnect try)
     proc = start_daemon(config, tmp_path)
     client = TriggerClient(trigger)
     try:
@@ -134,11 +134,14 @@ def test_a_changeover_during_continuous_inspection_loses_no_frame_and_mixes_no_r
         sub.close()
     final = status_fields(sub.status("cam1"))
     results = sub.results
-    # no frame lost: every captured frame has exactly one result, in order, none of them ERROR
-    assert final["captured"] == final["results"] == len(results), final
+    # no frame lost: every captured frame has exactly one result, in order, none of them ERROR. The daemon's own
+    # counters and seq prove it; this subscriber connected before the daemon bound, yet ZeroMQ's reconnect interval
+    # can still cost it the very first message or two on a loaded box (slow joiner), never one later on
+    assert final["captured"] == final["results"], final
     assert final["dropped"] == final["dropped_as_error"] == final["publish_dropped"] == final["skipped"] == 0
-    assert [h["seq"] for h in results] == list(range(1, len(results) + 1))
-    assert [h["frame_index"] for h in results] == list(range(1, len(results) + 1))
+    seqs = [h["seq"] for h in results]
+    assert seqs[0] <= 3 and seqs == list(range(seqs[0], final["results"] + 1)), (seqs[:5], seqs[-5:], final)
+    assert [h["frame_index"] for h in results] == seqs
     assert {h["verdict"] for h in results} == {"OK", "NOK"}
     # no recipe mixed: one change, default before it and b after; each score is that recipe's graph on that frame
     names = [h["recipe"] for h in results]
