@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 
 from linewatch.errors import ConfigError
 from linewatch.protocol.client import Subscriber
+from linewatch.protocol.curve import client_keys_from_args
 from linewatch.protocol.wire import RESULT, Message, encode_json
 
 if TYPE_CHECKING:
@@ -168,7 +169,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise ConfigError(f"--queue-size must be at least 1, got {args.queue_size}")
     if args.keepalive < 5:
         raise ConfigError(f"--keepalive must be at least 5 s, got {args.keepalive}")
-    server_key, client_keys = _curve(args)
+    server_key, client_keys = client_keys_from_args(args)
     return Settings(
         connect=args.connect,
         camera=args.camera,
@@ -192,17 +193,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         server_key=server_key,
         client_keys=client_keys,
     )
-
-
-def _curve(args: argparse.Namespace) -> tuple[bytes | None, tuple[bytes, bytes] | None]:
-    """The same rule as `linewatch watch`: both keys or neither."""
-    from linewatch.protocol.curve import load_key_pair, load_public_key
-
-    if bool(args.server_key) != bool(args.client_key_file):
-        raise ConfigError("CURVE needs both --server-key and --client-key-file")
-    if not args.server_key or not args.client_key_file:
-        return None, None
-    return load_public_key(args.server_key), load_key_pair(args.client_key_file)
 
 
 # --- what the bridge knows --------------------------------------------------------------------------------------

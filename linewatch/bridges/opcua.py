@@ -36,6 +36,7 @@ from linewatch.bridges import opcua_security as security
 from linewatch.bridges.opcua_options import DAEMON_STATUS_INTERVAL_S, DAEMON_TRIGGER_TIMEOUT_S
 from linewatch.errors import ConfigError, LinewatchError
 from linewatch.protocol.client import Subscriber, TriggerClient, TriggerError, TriggerTimeout
+from linewatch.protocol.curve import client_keys_from_args
 from linewatch.protocol.wire import RESULT, Message, ProtocolError
 
 log = logging.getLogger("linewatch.bridges.opcua")
@@ -180,7 +181,7 @@ class ZmqReader(threading.Thread):
 
     def run(self) -> None:
         try:
-            server_key, client_keys = curve_keys(self.args)
+            server_key, client_keys = client_keys_from_args(self.args)
             with Subscriber(self.args.connect, server_key=server_key, client_keys=client_keys) as sub:
                 while not self.stopping.is_set():
                     msg = sub.recv(timeout_s=0.2)
@@ -329,7 +330,7 @@ class Bridge:
             client = self._clients.pop() if self._clients else None
         try:
             if client is None:
-                server_key, client_keys = curve_keys(self.args)
+                server_key, client_keys = client_keys_from_args(self.args)
                 client = TriggerClient(self.args.trigger, server_key=server_key, client_keys=client_keys)
             msg = client.inspect(camera, part_id, timeout_s=self.inspect_timeout)
         except TriggerError as exc:
@@ -491,15 +492,6 @@ class Bridge:
             except Exception:  # the loop must go on: a dead heartbeat would read as a dead daemon
                 log.exception("liveness update failed")
             await asyncio.sleep(TICK * self.interval)
-
-
-def curve_keys(args: argparse.Namespace) -> tuple[bytes | None, tuple[bytes, bytes] | None]:
-    """The daemon's public key and this bridge's key pair, as `linewatch watch` takes them; (None, None) without."""
-    from linewatch.protocol.curve import load_key_pair, load_public_key
-
-    if not args.server_key:
-        return None, None
-    return load_public_key(args.server_key), load_key_pair(args.client_key_file)
 
 
 def _notify(state: str) -> None:

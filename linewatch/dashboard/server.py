@@ -142,7 +142,7 @@ def load_token(path: str | None) -> str | None:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    from linewatch.protocol.watch import _client_curve
+    from linewatch.protocol.curve import client_keys_from_args
 
     host, port = parse_listen(args.listen)
     loopback = is_loopback_host(host)
@@ -172,7 +172,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             raise ConfigError(f"--feedback {feedback}: cannot create it ({exc})") from None
         if not os.access(feedback, os.W_OK | os.X_OK):
             raise ConfigError(f"--feedback {feedback}: not writable by this user")
-    server_key, client_keys = _client_curve(args)
+    server_key, client_keys = client_keys_from_args(args)
     return Settings(
         endpoint=args.connect,
         camera=args.camera,

@@ -212,3 +212,15 @@ def cli_keygen(args: argparse.Namespace) -> int:
     print(f"public file {public_path}   (give to the other side / put in authorized_keys_dir)")
     print(f"secret file {secret_path}   (keep private)")
     return 0
+
+
+def client_keys_from_args(args: argparse.Namespace) -> tuple[bytes | None, tuple[bytes, bytes] | None]:
+    """A subscriber command's `--server-key` / `--client-key-file` (watch, dashboard, the bridges): the daemon's
+    public key and this client's key pair, both or neither; (None, None) without CURVE."""
+    server_key = getattr(args, "server_key", None)
+    key_file = getattr(args, "client_key_file", None)
+    if bool(server_key) != bool(key_file):
+        raise ConfigError("CURVE needs both --server-key and --client-key-file")
+    if not server_key or not key_file:  # both or neither, checked above
+        return None, None
+    return load_public_key(server_key), load_key_pair(key_file)

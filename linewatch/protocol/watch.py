@@ -13,6 +13,7 @@ from typing import Any
 
 from linewatch.errors import ConfigError
 from linewatch.protocol.client import Subscriber
+from linewatch.protocol.curve import client_keys_from_args
 from linewatch.protocol.wire import RESULT, Message, encode_json
 
 SILENT_AFTER_S = 5.0  # no status for this long: say so (the daemon publishes one per camera per second)
@@ -44,18 +45,6 @@ def mask_filename(header: dict[str, Any]) -> str:
     return f"{header['camera']}_{header['seq']:08d}{safe}_{header['verdict']}.png"
 
 
-def _client_curve(args: argparse.Namespace) -> tuple[bytes | None, tuple[bytes, bytes] | None]:
-    from linewatch.protocol.curve import load_key_pair, load_public_key
-
-    server_key = getattr(args, "server_key", None)
-    key_file = getattr(args, "client_key_file", None)
-    if bool(server_key) != bool(key_file):
-        raise ConfigError("CURVE needs both --server-key and --client-key-file")
-    if not server_key or not key_file:  # both or neither, checked above
-        return None, None
-    return load_public_key(server_key), load_key_pair(key_file)
-
-
 def nothing_arrived(args: argparse.Namespace, waited_s: float, curve: bool) -> str:
     """What to check when a subscriber hears nothing: ZeroMQ connects to a port nobody serves, or subscribes to a
     camera nobody has, without any error, so silence is all a user would otherwise see."""
@@ -85,7 +74,7 @@ def nothing_arrived(args: argparse.Namespace, waited_s: float, curve: bool) -> s
 
 
 def cli_watch(args: argparse.Namespace) -> int:
-    server_key, client_keys = _client_curve(args)
+    server_key, client_keys = client_keys_from_args(args)
     quiet_after = getattr(args, "quiet_after", QUIET_AFTER_S)
     if quiet_after is not None and not quiet_after > 0:
         raise ConfigError(f"--quiet-after must be a positive number of seconds, got {quiet_after}")
